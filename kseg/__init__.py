@@ -1,0 +1,3 @@
+"""kseg: segmentation layers, models, training recipes and export for Keras 3."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,163 @@
+"""Building blocks shared by the paper layers: one resize convention, a
+conv–BN–ReLU block and input validation with clear error messages."""
+
+import keras
+from keras import ops
+
+
+def resize(x, size, interpolation="bilinear"):
+    """Resizes an NHWC tensor to `size` — kseg's one resize convention.
+
+    Bilinear with half-pixel centres and no antialiasing (the Keras default,
+    `align_corners=False` in PyTorch terms). Labels must use
+    `interpolation="nearest"`.
+
+    Args:
+        x: tensor of shape `(N, H, W, C)`.
+        size: `(height, width)` of the result; entries may be symbolic.
+        interpolation: `"bilinear"` or `"nearest"`.
+    """
+    if interpolation not in ("bilinear", "nearest"):
+        raise ValueError(
+            f"interpolation must be 'bilinear' or 'nearest', got {interpolation!r}"
+        )
+    return ops.image.resize(
+        x,
+        size,
+        interpolation=interpolation,
+        antialias=False,
+        data_format="channels_last",
+    )
+
+
+def resize_like(x, reference, interpolation="bilinear"):
+    """Resizes `x` to the spatial size of `reference` (both NHWC)."""
+    shape = ops.shape(reference)
+    return resize(x, (shape[1], shape[2]), interpolation=interpolation)
+
+
+def check_rank(shape, rank, what):
+    """Raises ValueError unless `shape` has `rank` dimensions."""
+    if shape is None or len(shape) != rank:
+        got = "unknown rank" if shape is None else f"rank {len(shape)}"
+        raise ValueError(
+            f"{what} must have rank {rank} (N, H, W, C), got {got}: shape={shape}"
+        )
+
+
+def check_choice(value, choices, what):
+    """Raises ValueError unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ValueError(
+            f"Unknown {what} {value!r}; expected one of {', '.join(map(repr, choices))}"
+        )
+
+
+def check_channels(shape, what):
+    """Returns the static channel count of an NHWC shape or raises ValueError."""
+    if shape[-1] is None:
+        raise ValueError(f"{what} needs a known channel dimension, got shape={shape}")
+    return int(shape[-1])
+
+
+@keras.saving.register_keras_serializable(package="kseg")
+class ConvBNReLU(keras.layers.Layer):
+    """Convolution, batch normalization and an activation, as one layer.
+
+    The "conv–BN–ReLU" unit the papers use everywhere (FPA, GAU, SS heads). The
+    convolution has no bias when batch normalization follows it.
+
+    Example:
+    >>> block = ConvBNReLU(64, 3)
+    >>> block(np.zeros((2, 32, 32, 16))).shape
+    (2, 32, 32, 64)
+
+    Args:
+        filters: int. Output channels.
+        kernel_size: int or tuple of 2 ints. Convolution kernel size.
+        strides: int or tuple of 2 ints. Convolution strides. Defaults to `1`.
+        dilation_rate: int or tuple of 2 ints. Defaults to `1`.
+        use_batch_norm: bool. Whether batch normalization follows the conv.
+            Defaults to `True`.
+        activation: str or `None`. Activation after normalization.
+            Defaults to `"relu"`.
+        kernel_initializer: Conv kernel initializer. Defaults to `"he_normal"`.
+        **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
+
+    Input shape:
+        4D tensor `(batch, height, width, channels)`.
+
+    Output shape:
+        4D tensor `(batch, new_height, new_width, filters)` ("same" padding).
+    """
+
+    def __init__(
+        self,
+        filters,
+        kernel_size,
+        strides=1,
+        dilation_rate=1,
+        use_batch_norm=True,
+        activation="relu",
+        kernel_initializer="he_normal",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.filters = int(filters)
+        self.kernel_size = kernel_size
+        self.strides = strides
+        self.dilation_rate = dilation_rate
+        self.use_batch_norm = bool(use_batch_norm)
+        self.activation = activation
+        self.kernel_initializer = kernel_initializer
+        self.input_spec = keras.layers.InputSpec(ndim=4)
+
+    def build(self, input_shape):
+        check_rank(input_shape, 4, f"{self.name} input")
+        self.conv = keras.layers.Conv2D(
+            self.filters,
+            self.kernel_size,
+            strides=self.strides,
+            dilation_rate=self.dilation_rate,
+            padding="same",
+            use_bias=not self.use_batch_norm,
+            kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy,
+            name="conv",
+        )
+        self.conv.build(input_shape)
+        conv_shape = self.conv.compute_output_shape(input_shape)
+        self.bn = None
+        if self.use_batch_norm:
+            self.bn = keras.layers.BatchNormalization(
+                dtype=self.dtype_policy, name="bn"
+            )
+            self.bn.build(conv_shape)
+        self.act = keras.layers.Activation(
+            self.activation, dtype=self.dtype_policy, name="act"
+        )
+
+    def call(self, inputs, training=None):
+        x = self.conv(inputs)
+        if self.bn is not None:
+            x = self.bn(x, training=training)
+        return self.act(x)
+
+    def compute_output_shape(self, input_shape):
+        return self.conv.compute_output_shape(input_shape)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "strides": self.strides,
+            "dilation_rate": self.dilation_rate,
+            "use_batch_norm": self.use_batch_norm,
+            "activation": self.activation,
+            "kernel_initializer": keras.initializers.serialize(
+                keras.initializers.get(self.kernel_initializer)
+            )
+            if not isinstance(self.kernel_initializer, str)
+            else self.kernel_initializer,
+        }

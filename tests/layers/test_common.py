@@ -1,0 +1,42 @@
+import numpy as np
+import pytest
+
+from kseg.layers.common import ConvBNReLU, resize
+from kseg.testing import TestCase
+
+
+class ConvBNReLUTest(TestCase):
+    def test_layer(self):
+        self.run_layer_test(
+            ConvBNReLU,
+            init_kwargs={"filters": 4, "kernel_size": 3},
+            input_shape=(2, 8, 8, 3),
+            expected_output_shape=(2, 8, 8, 4),
+            expected_num_trainable_weights=3,
+            expected_num_non_trainable_weights=2,
+        )
+
+    def test_matches_numpy_without_batch_norm(self):
+        layer = ConvBNReLU(2, 1, use_batch_norm=False)
+        x = np.random.default_rng(0).normal(size=(1, 3, 3, 2)).astype("float32")
+        out = layer(x)
+        kernel, bias = (np.asarray(w) for w in layer.conv.get_weights())
+        expected = np.maximum(x @ kernel[0, 0] + bias, 0)
+        np.testing.assert_allclose(out, expected, atol=1e-6)
+
+    def test_rejects_wrong_rank(self):
+        with pytest.raises(ValueError, match="expected ndim=4"):
+            ConvBNReLU(2, 3)(np.zeros((2, 8, 3)))
+
+
+def test_resize_half_pixel_centres():
+    x = np.arange(4, dtype="float32").reshape(1, 1, 4, 1)
+    out = np.asarray(resize(x, (1, 8)))[0, 0, :, 0]
+    # Half-pixel centres: output pixel j samples input at (j + 0.5) / 2 - 0.5.
+    src = np.clip((np.arange(8) + 0.5) / 2 - 0.5, 0, 3)
+    np.testing.assert_allclose(out, np.interp(src, np.arange(4), np.arange(4)))
+
+
+def test_resize_rejects_unknown_interpolation():
+    with pytest.raises(ValueError, match="interpolation"):
+        resize(np.zeros((1, 2, 2, 1)), (4, 4), interpolation="bicubicx")
