@@ -36,6 +36,28 @@ def resize_like(x, reference, interpolation="bilinear"):
     return resize(x, (shape[1], shape[2]), interpolation=interpolation)
 
 
+def depth_to_space(x, block_size):
+    """Rearranges channels into space: `(N, H, W, C·s²)` → `(N, H·s, W·s, C)`.
+
+    Same ordering as `tf.nn.depth_to_space` ("DCR"):
+    `out[n, i·s + a, j·s + b, c] = x[n, i, j, (a·s + b)·C + c]`.
+    Written as reshape/transpose so it runs on every backend and converts to
+    TFLite builtins.
+    """
+    s = int(block_size)
+    shape = ops.shape(x)
+    h, w, channels = shape[1], shape[2], x.shape[-1]
+    if channels is None or channels % (s * s):
+        raise ValueError(
+            f"depth_to_space needs channels divisible by block_size**2={s * s}, "
+            f"got {channels}"
+        )
+    c = channels // (s * s)
+    x = ops.reshape(x, (-1, h, w, s, s, c))
+    x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
+    return ops.reshape(x, (-1, h * s, w * s, c))
+
+
 def check_rank(shape, rank, what):
     """Raises ValueError unless `shape` has `rank` dimensions."""
     if shape is None or len(shape) != rank:

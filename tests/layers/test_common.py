@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from kseg.layers.common import ConvBNReLU, resize
+from kseg.layers.common import ConvBNReLU, depth_to_space, resize
 from kseg.testing import TestCase
 
 
@@ -40,3 +40,23 @@ def test_resize_half_pixel_centres():
 def test_resize_rejects_unknown_interpolation():
     with pytest.raises(ValueError, match="interpolation"):
         resize(np.zeros((1, 2, 2, 1)), (4, 4), interpolation="bicubicx")
+
+
+def test_depth_to_space_matches_dcr_ordering():
+    s, c = 2, 3
+    x = np.random.default_rng(1).normal(size=(2, 3, 4, c * s * s)).astype("float32")
+    out = np.asarray(depth_to_space(x, s))
+    expected = np.zeros((2, 6, 8, c), "float32")
+    for i in range(3):
+        for j in range(4):
+            for a in range(s):
+                for b in range(s):
+                    expected[:, i * s + a, j * s + b] = x[:, i, j, (a * s + b) * c :][
+                        :, :c
+                    ]
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_depth_to_space_rejects_indivisible_channels():
+    with pytest.raises(ValueError, match="divisible"):
+        depth_to_space(np.zeros((1, 2, 2, 6), "float32"), 2)
