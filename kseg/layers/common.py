@@ -183,3 +183,54 @@ class ConvBNReLU(keras.layers.Layer):
             if not isinstance(self.kernel_initializer, str)
             else self.kernel_initializer,
         }
+
+
+@keras.saving.register_keras_serializable(package="kseg")
+class ResizeLike(keras.layers.Layer):
+    """Resizes a tensor to the spatial size of a reference tensor.
+
+    The layer form of `resize_like`, for functional models whose input size
+    is unknown until call time (the size is read inside `call`, where it is
+    concrete or dynamic, never `None`).
+
+    Example:
+    >>> ResizeLike()([np.zeros((1, 4, 4, 3)), np.zeros((1, 16, 12, 1))]).shape
+    (1, 16, 12, 3)
+
+    Args:
+        interpolation: str. `"bilinear"` (half-pixel centres) or `"nearest"`.
+            Defaults to `"bilinear"`.
+        **kwargs: Base layer keyword arguments.
+
+    Input shape:
+        List `[x, reference]`: `x` is `(batch, h, w, channels)`, `reference`
+        is `(batch, height, width, any)`.
+
+    Output shape:
+        `(batch, height, width, channels)`.
+    """
+
+    def __init__(self, interpolation="bilinear", **kwargs):
+        super().__init__(**kwargs)
+        check_choice(interpolation, ("bilinear", "nearest"), "interpolation")
+        self.interpolation = interpolation
+
+    def build(self, input_shape):
+        if not isinstance(input_shape, (list, tuple)) or len(input_shape) != 2:
+            raise ValueError(
+                "ResizeLike takes a list [x, reference] of two tensors, got "
+                f"input_shape={input_shape}"
+            )
+        check_rank(input_shape[0], 4, "ResizeLike input x")
+        check_rank(input_shape[1], 4, "ResizeLike reference")
+
+    def call(self, inputs):
+        x, reference = inputs
+        return resize_like(x, reference, interpolation=self.interpolation)
+
+    def compute_output_shape(self, input_shape):
+        x_shape, ref_shape = input_shape
+        return (x_shape[0], ref_shape[1], ref_shape[2], x_shape[3])
+
+    def get_config(self):
+        return {**super().get_config(), "interpolation": self.interpolation}

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from kseg.layers.common import ConvBNReLU, depth_to_space, resize
+from kseg.layers.common import ConvBNReLU, ResizeLike, depth_to_space, resize
 from kseg.testing import TestCase
 
 
@@ -60,3 +60,34 @@ def test_depth_to_space_matches_dcr_ordering():
 def test_depth_to_space_rejects_indivisible_channels():
     with pytest.raises(ValueError, match="divisible"):
         depth_to_space(np.zeros((1, 2, 2, 6), "float32"), 2)
+
+
+class ResizeLikeTest(TestCase):
+    def test_layer(self):
+        self.run_layer_test(
+            ResizeLike,
+            init_kwargs={"interpolation": "bilinear"},
+            input_shape=[(2, 4, 3, 5), (2, 8, 7, 1)],
+            expected_output_shape=(2, 8, 7, 5),
+            run_training_check=False,
+        )
+
+    def test_functional_model_with_unknown_size(self):
+        import keras
+
+        inputs = keras.Input((None, None, 3))
+        pool = keras.layers.AveragePooling2D(4, padding="same")
+        model = keras.Model(inputs, ResizeLike()([pool(inputs), inputs]))
+        x = np.random.default_rng(0).normal(size=(1, 13, 9, 3)).astype("float32")
+        out = model(x)
+        self.assertEqual(tuple(out.shape), (1, 13, 9, 3))
+        np.testing.assert_allclose(out, resize(np.asarray(pool(x)), (13, 9)))
+
+    def test_nearest_keeps_values(self):
+        x = np.array([[[[1.0], [2.0]], [[3.0], [4.0]]]], "float32")
+        out = np.asarray(ResizeLike("nearest")([x, np.zeros((1, 4, 4, 1))]))
+        self.assertEqual(set(np.unique(out)), {1.0, 2.0, 3.0, 4.0})
+
+    def test_rejects_unknown_interpolation(self):
+        with pytest.raises(ValueError, match="interpolation"):
+            ResizeLike("area")
