@@ -1,0 +1,11 @@
+"""Reusable Keras layers from ExFuse, PAN, PANet and SegModel.
+
+Imports only keras and numpy: usable in any Keras 3 project, on any backend.
+"""
+
+from kseg.layers.common import ConvBNReLU, ResizeLike, depth_to_space, resize
+from kseg.layers.pan import FeaturePyramidAttention, GlobalAttentionUpsample
+
+# Short aliases.
+FPA = FeaturePyramidAttention
+GAU = GlobalAttentionUpsample
