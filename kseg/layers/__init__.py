@@ -5,6 +5,7 @@ Imports only keras and numpy: usable in any Keras 3 project, on any backend.
 
 from kseg.layers.common import ConvBNReLU, ResizeLike, depth_to_space, resize
 from kseg.layers.pan import FeaturePyramidAttention, GlobalAttentionUpsample
+from kseg.layers.segmodel import ContextCRF, StructuredPatchPrediction
 
 # Short aliases.
 FPA = FeaturePyramidAttention
