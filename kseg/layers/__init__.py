@@ -4,9 +4,20 @@ Imports only keras and numpy: usable in any Keras 3 project, on any backend.
 """
 
 from kseg.layers.common import ConvBNReLU, ResizeLike, depth_to_space, resize
+from kseg.layers.exfuse import (
+    BoundaryRefinement,
+    DenselyAdjacentPrediction,
+    GlobalConvolution,
+    SemanticEmbeddingBranch,
+    SemanticSupervisionHead,
+    SubPixelUpsample,
+)
 from kseg.layers.pan import FeaturePyramidAttention, GlobalAttentionUpsample
 from kseg.layers.segmodel import ContextCRF, StructuredPatchPrediction
 
 # Short aliases.
+GCN = GlobalConvolution
+SEB = SemanticEmbeddingBranch
+DAP = DenselyAdjacentPrediction
 FPA = FeaturePyramidAttention
 GAU = GlobalAttentionUpsample
