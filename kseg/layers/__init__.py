@@ -13,6 +13,12 @@ from kseg.layers.exfuse import (
     SubPixelUpsample,
 )
 from kseg.layers.pan import FeaturePyramidAttention, GlobalAttentionUpsample
+from kseg.layers.panet import (
+    AdaptiveFeaturePooling,
+    BottomUpPathAugmentation,
+    FullyConnectedFusionMaskHead,
+    RoIAlign,
+)
 from kseg.layers.segmodel import ContextCRF, StructuredPatchPrediction
 
 # Short aliases.

@@ -1,0 +1,591 @@
+"""PANet (Path Aggregation Network) layers: bottom-up path augmentation,
+RoIAlign, adaptive feature pooling and the fully-connected fusion mask head.
+
+Liu et al., "Path Aggregation Network for Instance Segmentation", CVPR 2018,
+sections 3.1–3.3.
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from kseg.layers.common import check_channels, check_choice, check_rank
+
+
+def _is_shape_list(shape):
+    """True when a layer received a list of tensors (a list of shapes)."""
+    return (
+        isinstance(shape, (list, tuple))
+        and len(shape) > 0
+        and all(isinstance(s, (list, tuple)) for s in shape)
+    )
+
+
+def _check_shape_list(input_shape, what, min_levels):
+    if not _is_shape_list(input_shape) or len(input_shape) < min_levels:
+        raise ValueError(
+            f"{what} expects a list of at least {min_levels} feature maps, "
+            f"got input_shape={input_shape}"
+        )
+    for i, shape in enumerate(input_shape):
+        check_rank(shape, 4, f"{what} inputs[{i}]")
+
+
+def _conv(filters, kernel_size, name, dtype, strides=1, activation="relu"):
+    return keras.layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding="same",
+        activation=activation,
+        dtype=dtype,
+        name=name,
+    )
+
+
+@keras.saving.register_keras_serializable(package="kseg")
+class BottomUpPathAugmentation(keras.layers.Layer):
+    """Bottom-up path augmentation: builds `[N2, ..., N5]` from `[P2, ..., P5]`.
+
+    PANet section 3.1 (Figure 2). A short path from the fine FPN level to the
+    coarse ones: `N2 = P2` and
+    `N_{i+1} = relu(conv3×3(relu(conv3×3_stride2(N_i)) + P_{i+1}))`.
+    Each level has its own two convolutions (with bias, "same" padding, so a
+    level of height `H` goes to `ceil(H / 2)`).
+
+    Example:
+    >>> layer = BottomUpPathAugmentation(filters=8)
+    >>> p = [np.zeros((1, 16 // 2**i, 16 // 2**i, 8)) for i in range(4)]
+    >>> [tuple(n.shape) for n in layer(p)]
+    [(1, 16, 16, 8), (1, 8, 8, 8), (1, 4, 4, 8), (1, 2, 2, 8)]
+
+    Args:
+        filters: int. Channels of every input level and of every output level.
+            Defaults to `256` (the paper's value).
+        **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
+
+    Input shape:
+        List of at least 2 4D tensors `(batch, H_i, W_i, filters)`, finest
+        first, each level `ceil` half the size of the previous one.
+
+    Output shape:
+        List of 4D tensors with the same shapes as the inputs.
+    """
+
+    def __init__(self, filters=256, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = int(filters)
+        if self.filters < 1:
+            raise ValueError(f"filters must be a positive int, got {filters}")
+
+    def build(self, input_shape):
+        _check_shape_list(input_shape, self.name, 2)
+        for i, shape in enumerate(input_shape):
+            channels = check_channels(shape, f"{self.name} inputs[{i}]")
+            if channels != self.filters:
+                raise ValueError(
+                    f"{self.name}: level {i} has {channels} channels, expected "
+                    f"filters={self.filters}; shape={shape}"
+                )
+        for i in range(1, len(input_shape)):
+            for axis in (1, 2):
+                fine, coarse = input_shape[i - 1][axis], input_shape[i][axis]
+                if fine is not None and coarse is not None:
+                    if coarse != math.ceil(fine / 2):
+                        raise ValueError(
+                            f"{self.name}: level {i} has spatial shape "
+                            f"{tuple(input_shape[i][1:3])} but level {i - 1} "
+                            f"{tuple(input_shape[i - 1][1:3])} needs "
+                            f"ceil(size / 2) at every level"
+                        )
+        self.downsample_convs = []
+        self.fuse_convs = []
+        for i in range(1, len(input_shape)):
+            down = _conv(
+                self.filters, 3, f"downsample_{i}", self.dtype_policy, strides=2
+            )
+            down.build(input_shape[i - 1])
+            fuse = _conv(self.filters, 3, f"fuse_{i}", self.dtype_policy)
+            fuse.build(input_shape[i])
+            self.downsample_convs.append(down)
+            self.fuse_convs.append(fuse)
+
+    def call(self, inputs, training=None):
+        outputs = [inputs[0]]
+        for down, fuse, lateral in zip(
+            self.downsample_convs, self.fuse_convs, inputs[1:], strict=True
+        ):
+            outputs.append(fuse(down(outputs[-1]) + lateral))
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        shapes = [tuple(input_shape[0])]
+        for i in range(1, len(input_shape)):
+            previous = shapes[-1]
+            shape = list(input_shape[i])
+            for axis in (1, 2):
+                if shape[axis] is None and previous[axis] is not None:
+                    shape[axis] = math.ceil(previous[axis] / 2)
+            shapes.append(tuple(shape))
+        return shapes
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters}
+
+
+@keras.saving.register_keras_serializable(package="kseg")
+class RoIAlign(keras.layers.Layer):
+    """RoIAlign: bilinear pooling of a fixed grid per box (Mask R-CNN).
+
+    PANet pools every proposal from every level N2..N5 with RoIAlign (section
+    3.2); this is the Mask R-CNN / Detectron2 `ROIAlign`. A box in image pixels
+    is scaled by `1 / stride` (and shifted by −0.5 when `aligned`, because
+    pixel centres lie at integer + 0.5), split into `oh × ow` bins, and each
+    bin averages `sampling_ratio²` bilinear samples at
+    `y = y1 + (iy + (s + 0.5) / sampling_ratio) · bin_h`. A sample further
+    than one pixel outside the map (`y < −1` or `y > H`, same for `x`)
+    contributes zero; others are clamped into the map. Written with
+    `keras.ops` gathers (no `crop_and_resize`) so it compiles with XLA and
+    converts to TFLite. Box coordinates are always handled in float32, also
+    under mixed precision.
+
+    Example:
+    >>> layer = RoIAlign(2, sampling_ratio=2, strides=1)
+    >>> features = np.arange(16.0).reshape(1, 4, 4, 1)
+    >>> boxes = np.array([[0.0, 0.0, 4.0, 4.0]])  # the whole 4×4 image
+    >>> pooled = layer([features, boxes, np.array([0])])
+    >>> tuple(pooled.shape)
+    (1, 2, 2, 1)
+    >>> ops.convert_to_numpy(pooled)[0, :, :, 0]
+    array([[ 2.5,  4.5],
+           [10.5, 12.5]], dtype=float32)
+
+    Args:
+        output_size: int or tuple of 2 ints. Pooled grid `(oh, ow)`.
+        sampling_ratio: int. Samples per bin along each axis (`≥ 1`).
+            Defaults to `2`.
+        strides: number, or list of numbers (one per level) when `features`
+            is a list. Feature stride of each map relative to the image.
+            Defaults to `1`.
+        aligned: bool. Half-pixel correction (Detectron2 `aligned=True`);
+            when `False` the original Mask R-CNN definition, which clamps RoI
+            sizes to at least one feature pixel. Defaults to `True`.
+        **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
+
+    Input shape:
+        List `[features, boxes, box_indices]`: `features` a 4D tensor
+        `(batch, H, W, C)` or a list of them (one per level, same `C`),
+        `boxes` `(R, 4)` as `[y1, x1, y2, x2]` in image pixels,
+        `box_indices` `(R,)` ints, the batch image of each box (must lie in
+        `[0, batch)`; not checked at run time).
+
+    Output shape:
+        `(R, oh, ow, C)` for one map, or a list of them (every box pooled from
+        every level) for a list of maps.
+    """
+
+    def __init__(
+        self, output_size, sampling_ratio=2, strides=1, aligned=True, **kwargs
+    ):
+        # Autocasting would turn the box coordinates into float16 under mixed
+        # precision (1-pixel steps above 2048); `call` casts each input itself.
+        super().__init__(autocast=False, **kwargs)
+        if isinstance(output_size, (list, tuple)):
+            if len(output_size) != 2:
+                raise ValueError(
+                    f"output_size must be an int or (height, width), got {output_size}"
+                )
+            self.output_size = tuple(int(s) for s in output_size)
+        else:
+            self.output_size = (int(output_size), int(output_size))
+        if min(self.output_size) < 1:
+            raise ValueError(f"output_size must be positive, got {output_size}")
+        self.sampling_ratio = int(sampling_ratio)
+        if self.sampling_ratio < 1:
+            raise ValueError(
+                f"sampling_ratio must be an int >= 1 (the adaptive 0 of "
+                f"Detectron2 needs dynamic shapes), got {sampling_ratio}"
+            )
+        if isinstance(strides, (list, tuple)):
+            self.strides = tuple(strides)
+            stride_values = self.strides
+        else:
+            self.strides = strides
+            stride_values = (strides,)
+        for stride in stride_values:
+            if isinstance(stride, bool) or not isinstance(
+                stride, (int, float, np.integer, np.floating)
+            ):
+                raise ValueError(f"strides must be numbers, got {strides!r}")
+            if stride <= 0:
+                raise ValueError(f"strides must be positive, got {strides!r}")
+        self.aligned = bool(aligned)
+
+    def _split_shapes(self, input_shape):
+        if not isinstance(input_shape, (list, tuple)) or len(input_shape) != 3:
+            raise ValueError(
+                f"{self.name} expects inputs [features, boxes, box_indices], "
+                f"got input_shape={input_shape}"
+            )
+        features, boxes, box_indices = input_shape
+        multi_level = _is_shape_list(features)
+        return (list(features) if multi_level else [features]), boxes, box_indices
+
+    def build(self, input_shape):
+        feature_shapes, boxes_shape, indices_shape = self._split_shapes(input_shape)
+        multi_level = _is_shape_list(input_shape[0])
+        if multi_level:
+            if not isinstance(self.strides, tuple):
+                raise ValueError(
+                    f"{self.name}: features is a list of {len(feature_shapes)} "
+                    f"levels, so strides must be a list of {len(feature_shapes)} "
+                    f"numbers, got strides={self.strides!r}"
+                )
+            if len(self.strides) != len(feature_shapes):
+                raise ValueError(
+                    f"{self.name}: {len(feature_shapes)} feature levels but "
+                    f"{len(self.strides)} strides {self.strides}"
+                )
+        elif isinstance(self.strides, tuple):
+            raise ValueError(
+                f"{self.name}: features is a single map, so strides must be a "
+                f"number, got strides={self.strides!r}"
+            )
+        channels = None
+        for i, shape in enumerate(feature_shapes):
+            check_rank(shape, 4, f"{self.name} features[{i}]")
+            level_channels = check_channels(shape, f"{self.name} features[{i}]")
+            if channels is not None and level_channels != channels:
+                raise ValueError(
+                    f"{self.name}: feature levels must share the channel count, "
+                    f"got {channels} and {level_channels} (features[{i}])"
+                )
+            channels = level_channels
+        if boxes_shape is None or len(boxes_shape) != 2 or boxes_shape[1] != 4:
+            raise ValueError(
+                f"{self.name}: boxes must have shape (R, 4) as [y1, x1, y2, x2], "
+                f"got {boxes_shape}"
+            )
+        if indices_shape is None or len(indices_shape) != 1:
+            raise ValueError(
+                f"{self.name}: box_indices must have shape (R,), got {indices_shape}"
+            )
+        if (
+            boxes_shape[0] is not None
+            and indices_shape[0] is not None
+            and boxes_shape[0] != indices_shape[0]
+        ):
+            raise ValueError(
+                f"{self.name}: {boxes_shape[0]} boxes but {indices_shape[0]} "
+                f"box_indices"
+            )
+
+    def _sample_axis(self, start, end, bins, size):
+        """Sample positions along one axis: flat `(R, bins·sr)` low/high
+        indices and their bilinear weights (zero for out-of-range samples)."""
+        sr = self.sampling_ratio
+        length = end - start
+        if not self.aligned:
+            length = ops.maximum(length, 1.0)
+        bin_size = length / bins
+        offsets = (
+            np.arange(bins, dtype="float32")[:, None]
+            + (np.arange(sr, dtype="float32")[None, :] + 0.5) / sr
+        ).reshape(-1)
+        coords = start[:, None] + offsets[None, :] * bin_size[:, None]
+        size_f = ops.cast(size, "float32")
+        valid = ops.cast(ops.logical_and(coords >= -1.0, coords <= size_f), "float32")
+        coords = ops.clip(coords, 0.0, size_f - 1.0)
+        low = ops.floor(coords)
+        frac = coords - low
+        low = ops.cast(low, "int32")
+        high = ops.minimum(low + 1, ops.cast(size, "int32") - 1)
+        return low, high, (1.0 - frac) * valid, frac * valid
+
+    def _pool(self, features, boxes, box_indices, stride):
+        oh, ow = self.output_size
+        sr = self.sampling_ratio
+        shape = ops.shape(features)
+        height, width, channels = shape[1], shape[2], features.shape[-1]
+        boxes = boxes * (1.0 / float(stride))
+        if self.aligned:
+            boxes = boxes - 0.5
+        y_low, y_high, wy_low, wy_high = self._sample_axis(
+            boxes[:, 0], boxes[:, 2], oh, height
+        )
+        x_low, x_high, wx_low, wx_high = self._sample_axis(
+            boxes[:, 1], boxes[:, 3], ow, width
+        )
+        flat = ops.reshape(features, (-1, channels))
+        base = box_indices * ops.cast(height * width, "int32")
+        dtype = features.dtype
+        pooled = None
+        for rows, wy in ((y_low, wy_low), (y_high, wy_high)):
+            row_start = base[:, None] + rows * ops.cast(width, "int32")
+            for cols, wx in ((x_low, wx_low), (x_high, wx_high)):
+                index = row_start[:, :, None] + cols[:, None, :]
+                weight = ops.cast(wy[:, :, None] * wx[:, None, :], dtype)
+                term = ops.take(flat, index, axis=0) * weight[..., None]
+                pooled = term if pooled is None else pooled + term
+        pooled = ops.reshape(pooled, (-1, oh, sr, ow, sr, channels))
+        return ops.mean(pooled, axis=(2, 4))
+
+    def call(self, inputs):
+        features, boxes, box_indices = inputs
+        boxes = ops.cast(boxes, "float32")
+        box_indices = ops.cast(box_indices, "int32")
+        if isinstance(features, (list, tuple)):
+            return [
+                self._pool(ops.cast(f, self.compute_dtype), boxes, box_indices, s)
+                for f, s in zip(features, self.strides, strict=True)
+            ]
+        return self._pool(
+            ops.cast(features, self.compute_dtype), boxes, box_indices, self.strides
+        )
+
+    def compute_output_shape(self, input_shape):
+        feature_shapes, boxes_shape, _ = self._split_shapes(input_shape)
+        shapes = [
+            (boxes_shape[0], *self.output_size, shape[-1]) for shape in feature_shapes
+        ]
+        return shapes if _is_shape_list(input_shape[0]) else shapes[0]
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "output_size": self.output_size,
+            "sampling_ratio": self.sampling_ratio,
+            "strides": self.strides,
+            "aligned": self.aligned,
+        }
+
+
+@keras.saving.register_keras_serializable(package="kseg")
+class AdaptiveFeaturePooling(keras.layers.Layer):
+    """Adaptive feature pooling: per-level first layer, then element-wise fusion.
+
+    PANet section 3.2 (Figure 1(c), Table 4). Every proposal is pooled from
+    every level; each level's grid goes through its own first parameter layer
+    — conv1 of the mask head (`"conv"`: conv3×3 + ReLU) or fc1 of the box head
+    (`"fc"`: flatten + dense + ReLU) — and the results are fused element-wise
+    across levels (max, the paper's choice, or sum). The shared remaining
+    layers of the head follow this layer.
+
+    Example:
+    >>> layer = AdaptiveFeaturePooling(8, fusion="max", layer_type="conv")
+    >>> grids = [np.zeros((5, 14, 14, 4)) for _ in range(4)]
+    >>> tuple(layer(grids).shape)
+    (5, 14, 14, 8)
+
+    Args:
+        filters: int. Channels (`"conv"`) or units (`"fc"`) of each level's
+            first layer.
+        fusion: str. `"max"` or `"sum"`. Defaults to `"max"`.
+        layer_type: str. `"conv"` (mask head) or `"fc"` (box head).
+            Defaults to `"conv"`.
+        **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
+
+    Input shape:
+        List of 4D tensors `(R, oh, ow, C)`, one per level, all the same shape
+        (e.g. the list output of `RoIAlign`).
+
+    Output shape:
+        `(R, oh, ow, filters)` for `"conv"`, `(R, filters)` for `"fc"`.
+    """
+
+    def __init__(self, filters, fusion="max", layer_type="conv", **kwargs):
+        super().__init__(**kwargs)
+        self.filters = int(filters)
+        if self.filters < 1:
+            raise ValueError(f"filters must be a positive int, got {filters}")
+        check_choice(fusion, ("max", "sum"), "fusion")
+        check_choice(layer_type, ("conv", "fc"), "layer_type")
+        self.fusion = fusion
+        self.layer_type = layer_type
+
+    def build(self, input_shape):
+        _check_shape_list(input_shape, self.name, 1)
+        first = tuple(input_shape[0][1:])
+        for i, shape in enumerate(input_shape):
+            check_channels(shape, f"{self.name} inputs[{i}]")
+            if tuple(shape[1:]) != first:
+                raise ValueError(
+                    f"{self.name}: every level must have the same grid shape, "
+                    f"got {first} (level 0) and {tuple(shape[1:])} (level {i})"
+                )
+        if self.layer_type == "fc" and None in first:
+            raise ValueError(
+                f"{self.name}: layer_type='fc' needs a static grid shape, got "
+                f"{input_shape[0]}"
+            )
+        self.level_layers = []
+        for i, shape in enumerate(input_shape):
+            if self.layer_type == "conv":
+                layer = _conv(self.filters, 3, f"level_{i}", self.dtype_policy)
+                layer.build(shape)
+            else:
+                layer = keras.layers.Dense(
+                    self.filters,
+                    activation="relu",
+                    dtype=self.dtype_policy,
+                    name=f"level_{i}",
+                )
+                layer.build((shape[0], int(np.prod(first))))
+            self.level_layers.append(layer)
+
+    def call(self, inputs, training=None):
+        fused = None
+        for grid, layer in zip(inputs, self.level_layers, strict=True):
+            if self.layer_type == "fc":
+                # A static width, because TF cannot infer -1 for zero RoIs.
+                grid = ops.reshape(grid, (ops.shape(grid)[0], layer.kernel.shape[0]))
+            out = layer(grid)
+            if fused is None:
+                fused = out
+            elif self.fusion == "max":
+                fused = ops.maximum(fused, out)
+            else:
+                fused = fused + out
+        return fused
+
+    def compute_output_shape(self, input_shape):
+        shape = input_shape[0]
+        if self.layer_type == "fc":
+            return (shape[0], self.filters)
+        return (*shape[:3], self.filters)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "fusion": self.fusion,
+            "layer_type": self.layer_type,
+        }
+
+
+@keras.saving.register_keras_serializable(package="kseg")
+class FullyConnectedFusionMaskHead(keras.layers.Layer):
+    """Mask head with fully-connected fusion (PANet Figure 4).
+
+    PANet section 3.3 (Table 5: short path from conv3, fused by sum). The FCN
+    path conv1..conv4 (3×3, `filters`, ReLU), a 2×2 stride-2 transposed conv
+    (`filters`, ReLU) and a 1×1 conv give per-class mask logits. A short path
+    from conv3's output — conv3×3(`filters`) + ReLU, conv3×3(`filters // 2`) +
+    ReLU, flatten, one dense layer to `mask_size²` — gives a class-agnostic
+    foreground map that is added to every class mask.
+
+    Example:
+    >>> head = FullyConnectedFusionMaskHead(3, mask_size=8, filters=4)
+    >>> tuple(head(np.zeros((2, 4, 4, 4))).shape)
+    (2, 8, 8, 3)
+
+    Args:
+        num_classes: int. Number of per-class masks.
+        mask_size: int. Side of the predicted masks (even). Defaults to `28`.
+        filters: int. Channels of the convolutions (the short path's second
+            conv has `filters // 2`). Defaults to `256`.
+        include_first_conv: bool. Whether the head owns conv1. Set to `False`
+            after `AdaptiveFeaturePooling(layer_type="conv")`, which already
+            applies a conv1 per level. Defaults to `True`.
+        **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
+
+    Input shape:
+        4D tensor `(R, mask_size / 2, mask_size / 2, C)` of RoI features.
+
+    Output shape:
+        4D tensor `(R, mask_size, mask_size, num_classes)` of mask logits.
+    """
+
+    def __init__(
+        self,
+        num_classes,
+        mask_size=28,
+        filters=256,
+        include_first_conv=True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_classes = int(num_classes)
+        self.mask_size = int(mask_size)
+        self.filters = int(filters)
+        self.include_first_conv = bool(include_first_conv)
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if self.mask_size < 2 or self.mask_size % 2:
+            raise ValueError(
+                f"mask_size must be a positive even int (the deconv doubles the "
+                f"RoI grid), got {mask_size}"
+            )
+        if self.filters < 2:
+            raise ValueError(
+                f"filters must be >= 2 (the short path uses filters // 2), got "
+                f"{filters}"
+            )
+        self.input_spec = keras.layers.InputSpec(ndim=4)
+
+    def build(self, input_shape):
+        check_rank(input_shape, 4, f"{self.name} input")
+        check_channels(input_shape, f"{self.name} input")
+        grid = self.mask_size // 2
+        if tuple(input_shape[1:3]) != (grid, grid):
+            raise ValueError(
+                f"{self.name}: input spatial size must be mask_size / 2 = "
+                f"{grid}, got {tuple(input_shape[1:3])}"
+            )
+        dtype = self.dtype_policy
+        names = ["conv1", "conv2", "conv3", "conv4"]
+        if not self.include_first_conv:
+            names = names[1:]
+        self.convs = []
+        shape = tuple(input_shape)
+        for name in names:
+            conv = _conv(self.filters, 3, name, dtype)
+            conv.build(shape)
+            shape = conv.compute_output_shape(shape)
+            self.convs.append(conv)
+        self.deconv = keras.layers.Conv2DTranspose(
+            self.filters,
+            2,
+            strides=2,
+            activation="relu",
+            dtype=dtype,
+            name="deconv",
+        )
+        self.deconv.build(shape)
+        self.mask_logits = _conv(
+            self.num_classes, 1, "mask_logits", dtype, activation=None
+        )
+        self.mask_logits.build(self.deconv.compute_output_shape(shape))
+        self.fc_conv1 = _conv(self.filters, 3, "fc_conv1", dtype)
+        self.fc_conv1.build(shape)
+        self.fc_conv2 = _conv(self.filters // 2, 3, "fc_conv2", dtype)
+        self.fc_conv2.build(shape[:3] + (self.filters,))
+        self.fc = keras.layers.Dense(self.mask_size**2, dtype=dtype, name="fc")
+        self.fc.build((shape[0], grid * grid * (self.filters // 2)))
+
+    def call(self, inputs, training=None):
+        x = inputs
+        # conv3 is the last but one conv of the FCN path in both variants.
+        for conv in self.convs[:-1]:
+            x = conv(x)
+        short = self.fc_conv2(self.fc_conv1(x))
+        # A static width, because TF cannot infer -1 for zero RoIs.
+        short = ops.reshape(short, (ops.shape(short)[0], self.fc.kernel.shape[0]))
+        short = self.fc(short)
+        foreground = ops.reshape(short, (-1, self.mask_size, self.mask_size, 1))
+        masks = self.mask_logits(self.deconv(self.convs[-1](x)))
+        return masks + foreground
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.mask_size, self.mask_size, self.num_classes)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_classes": self.num_classes,
+            "mask_size": self.mask_size,
+            "filters": self.filters,
+            "include_first_conv": self.include_first_conv,
+        }
