@@ -4,6 +4,8 @@ Everything here is backend-agnostic: the same tests run under
 `KERAS_BACKEND=tensorflow` and `KERAS_BACKEND=jax`.
 """
 
+import copy
+import json
 import os
 import tempfile
 
@@ -64,6 +66,121 @@ class TestCase(testing.TestCase):
             keras.tree.flatten(eager), keras.tree.flatten(compiled), strict=True
         ):
             np.testing.assert_allclose(c, _to_numpy(e), atol=atol, rtol=rtol)
+
+    def run_model_test(self, model, input_shape, expected_output_shapes, seed=0):
+        """Calls a kseg segmentation model on random images and checks its
+        outputs.
+
+        The outputs must be a dict with exactly the names of
+        `expected_output_shapes` (name → full shape, batch included), each
+        eager output finite and of that shape, the symbolic outputs for the
+        same input shape (`compute_output_spec`) of that shape wherever a
+        dimension is known, and `"logits"` float32 (also under mixed
+        precision). Returns `(images, outputs)`.
+        """
+        images = np.random.default_rng(seed).uniform(size=input_shape)
+        images = images.astype("float32")
+        outputs = model(images, training=False)
+        self.assertIsInstance(outputs, dict, "a kseg model returns a dict")
+        self.assertEqual(sorted(outputs), sorted(expected_output_shapes))
+        symbolic = model.compute_output_spec(keras.KerasTensor(tuple(input_shape)))
+        self.assertIsInstance(symbolic, dict)
+        self.assertEqual(sorted(symbolic), sorted(expected_output_shapes))
+        for name, shape in expected_output_shapes.items():
+            value = _to_numpy(outputs[name])
+            self.assertEqual(value.shape, tuple(shape), f"shape of output {name!r}")
+            self.assertTrue(
+                np.all(np.isfinite(value.astype("float64"))),
+                f"output {name!r} has non-finite values",
+            )
+            spec_shape = tuple(symbolic[name].shape)
+            self.assertEqual(len(spec_shape), len(shape), f"rank of {name!r}")
+            for got, want in zip(spec_shape, shape, strict=True):
+                if got is not None:
+                    self.assertEqual(
+                        got, want, f"symbolic shape {spec_shape} of {name!r}"
+                    )
+        if "logits" in expected_output_shapes:
+            for logits in (outputs["logits"], symbolic["logits"]):
+                self.assertEqual(
+                    keras.backend.standardize_dtype(logits.dtype), "float32"
+                )
+        return images, outputs
+
+    def run_model_saving_test(self, model, inputs, atol=1e-6):
+        """Checks that a model's config and its `.keras` file rebuild it.
+
+        `type(model).from_config(model.get_config())` must give the same
+        config and, with the weights copied, the same outputs; saving to
+        `.keras` and loading must give the same class, config and outputs.
+        Returns the loaded model.
+        """
+        expected = model(inputs, training=False)
+        config = model.get_config()
+
+        revived = type(model).from_config(copy.deepcopy(config))
+        self.assertEqual(_config_json(revived.get_config()), _config_json(config))
+        revived.set_weights(model.get_weights())
+        self._assert_outputs_equal(revived(inputs, training=False), expected, atol)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.keras")
+            model.save(path)
+            restored = keras.saving.load_model(path)
+        self.assertIs(type(restored), type(model))
+        self.assertEqual(_config_json(restored.get_config()), _config_json(config))
+        self._assert_outputs_equal(restored(inputs, training=False), expected, atol)
+        return restored
+
+    def assert_gradients_reach_backbone(
+        self, model, inputs, labels, output="logits", ignore_label=255
+    ):
+        """Checks that the pixel cross-entropy of `output` trains the model.
+
+        Every trainable weight must get a finite, non-`None` gradient (no
+        detached branch) and every trainable weight of `model.backbone` a
+        gradient that is not all zero. `labels` has the spatial size of
+        `output`; `ignore_label` pixels do not count. Returns the gradients
+        (weight path → array).
+        """
+        labels = np.asarray(labels)
+        valid = (labels != ignore_label).astype("float32")
+        targets = np.where(labels == ignore_label, 0, labels).astype("int32")
+
+        def loss_fn(outputs):
+            logits = keras.ops.cast(outputs[output], "float32")
+            pixel_losses = keras.ops.sparse_categorical_crossentropy(
+                targets, logits, from_logits=True
+            )
+            return keras.ops.sum(pixel_losses * valid) / max(valid.sum(), 1.0)
+
+        grads = weight_gradients(model, inputs, loss_fn)
+        self.assertEqual(
+            len(grads),
+            len(model.trainable_weights),
+            "trainable weight paths must be unique to compare gradients",
+        )
+        for path, grad in grads.items():
+            self.assertIsNotNone(grad, f"no gradient reaches {path}")
+            self.assertTrue(np.all(np.isfinite(grad)), f"non-finite grad: {path}")
+        backbone_paths = [w.path for w in model.backbone.trainable_weights]
+        self.assertNotEqual(backbone_paths, [], "the backbone has no weights")
+        for path in backbone_paths:
+            self.assertTrue(np.any(grads[path] != 0), f"zero gradient at {path}")
+        return grads
+
+    def _assert_outputs_equal(self, got, expected, atol):
+        if isinstance(expected, dict):
+            self.assertEqual(sorted(got), sorted(expected))
+        for g, e in zip(
+            keras.tree.flatten(got), keras.tree.flatten(expected), strict=True
+        ):
+            np.testing.assert_allclose(_to_numpy(g), _to_numpy(e), atol=atol)
+
+
+def _config_json(config):
+    """A config as canonical JSON, so tuples and lists compare equal."""
+    return json.dumps(config, sort_keys=True, default=repr)
 
 
 def input_gradients(fn, *inputs):

@@ -1,0 +1,10 @@
+"""Segmentation models: functional `keras.Model`s built on a kseg backbone.
+
+One re-export per line (`name as name` marks it public for linters).
+"""
+
+from kseg.models.fcn import FCN as FCN
+from kseg.models.fcn import build_fcn_resnet101 as build_fcn_resnet101
+from kseg.models.pan import PAN as PAN
+from kseg.models.pan import build_pan_resnet101 as build_pan_resnet101
+from kseg.models.segmenter import Segmenter as Segmenter
