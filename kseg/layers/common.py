@@ -2,7 +2,9 @@
 conv–BN–ReLU block and input validation with clear error messages."""
 
 import keras
+import numpy as np
 from keras import ops
+from keras.src import backend as keras_backend
 
 
 def resize(x, size, interpolation="bilinear"):
@@ -21,7 +23,18 @@ def resize(x, size, interpolation="bilinear"):
         raise ValueError(
             f"interpolation must be 'bilinear' or 'nearest', got {interpolation!r}"
         )
-    return ops.image.resize(
+    if all(isinstance(s, (int, np.integer)) for s in size):
+        return ops.image.resize(
+            x,
+            size,
+            interpolation=interpolation,
+            antialias=False,
+            data_format="channels_last",
+        )
+    # `ops.image.resize` validates `size > 0` in Python, which a traced
+    # (dynamic) size cannot answer inside `tf.function`; the backend kernel
+    # itself takes tensor sizes, so call it directly.
+    return keras_backend.image.resize(
         x,
         size,
         interpolation=interpolation,

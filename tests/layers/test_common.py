@@ -91,3 +91,19 @@ class ResizeLikeTest(TestCase):
     def test_rejects_unknown_interpolation(self):
         with pytest.raises(ValueError, match="interpolation"):
             ResizeLike("area")
+
+
+def test_resize_to_a_traced_dynamic_size():
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("dynamic traced sizes are a tf.function concern")
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec((1, None, None, 1), "float32")])
+    def upsample(x):
+        shape = tf.shape(x)
+        return resize(x, (shape[1] * 2, shape[2] * 2))
+
+    x = np.arange(6, dtype="float32").reshape(1, 2, 3, 1)
+    np.testing.assert_allclose(upsample(x), resize(x, (4, 6)), atol=1e-6)
