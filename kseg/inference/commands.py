@@ -1,0 +1,256 @@
+"""`kseg predict`: segment image files with a saved `.keras` model.
+
+For each input `DIR/name.ext` it writes `OUT/name.png`, an indexed (palette,
+colour type 3) PNG whose pixel values are the class indices — the format of
+VOC's `SegmentationClass`, read back exactly by `kseg.data.read_label` — and,
+with `--overlay`, `OUT/name_overlay.png`, the label colours blended over the
+image (RGB PNG). An image that cannot be read or segmented is reported on
+stderr (naming the file and the reason) and skipped; the exit status is 1 if
+any image failed. Existing outputs are never replaced without `--overwrite`.
+"""
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import cv2
+import keras
+import tensorflow as tf
+
+# Importing the packages registers kseg's layers and models with Keras, so
+# `load_model` can rebuild them.
+import kseg.layers  # noqa: F401
+import kseg.models  # noqa: F401
+from kseg.data import decode_image, encode_index_png, voc_colormap
+from kseg.inference.predict import PAN_TTA_SCALES, predict
+from kseg.inference.visualize import PALETTES, get_palette, overlay
+
+# The dataset palette a model's class count implies; other counts use the
+# VOC colormap, whose colours are all distinct.
+_PALETTE_BY_CLASSES = {len(palette): name for name, palette in PALETTES.items()}
+
+
+def register(subparsers):
+    """Adds the `predict` subcommand to an `argparse` subparsers object.
+
+    The handler is stored as the parser default `func`: call
+    `args.func(args)`, which returns the exit status.
+    """
+    parser = subparsers.add_parser(
+        "predict",
+        help="segment images with a saved .keras model",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "model", type=Path, metavar="MODEL", help="the .keras model file"
+    )
+    parser.add_argument(
+        "images",
+        type=Path,
+        nargs="+",
+        metavar="IMAGE",
+        help="image files (JPEG, PNG, BMP, GIF, WebP)",
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="output folder (created if missing)"
+    )
+    augmentation = parser.add_mutually_exclusive_group()
+    augmentation.add_argument(
+        "--tta",
+        action="store_true",
+        help="PAN's multi-scale + flip evaluation: scales "
+        f"{', '.join(map(str, PAN_TTA_SCALES))} and horizontal flip",
+    )
+    augmentation.add_argument(
+        "--scales",
+        type=_positive_float,
+        nargs="+",
+        default=(1.0,),
+        help="test scales whose probabilities are averaged (default: 1.0)",
+    )
+    parser.add_argument(
+        "--flip", action="store_true", help="also average the mirrored image"
+    )
+    parser.add_argument(
+        "--window",
+        type=_positive_int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="sliding-window size, typically the training crop (default: whole images)",
+    )
+    parser.add_argument(
+        "--overlap",
+        type=_overlap,
+        default=1 / 3,
+        help="overlap of neighbouring windows in [0, 1) (default: 1/3)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=4,
+        help="windows per model call (default: 4)",
+    )
+    parser.add_argument(
+        "--palette",
+        choices=sorted(PALETTES),
+        help="label colours (default: from the class count — 21 voc, "
+        "19 cityscapes, 150 ade20k — else the VOC colormap)",
+    )
+    parser.add_argument(
+        "--overlay", action="store_true", help="also write NAME_overlay.png"
+    )
+    parser.add_argument(
+        "--alpha",
+        type=_alpha,
+        default=0.5,
+        help="weight of the label colours in the overlay (default: 0.5)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace existing output files"
+    )
+    parser.set_defaults(func=run_predict)
+    return parser
+
+
+def run_predict(args):
+    """Runs `kseg predict` for parsed `args`; returns the exit status."""
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        _error(f"cannot create the output folder {args.out}: {error.strerror}")
+        return 1
+    if not args.model.is_file():
+        _error(f"model file not found: {args.model}")
+        return 1
+    try:
+        model = keras.saving.load_model(args.model)
+    except (OSError, ValueError, TypeError) as error:
+        _error(f"cannot load the model {args.model}: {error}")
+        return 1
+
+    options = {
+        "scales": PAN_TTA_SCALES if args.tta else tuple(args.scales),
+        "flip": args.tta or args.flip,
+        "window": tuple(args.window) if args.window else None,
+        "overlap": args.overlap,
+        "batch_size": args.batch_size,
+    }
+    claimed = {}
+    failures = 0
+    for image_path in args.images:
+        outputs = [args.out / f"{image_path.stem}.png"]
+        if args.overlay:
+            outputs.append(args.out / f"{image_path.stem}_overlay.png")
+        try:
+            _claim(outputs[0], image_path, claimed)
+            if not args.overwrite:
+                for path in outputs:
+                    if path.exists():
+                        raise ValueError(
+                            f"{path} already exists (pass --overwrite to replace it)"
+                        )
+            image = _read_image(image_path)
+            prediction = predict(model, image, **options)
+            palette = _palette(args.palette, prediction.probabilities.shape[-1])
+            label_map = prediction.class_map.astype("uint8")
+            _write(outputs[0], encode_index_png(label_map, palette), args.overwrite)
+            if args.overlay:
+                blended = overlay(image, label_map, palette, alpha=args.alpha)
+                _write(outputs[1], _encode_rgb_png(blended), args.overwrite)
+        except (OSError, ValueError) as error:
+            failures += 1
+            _error(f"{image_path}: {error}")
+            continue
+        print(f"{image_path} -> {', '.join(map(str, outputs))}")
+    if failures:
+        _error(f"{failures} of {len(args.images)} images failed")
+        return 1
+    return 0
+
+
+def _claim(output, image_path, claimed):
+    """Refuses a second input that would write the same output file."""
+    if output in claimed:
+        raise ValueError(
+            f"its output {output} would replace the output of {claimed[output]}"
+        )
+    claimed[output] = image_path
+
+
+def _read_image(path):
+    """The image as uint8 RGB `(H, W, 3)`, decoded as kseg's input pipelines
+    decode it; unreadable files raise `OSError` / `ValueError` with the
+    reason."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise OSError(f"cannot read the image file: {error.strerror}") from None
+    try:
+        return decode_image(data).numpy()
+    except tf.errors.InvalidArgumentError as error:
+        # TensorFlow wraps the decoder's reason in op and device names.
+        reason = re.sub(r"\{\{.*?\}\}|\[Op:\w+\]", "", error.message).strip()
+        raise ValueError(f"not a decodable image ({reason})") from None
+
+
+def _palette(name, num_classes):
+    if num_classes > 255:
+        raise ValueError(
+            f"the model predicts {num_classes} classes; a label PNG holds at most 255"
+        )
+    if name is None:
+        name = _PALETTE_BY_CLASSES.get(num_classes)
+        if name is None:
+            return voc_colormap(num_classes)
+    palette = get_palette(name)
+    if len(palette) < num_classes:
+        raise ValueError(
+            f"palette {name!r} has {len(palette)} colours, the model predicts "
+            f"{num_classes} classes"
+        )
+    return palette
+
+
+def _encode_rgb_png(image):
+    ok, buffer = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError(f"OpenCV could not encode an image of shape {image.shape}")
+    return buffer.tobytes()
+
+
+def _write(path, data, overwrite):
+    # Exclusive creation ("x") keeps a file that appeared since the check.
+    try:
+        with open(path, "wb" if overwrite else "xb") as file:
+            file.write(data)
+    except FileExistsError:
+        raise ValueError(
+            f"{path} already exists (pass --overwrite to replace it)"
+        ) from None
+
+
+def _error(message):
+    print(f"kseg predict: {message}", file=sys.stderr)
+
+
+def _number(convert, accept, expected):
+    """An argparse `type` converting with `convert` and checking `accept`."""
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, lambda v: v >= 1, "a positive int")
+_positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")
+_overlap = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+_alpha = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
