@@ -3,8 +3,13 @@
 One re-export per line (`name as name` marks it public for linters).
 """
 
+from kseg.models.exfuse import AUXILIARY_LOSS_WEIGHTS as AUXILIARY_LOSS_WEIGHTS
+from kseg.models.exfuse import ExFuse as ExFuse
+from kseg.models.exfuse import build_exfuse_resnext101 as build_exfuse_resnext101
 from kseg.models.fcn import FCN as FCN
 from kseg.models.fcn import build_fcn_resnet101 as build_fcn_resnet101
+from kseg.models.gcn import GCN as GCN
+from kseg.models.gcn import build_gcn_resnext101 as build_gcn_resnext101
 from kseg.models.pan import PAN as PAN
 from kseg.models.pan import build_pan_resnet101 as build_pan_resnet101
 from kseg.models.segmenter import Segmenter as Segmenter
