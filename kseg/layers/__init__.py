@@ -12,6 +12,7 @@ from kseg.layers.exfuse import (
     SemanticSupervisionHead,
     SubPixelUpsample,
 )
+from kseg.layers.guided_filter import GuidanceCRF, GuidedFilter, guided_filter
 from kseg.layers.pan import FeaturePyramidAttention, GlobalAttentionUpsample
 from kseg.layers.panet import (
     AdaptiveFeaturePooling,
