@@ -13,3 +13,5 @@ from kseg.models.gcn import build_gcn_resnext101 as build_gcn_resnext101
 from kseg.models.pan import PAN as PAN
 from kseg.models.pan import build_pan_resnet101 as build_pan_resnet101
 from kseg.models.segmenter import Segmenter as Segmenter
+from kseg.models.segmodel import SegModel as SegModel
+from kseg.models.segmodel import build_segmodel_resnet101 as build_segmodel_resnet101
