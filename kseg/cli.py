@@ -1,0 +1,397 @@
+"""The `kseg` command line: train, evaluate, list recipes, prepare data,
+predict and export.
+
+    kseg train                           # quickstart.yaml on the synthetic data
+    kseg train --recipe pan_r101-os16_4xb4-voc-512 --data ~/VOCdevkit/VOC2012
+    kseg train --recipe quickstart --set train.epochs=2 --set model.kwargs.filters=16
+    kseg train --resume runs/quickstart/20250101-120000
+    kseg evaluate runs/quickstart/20250101-120000
+    kseg recipes
+    kseg data convert --dataset voc --data DIR --split train --out DIR/records/train
+    kseg data inspect --dataset voc --data DIR --split val
+    kseg predict MODEL.keras images/*.jpg --out masks/
+    kseg export MODEL.keras --name NAME --tflite float16
+
+Every command and option is described by `kseg COMMAND --help`.
+"""
+
+import argparse
+import os
+import sys
+
+# Before TensorFlow loads: its C++ start-up banner (oneDNN, CUDA probing) is
+# noise on a command line; real errors still print.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+DEFAULT_RECIPE = "quickstart"
+
+_SET_HELP = (
+    "override one recipe value, as a dotted key and a YAML value, e.g. "
+    "--set train.epochs=2 --set model.kwargs.filters=32 "
+    "--set data.crop_size=[256,256]; checked against the recipe's field types "
+    "(repeatable)"
+)
+
+
+def _add_recipe_options(parser, recipe_default=DEFAULT_RECIPE, recipe_help=None):
+    parser.add_argument(
+        "--recipe",
+        default=recipe_default,
+        metavar="NAME|FILE",
+        help=recipe_help
+        or (
+            "recipe name (see `kseg recipes`) or path of a recipe YAML file "
+            f"(default: {recipe_default})"
+        ),
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=_SET_HELP,
+    )
+    parser.add_argument(
+        "--data",
+        metavar="DIR",
+        help="dataset directory, overriding the recipe's data.root (VOC: the "
+        "VOC2012 folder; Cityscapes: the folder holding leftImg8bit and gtFine; "
+        "TFRecords: the folder holding <split>-*-of-* shards)",
+    )
+
+
+def _build_parser():
+    parser = argparse.ArgumentParser(
+        prog="kseg",
+        description="kseg: train, evaluate, run and export Keras segmentation "
+        "models (PAN, ExFuse, GCN, SegModel, FCN) from recipes.",
+    )
+    commands = parser.add_subparsers(
+        dest="command",
+        metavar="COMMAND",
+        required=True,
+        help="the command to run; `kseg COMMAND --help` describes its options",
+    )
+
+    train = commands.add_parser(
+        "train",
+        help="train a recipe with model.fit (default: quickstart)",
+        description="Train a recipe and evaluate it. Each run gets a new "
+        "directory runs/<recipe>/<timestamp>/ holding the recipe, TensorBoard "
+        "logs (loss, mIoU, predicted masks), per-epoch checkpoints, the "
+        "trained model.keras and the per-class IoU table; an earlier run is "
+        "never overwritten. Without options it trains quickstart.yaml on the "
+        "synthetic shapes data (a few minutes on a CPU).",
+    )
+    _add_recipe_options(train)
+    train.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its last backup (end of its last "
+        "completed epoch), with the recipe saved in RUN_DIR; --recipe and --set "
+        "are not allowed then",
+    )
+    train.add_argument(
+        "--runs-dir",
+        default="runs",
+        metavar="DIR",
+        help="parent folder of new run directories (default: runs)",
+    )
+    train.add_argument(
+        "--run-dir",
+        metavar="DIR",
+        help="explicit directory of a new run instead of <runs-dir>/<recipe>/"
+        "<timestamp>; give every worker of a multi-worker run the same one "
+        "(workers other than the chief write to DIR/worker-<i>)",
+    )
+    train.add_argument(
+        "--quiet",
+        action="store_true",
+        help="one line per epoch instead of progress bars (the default when "
+        "the output is not a terminal)",
+    )
+    train.set_defaults(func=_train)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="evaluate a saved model and print its per-class IoU table",
+        description="Evaluate a trained model on the recipe's validation split "
+        "with the recipe's eval settings (scales, flip, window) and print the "
+        "per-class IoU table, mean IoU and pixel accuracy.",
+    )
+    evaluate.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a .keras file, or a run directory (its model.keras and, unless "
+        "--recipe is given, its recipe.yaml)",
+    )
+    _add_recipe_options(
+        evaluate,
+        recipe_default=None,
+        recipe_help="recipe name or YAML file giving the dataset and eval "
+        "settings (default: the run directory's recipe.yaml)",
+    )
+    evaluate.add_argument(
+        "--split",
+        help="split to evaluate (default: the recipe's data.val_split)",
+    )
+    evaluate.set_defaults(func=_evaluate)
+
+    recipes = commands.add_parser(
+        "recipes",
+        help="list the available recipes",
+        description="List the recipes found in $KSEG_RECIPES and the recipes/ "
+        "folder of the kseg checkout, with their descriptions; or print one "
+        "recipe in full.",
+    )
+    recipes.add_argument(
+        "name",
+        nargs="?",
+        metavar="NAME|FILE",
+        help="print this recipe with every field (defaults included)",
+    )
+    recipes.set_defaults(func=_recipes)
+
+    data = commands.add_parser(
+        "data",
+        help="convert a dataset to TFRecords, or inspect its labels",
+        description="Dataset tools. The dataset is the one of a recipe "
+        "(--recipe) or a named one (--dataset), read from --data DIR.",
+    )
+    data_commands = data.add_subparsers(
+        dest="data_command",
+        metavar="ACTION",
+        required=True,
+        help="convert or inspect",
+    )
+    convert = data_commands.add_parser(
+        "convert",
+        help="write one split as sharded TFRecord files",
+        description="Write one split of a dataset as TFRecord shards "
+        "OUT-00000-of-0000N (images as stored, labels as class-index PNGs). "
+        "Train from them with --set data.format=tfrecord --data <folder of "
+        "OUT>, naming OUT after the split (e.g. records/train).",
+    )
+    inspect = data_commands.add_parser(
+        "inspect",
+        help="check every label and print the class histogram",
+        description="Check that every label of a split holds only valid class "
+        "indices or the ignore label 255 (an error names the first bad file), "
+        "and print the pixel count and share of each class.",
+    )
+    for sub in (convert, inspect):
+        source = sub.add_mutually_exclusive_group()
+        source.add_argument(
+            "--recipe",
+            metavar="NAME|FILE",
+            help="take the dataset from this recipe's data section",
+        )
+        source.add_argument(
+            "--dataset",
+            choices=("synthetic", "voc", "voc_aug", "cityscapes", "ade20k", "folder"),
+            help="a dataset by name (folder: DIR/<split>/images and "
+            "DIR/<split>/labels, with --set data.num_classes=N)",
+        )
+        sub.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help=_SET_HELP,
+        )
+        sub.add_argument("--data", metavar="DIR", help="dataset directory")
+        sub.add_argument(
+            "--split", default="train", help="split to read (default: train)"
+        )
+    convert.add_argument(
+        "--out",
+        required=True,
+        metavar="PREFIX",
+        help="path prefix of the shards (folders are created; existing files "
+        "are never overwritten)",
+    )
+    convert.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        metavar="N",
+        help="number of shards (default: 1)",
+    )
+    convert.set_defaults(func=_convert)
+    inspect.set_defaults(func=_inspect)
+
+    from kseg.export.commands import register as register_export
+    from kseg.inference.commands import register as register_predict
+
+    register_predict(commands)
+    register_export(commands)
+    return parser
+
+
+def _load(name_or_path, overrides):
+    from kseg.training.recipe import apply_overrides, load_recipe
+
+    recipe = load_recipe(name_or_path)
+    return apply_overrides(recipe, overrides) if overrides else recipe
+
+
+def _train(args):
+    from kseg.training.trainer import train
+
+    if args.resume is not None:
+        if args.overrides or args.recipe != DEFAULT_RECIPE:
+            raise _UsageError(
+                "--resume continues a run with the recipe saved in its "
+                "directory; --recipe and --set cannot change it"
+            )
+        recipe = None
+    else:
+        recipe = _load(args.recipe, args.overrides)
+    train(
+        recipe,
+        data_dir=args.data,
+        runs_dir=args.runs_dir,
+        run_dir=args.run_dir,
+        resume=args.resume,
+        # Progress bars only on a terminal: piped to a file, their redraws
+        # would fill it.
+        verbose=2 if args.quiet or not sys.stdout.isatty() else 1,
+    )
+    return 0
+
+
+def _evaluate(args):
+    from pathlib import Path
+
+    from kseg.training.trainer import MODEL_FILE, RECIPE_FILE, evaluate
+
+    model = Path(args.model)
+    recipe = args.recipe
+    if model.is_dir():
+        if recipe is None:
+            recipe = model / RECIPE_FILE
+        model = model / MODEL_FILE
+    if recipe is None:
+        raise _UsageError(
+            "evaluate needs --recipe (the dataset and eval settings) unless "
+            "MODEL is a run directory"
+        )
+    if not model.is_file():
+        raise FileNotFoundError(f"model file not found: {model}")
+    result = evaluate(str(model), _load(recipe, args.overrides), args.data, args.split)
+    print(result.table())
+    print(f"mean IoU {100.0 * result.mean_iou:.2f}%")
+    return 0
+
+
+def _recipes(args):
+    from kseg.training.recipe import dump_recipe, list_recipes, load_recipe
+
+    if args.name is not None:
+        print(dump_recipe(load_recipe(args.name)), end="")
+        return 0
+    recipes = list_recipes()
+    if not recipes:
+        print("no recipes found; set KSEG_RECIPES to a folder of recipe files")
+        return 1
+    width = max(len(name) for name in recipes)
+    for name, path in recipes.items():
+        description = load_recipe(path).description
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
+def _data_source(args):
+    from kseg.training.recipe import DataConfig, apply_overrides, load_recipe
+
+    if args.recipe is not None:
+        recipe = load_recipe(args.recipe)
+    else:
+        from kseg.training.recipe import Recipe
+
+        recipe = Recipe(
+            name="data", data=DataConfig(dataset=args.dataset or "synthetic")
+        )
+        if args.dataset == "folder" and not any(
+            o.startswith("data.num_classes=") for o in args.overrides
+        ):
+            raise _UsageError("--dataset folder needs --set data.num_classes=N")
+    if args.overrides:
+        recipe = apply_overrides(recipe, args.overrides)
+    return recipe
+
+
+def _convert(args):
+    from kseg.data import convert_to_tfrecord
+    from kseg.training.trainer import read_kseg_dataset
+
+    recipe = _data_source(args)
+    dataset = read_kseg_dataset(recipe.data, args.split, args.data, recipe.train.seed)
+    paths = convert_to_tfrecord(dataset, args.out, args.shards, progress=True)
+    print(f"wrote {len(dataset)} examples to {len(paths)} shard(s): {paths[0]} ...")
+    return 0
+
+
+def _inspect(args):
+    from kseg.data import class_histogram, format_class_histogram
+    from kseg.training.trainer import read_kseg_dataset
+
+    recipe = _data_source(args)
+    dataset = read_kseg_dataset(recipe.data, args.split, args.data, recipe.train.seed)
+    histogram = class_histogram(_LabelProgress(dataset))
+    print(f"{dataset.name} {args.split}: {len(dataset)} labels, all valid")
+    print(format_class_histogram(histogram, dataset.class_names))
+    return 0
+
+
+class _LabelProgress:
+    """A kseg dataset whose `load_label` advances a progress bar, so
+    `class_histogram` shows its progress over a long split."""
+
+    def __init__(self, dataset):
+        import keras
+
+        self._dataset = dataset
+        self._bar = keras.utils.Progbar(len(dataset), unit_name="label")
+        self._done = 0
+        self.num_classes = dataset.num_classes
+
+    def __len__(self):
+        return len(self._dataset)
+
+    def describe(self, index):
+        return self._dataset.describe(index)
+
+    def load_label(self, index):
+        label = self._dataset.load_label(index)
+        self._done += 1
+        self._bar.update(self._done)
+        return label
+
+
+class _UsageError(Exception):
+    """A command line whose options do not fit together."""
+
+
+def main(argv=None):
+    """Runs the `kseg` command line; returns the exit status."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    from kseg.training.recipe import RecipeError
+
+    try:
+        return args.func(args)
+    except _UsageError as error:
+        parser.error(str(error))
+    except RecipeError as error:
+        print(f"kseg {args.command}: recipe error: {error}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"kseg {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

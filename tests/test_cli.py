@@ -1,0 +1,162 @@
+"""The `kseg` command line: help texts, recipes listing, a tiny end-to-end
+train + evaluate run, data convert / inspect and the error paths."""
+
+import argparse
+import json
+
+import pytest
+
+from kseg.cli import _build_parser, main
+
+SUBCOMMANDS = [
+    ["train"],
+    ["evaluate"],
+    ["recipes"],
+    ["data"],
+    ["data", "convert"],
+    ["data", "inspect"],
+    ["predict"],
+    ["export"],
+]
+
+TINY_TRAIN = [
+    "--set=model.kwargs.filters=8",
+    "--set=backbone.kwargs.widths=[4, 4, 4, 4]",
+    "--set=backbone.kwargs.stem_width=4",
+    "--set=data.image_size=32",
+    "--set=data.crop_size=[32, 32]",
+    "--set=data.num_train_images=8",
+    "--set=data.num_val_images=4",
+    "--set=train.batch_size=4",
+    "--set=train.epochs=1",
+    "--set=train.steps_per_epoch=2",
+    "--set=train.log_images=2",
+    "--set=eval.batch_size=4",
+]
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("train", "evaluate", "recipes", "data", "predict", "export"):
+        assert command in out
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS, ids=" ".join)
+def test_every_subcommand_help_explains_its_options(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: kseg " + " ".join(command))
+    if command == ["train"]:
+        for option in ("--recipe", "--set", "--data", "--resume", "--runs-dir"):
+            assert option in out
+
+
+def _parsers(parser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def test_every_argument_has_a_help_string():
+    for parser in _parsers(_build_parser()):
+        # `kseg predict` and `kseg export` belong to kseg.inference and
+        # kseg.export, which test their own parsers.
+        if parser.prog in ("kseg predict", "kseg export"):
+            continue
+        for action in parser._actions:
+            assert action.help, f"{parser.prog}: {action.dest} has no help"
+
+
+def test_recipes_lists_every_recipe_with_its_description(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "quickstart" in out and "pan_r101-os16_4xb4-voc-512" in out
+    assert "79.38" in out
+    assert main(["recipes", "quickstart"]) == 0
+    out = capsys.readouterr().out
+    assert "name: quickstart" in out and "crop_size: [64, 64]" in out
+
+
+def test_train_and_evaluate_end_to_end(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert main(["train", *TINY_TRAIN, "--runs-dir", str(runs), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    (run,) = (runs / "quickstart").iterdir()
+    for name in ("recipe.yaml", "model.keras", "evaluation.txt", "result.json"):
+        assert (run / name).is_file(), name
+    assert (run / "checkpoints" / "last.keras").is_file()
+    assert any((run / "logs" / "masks").iterdir())
+    assert any((run / "logs" / "train").iterdir())
+    result = json.loads((run / "result.json").read_text())
+    assert result["steps"] == 2
+    table = (run / "evaluation.txt").read_text()
+    assert "IoU (%)" in table and "triangle" in table
+    assert table.strip() in out
+    assert "model saved to" in out
+
+    assert main(["evaluate", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "IoU (%)" in out
+    # The saved model gives back the run's own evaluation.
+    assert table.strip() in out
+
+
+def test_recipe_errors_name_the_key(tmp_path, capsys):
+    assert main(["train", "--set", "train.epoch=1"]) == 2
+    err = capsys.readouterr().err
+    assert "'train.epoch'" in err and "did you mean 'train.epochs'" in err
+    # Model keyword values are checked by the model constructor, by name.
+    bad = ["train", "--set", "model.kwargs.filters=many", "--runs-dir", str(tmp_path)]
+    assert main(bad) == 1
+    assert "filters must be a positive int, got 'many'" in capsys.readouterr().err
+    assert main(["train", "--recipe", "quikstart"]) == 1
+    assert "did you mean 'quickstart'" in capsys.readouterr().err
+
+
+def test_resume_refuses_recipe_changes_and_non_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--resume", str(tmp_path), "--set", "train.epochs=1"])
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path)]) == 1
+    assert "not a kseg run directory" in capsys.readouterr().err
+
+
+def test_evaluate_needs_a_recipe_for_a_bare_model_file(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(tmp_path / "model.keras")])
+    assert "--recipe" in capsys.readouterr().err
+
+
+def test_data_inspect_and_convert_the_synthetic_split(tmp_path, capsys):
+    options = [
+        "--dataset",
+        "synthetic",
+        "--set=data.num_val_images=5",
+        "--set=data.image_size=32",
+        "--split",
+        "val",
+    ]
+    assert main(["data", "inspect", *options]) == 0
+    out = capsys.readouterr().out
+    assert "5 labels, all valid" in out and "background" in out and "total" in out
+
+    prefix = tmp_path / "records" / "val"
+    assert (
+        main(["data", "convert", *options, "--out", str(prefix), "--shards", "2"]) == 0
+    )
+    assert sorted(p.name for p in prefix.parent.iterdir()) == [
+        "val-00000-of-00002",
+        "val-00001-of-00002",
+    ]
+    # Existing shards are never overwritten.
+    assert (
+        main(["data", "convert", *options, "--out", str(prefix), "--shards", "2"]) == 1
+    )
+    assert "refusing to overwrite" in capsys.readouterr().err
