@@ -1,0 +1,222 @@
+"""`kseg export`: a saved `.keras` model as a TF Serving SavedModel and,
+optionally, TFLite files.
+
+    kseg export MODEL.keras --name NAME [--version N] [--out saved_models]
+                [--tflite float32|float16|int8 ...] [--input-size H W]
+                [--recipe NAME|FILE [--data DIR] | --calibration-dir DIR]
+
+writes the SavedModel to OUT/NAME/VERSION/ (VERSION defaults to the next free
+integer; TF Serving's --model_base_path is OUT/NAME) and each TFLite file to
+OUT/NAME/tflite/NAME_vVERSION_QUANTIZATION_HxW.tflite. TFLite files have a
+fixed input size: --input-size, unless the model was built for one. int8
+calibrates on images from the training data: the train split of --recipe
+(read from --data as for `kseg train`), or the images in --calibration-dir.
+An existing version or file is never overwritten.
+"""
+
+import argparse
+from pathlib import Path
+
+import keras
+import numpy as np
+
+# Importing the packages registers kseg's layers and models with Keras, so
+# `load_model` can rebuild them.
+import kseg.layers  # noqa: F401
+import kseg.models  # noqa: F401
+from kseg.export.saved_model import (
+    check_segmentation_model,
+    export_saved_model,
+    next_version,
+    refuse_existing,
+)
+from kseg.export.tflite import (
+    DEFAULT_CALIBRATION_IMAGES,
+    QUANTIZATIONS,
+    export_tflite,
+    tflite_input_size,
+)
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def register(subparsers):
+    """Adds the `export` subcommand to an `argparse` subparsers object.
+
+    The handler is stored as the parser default `func`: call
+    `args.func(args)`, which returns the exit status.
+    """
+    parser = subparsers.add_parser(
+        "export",
+        help="export a .keras model for TF Serving (SavedModel) and TFLite",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", type=Path, help="the .keras model file")
+    parser.add_argument(
+        "--name",
+        required=True,
+        type=_model_name,
+        help="model name: the folder under --out, and TF Serving's model name",
+    )
+    parser.add_argument(
+        "--version",
+        type=_positive_int,
+        help="version number (default: one more than the highest existing)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("saved_models"),
+        help="folder of exported models (default: saved_models)",
+    )
+    parser.add_argument(
+        "--tflite",
+        nargs="+",
+        choices=QUANTIZATIONS,
+        default=(),
+        metavar="QUANTIZATION",
+        help="also write TFLite files: any of float32, float16, int8",
+    )
+    parser.add_argument(
+        "--input-size",
+        type=_positive_int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="fixed input size of the TFLite files (default: the model's own, "
+        "when it has one)",
+    )
+    calibration = parser.add_mutually_exclusive_group()
+    calibration.add_argument(
+        "--recipe",
+        metavar="NAME|FILE",
+        help="int8: calibrate on the train split of this recipe's dataset",
+    )
+    calibration.add_argument(
+        "--calibration-dir",
+        type=Path,
+        metavar="DIR",
+        help="int8: calibrate on the images (.jpg, .jpeg, .png, .bmp) in DIR",
+    )
+    parser.add_argument("--data", metavar="DIR", help="dataset directory for --recipe")
+    parser.add_argument(
+        "--calibration-images",
+        type=_positive_int,
+        default=DEFAULT_CALIBRATION_IMAGES,
+        metavar="N",
+        help="int8: number of calibration images, spread over the split "
+        f"(default: {DEFAULT_CALIBRATION_IMAGES})",
+    )
+    parser.set_defaults(func=run_export)
+    return parser
+
+
+def run_export(args):
+    """Runs `kseg export` for parsed `args`; returns the exit status.
+
+    Raises:
+        FileExistsError: the version directory or a TFLite file exists.
+        FileNotFoundError: the model file or calibration folder is missing.
+        ValueError: options that do not fit the model or each other.
+    """
+    if "int8" in args.tflite and args.recipe is None and args.calibration_dir is None:
+        raise ValueError(
+            "--tflite int8 calibrates on training images: pass --recipe "
+            "NAME|FILE (its train split) or --calibration-dir DIR"
+        )
+    if not args.model.is_file():
+        raise FileNotFoundError(f"model file not found: {args.model}")
+    model_dir = args.out / args.name
+    version = next_version(model_dir) if args.version is None else args.version
+    version_dir = model_dir / str(version)
+    refuse_existing(version_dir, "SavedModel version")
+    model = keras.saving.load_model(args.model, compile=False)
+    check_segmentation_model(model)
+    tflite_paths = {}
+    if args.tflite:
+        size = tflite_input_size(
+            model, None if args.input_size is None else tuple(args.input_size)
+        )
+        for quantization in dict.fromkeys(args.tflite):
+            path = (
+                model_dir
+                / "tflite"
+                / f"{args.name}_v{version}_{quantization}_{size[0]}x{size[1]}.tflite"
+            )
+            refuse_existing(path, "TFLite file")
+            tflite_paths[quantization] = path
+    calibration = None
+    if "int8" in tflite_paths:
+        calibration = _calibration_source(args)
+
+    path = export_saved_model(model, model_dir, version)
+    print(f"SavedModel: {path} (signatures serving_default, serving_bytes)")
+    for quantization, tflite_path in tflite_paths.items():
+        export_tflite(
+            model,
+            tflite_path,
+            size,
+            quantization,
+            calibration,
+            args.calibration_images,
+        )
+        kib = tflite_path.stat().st_size / 1024
+        print(f"TFLite {quantization}: {tflite_path} ({kib:.0f} KiB)")
+    return 0
+
+
+def _calibration_source(args):
+    """A callable yielding calibration images (uint8 `(H, W, 3)`)."""
+    if args.calibration_dir is not None:
+        folder = args.calibration_dir
+        if not folder.is_dir():
+            raise FileNotFoundError(f"calibration folder not found: {folder}")
+        files = sorted(
+            p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES
+        )
+        if not files:
+            raise ValueError(
+                f"no {', '.join(_IMAGE_SUFFIXES)} image in the calibration folder "
+                f"{folder}"
+            )
+        from kseg.data import decode_image
+
+        picked = _spread(len(files), args.calibration_images)
+        return lambda: (decode_image(files[i].read_bytes()).numpy() for i in picked)
+
+    from kseg.training.recipe import load_recipe
+    from kseg.training.trainer import read_split
+
+    recipe = load_recipe(args.recipe)
+    pairs, length = read_split(recipe.data, "train", args.data, recipe.train.seed)
+    picked = set(_spread(length, args.calibration_images))
+    return lambda: (
+        image.numpy()
+        for index, (image, _) in enumerate(pairs.take(max(picked) + 1))
+        if index in picked
+    )
+
+
+def _spread(length, count):
+    """`count` indices spread evenly over `range(length)` (all if fewer)."""
+    if length <= count:
+        return list(range(length))
+    return sorted(set(np.linspace(0, length - 1, count).round().astype(int).tolist()))
+
+
+def _model_name(value):
+    if not value or value in (".", "..") or "/" in value or "\\" in value:
+        raise argparse.ArgumentTypeError(
+            f"the model name must be one folder name (no '/'), got {value!r}"
+        )
+    return value
+
+
+def _positive_int(value):
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number

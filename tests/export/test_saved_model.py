@@ -1,0 +1,362 @@
+"""The TF Serving SavedModel: signatures, kseg-free loading, saved_model_cli,
+TF1 session loading (TF Serving's C++ path), gRPC requests, versioning."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kseg.data import eval_transform
+from kseg.export import (
+    BYTES_SIGNATURE,
+    CLASS_MAP,
+    IMAGE_BYTES,
+    IMAGES,
+    PROBABILITIES,
+    SERVING_SIGNATURE,
+    build_serving_module,
+    export_saved_model,
+    next_version,
+)
+
+NUM_CLASSES = 6
+IMAGE_SIZE = 64
+
+
+def _images(shape, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def _keras_outputs(model, images):
+    """Reference: the model on the evaluation pipeline's transform of the
+    images (one preprocessing definition for training and serving)."""
+    inputs = np.stack(
+        [
+            eval_transform(image, np.zeros(image.shape[:2], np.uint8))[0]
+            for image in images
+        ]
+    )
+    logits = keras.ops.convert_to_numpy(model(inputs, training=False)["logits"])
+    return logits.argmax(-1), keras.ops.convert_to_numpy(keras.ops.softmax(logits))
+
+
+def _assert_class_maps_match(class_map, probabilities):
+    """`class_map` is the arg-max of `probabilities` wherever the top two
+    are not tied within float32 noise (graph and eager kernels differ in
+    the last bits)."""
+    top_two = np.sort(probabilities, axis=-1)[..., -2:]
+    decided = top_two[..., 1] - top_two[..., 0] > 1e-4
+    np.testing.assert_array_equal(
+        np.asarray(class_map)[decided], probabilities.argmax(-1)[decided]
+    )
+
+
+def _subprocess_env():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    # A loader must not need kseg: keep the checkout off the import path.
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def test_serving_default_matches_keras_at_any_size(pan_model, pan_loaded):
+    serve = pan_loaded.signatures[SERVING_SIGNATURE]
+    for shape in [(2, 40, 56, 3), (1, IMAGE_SIZE, IMAGE_SIZE, 3), (1, 33, 17, 3)]:
+        images = _images(shape)
+        outputs = serve(**{IMAGES: tf.constant(images)})
+        assert set(outputs) == {CLASS_MAP, PROBABILITIES}
+        assert outputs[CLASS_MAP].dtype == tf.int32
+        assert outputs[CLASS_MAP].shape == shape[:3]
+        assert outputs[PROBABILITIES].dtype == tf.float32
+        assert outputs[PROBABILITIES].shape == (*shape[:3], NUM_CLASSES)
+        _, probabilities = _keras_outputs(pan_model, images)
+        np.testing.assert_allclose(
+            outputs[PROBABILITIES].numpy(), probabilities, atol=1e-4
+        )
+        _assert_class_maps_match(outputs[CLASS_MAP], probabilities)
+
+
+def test_signatures_have_dynamic_shapes(pan_loaded):
+    (images,) = (
+        pan_loaded.signatures[SERVING_SIGNATURE].structured_input_signature[1].values()
+    )
+    assert images.shape.as_list() == [None, None, None, 3]
+    assert images.dtype == tf.uint8
+    (encoded,) = (
+        pan_loaded.signatures[BYTES_SIGNATURE].structured_input_signature[1].values()
+    )
+    assert encoded.shape.as_list() == [None]
+    assert encoded.dtype == tf.string
+
+
+def test_bytes_signature_decodes_png_and_jpeg(pan_loaded):
+    images = _images((2, 48, 40, 3), seed=1)
+    expected = pan_loaded.signatures[SERVING_SIGNATURE](**{IMAGES: tf.constant(images)})
+    png = tf.constant([tf.io.encode_png(image).numpy() for image in images])
+    outputs = pan_loaded.signatures[BYTES_SIGNATURE](**{IMAGE_BYTES: png})
+    np.testing.assert_array_equal(outputs[CLASS_MAP], expected[CLASS_MAP])
+    np.testing.assert_allclose(
+        outputs[PROBABILITIES], expected[PROBABILITIES], atol=1e-6
+    )
+
+    jpeg = [tf.io.encode_jpeg(image).numpy() for image in images]
+    decoded = np.stack([tf.io.decode_jpeg(data).numpy() for data in jpeg])
+    outputs = pan_loaded.signatures[BYTES_SIGNATURE](**{IMAGE_BYTES: tf.constant(jpeg)})
+    expected = pan_loaded.signatures[SERVING_SIGNATURE](
+        **{IMAGES: tf.constant(decoded)}
+    )
+    np.testing.assert_array_equal(outputs[CLASS_MAP], expected[CLASS_MAP])
+
+    gray = tf.io.encode_png(images[0][..., :1]).numpy()
+    outputs = pan_loaded.signatures[BYTES_SIGNATURE](
+        **{IMAGE_BYTES: tf.constant([gray])}
+    )
+    assert outputs[CLASS_MAP].shape == (1, 48, 40)
+
+
+def test_bytes_signature_rejects_mixed_sizes(pan_loaded):
+    batch = [
+        tf.io.encode_png(_images((32, 32, 3))).numpy(),
+        tf.io.encode_png(_images((32, 40, 3))).numpy(),
+    ]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="same height and width"):
+        pan_loaded.signatures[BYTES_SIGNATURE](**{IMAGE_BYTES: tf.constant(batch)})
+
+
+_LOAD_WITHOUT_KSEG = textwrap.dedent(
+    """
+    import json, sys
+    # `import kseg` / `import keras` now raise ImportError: the SavedModel
+    # must need TensorFlow only, like TF Serving.
+    sys.modules["kseg"] = sys.modules["keras"] = None
+    import numpy as np
+    import tensorflow as tf
+    for name in ("kseg", "keras"):
+        try:
+            __import__(name)
+            raise SystemExit(f"{name} is importable")
+        except ImportError:
+            pass
+    loaded = tf.saved_model.load(sys.argv[1])
+    images = np.load(sys.argv[2])
+    outputs = loaded.signatures["serving_default"](images=tf.constant(images))
+    png = [tf.io.encode_png(image).numpy() for image in images]
+    from_bytes = loaded.signatures["serving_bytes"](image_bytes=tf.constant(png))
+    print(json.dumps({
+        "class_map": outputs["class_map"].numpy().tolist(),
+        "bytes_class_map": from_bytes["class_map"].numpy().tolist(),
+        "probabilities_sum": float(outputs["probabilities"].numpy().sum()),
+        "kseg_loaded": any(name.startswith("kseg.") for name in sys.modules),
+    }))
+    """
+)
+
+
+def test_loads_and_runs_where_kseg_cannot_be_imported(
+    pan_model, pan_saved_model, tmp_path
+):
+    images = _images((2, 36, 44, 3), seed=2)
+    np.save(tmp_path / "images.npy", images)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _LOAD_WITHOUT_KSEG,
+            str(pan_saved_model[1]),
+            str(tmp_path / "images.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        env=_subprocess_env(),
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not outputs["kseg_loaded"]
+    _, probabilities = _keras_outputs(pan_model, images)
+    _assert_class_maps_match(outputs["class_map"], probabilities)
+    np.testing.assert_array_equal(outputs["bytes_class_map"], outputs["class_map"])
+    assert outputs["probabilities_sum"] == pytest.approx(probabilities.sum(), rel=1e-5)
+
+
+def test_saved_model_cli_show_and_run(pan_model, pan_saved_model, tmp_path):
+    path = str(pan_saved_model[1])
+    show = subprocess.run(
+        ["saved_model_cli", "show", "--dir", path, "--all"],
+        capture_output=True,
+        text=True,
+        env=_subprocess_env(),
+        timeout=300,
+    )
+    assert show.returncode == 0, show.stderr[-3000:]
+    text = show.stdout
+    for line in [
+        f"signature_def['{SERVING_SIGNATURE}']",
+        f"signature_def['{BYTES_SIGNATURE}']",
+        f"inputs['{IMAGES}'] tensor_info",
+        f"inputs['{IMAGE_BYTES}'] tensor_info",
+        f"outputs['{CLASS_MAP}'] tensor_info",
+        f"outputs['{PROBABILITIES}'] tensor_info",
+        "dtype: DT_UINT8",
+        "dtype: DT_STRING",
+        "shape: (-1, -1, -1, 3)",
+        f"shape: (-1, -1, -1, {NUM_CLASSES})",
+        "Method name is: tensorflow/serving/predict",
+    ]:
+        assert line in text, line
+
+    # `--input_exprs` takes Python literals (`ast.literal_eval`) in TF 2.21.
+    image = _images((1, 8, 12, 3), seed=6)
+    run = subprocess.run(
+        [
+            "saved_model_cli",
+            "run",
+            "--dir",
+            path,
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            SERVING_SIGNATURE,
+            "--input_exprs",
+            f"{IMAGES}={image.tolist()}",
+            "--outdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=_subprocess_env(),
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    class_map = np.load(tmp_path / f"{CLASS_MAP}.npy")
+    probabilities = np.load(tmp_path / f"{PROBABILITIES}.npy")
+    assert class_map.shape == (1, 8, 12)
+    assert class_map.dtype == np.int32
+    _, expected_probabilities = _keras_outputs(pan_model, image)
+    _assert_class_maps_match(class_map, expected_probabilities)
+    np.testing.assert_allclose(probabilities, expected_probabilities, atol=1e-4)
+
+
+def test_tf1_session_loading(pan_model, pan_saved_model):
+    """`loader.load` + `Session.run` on the signature's tensor names: the
+    path of TF Serving's C++ `LoadSavedModel`."""
+    images = _images((1, 40, 48, 3), seed=3)
+    encoded = tf.io.encode_png(images[0]).numpy()
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        meta_graph = tf.compat.v1.saved_model.loader.load(
+            session, ["serve"], str(pan_saved_model[1])
+        )
+        signature = meta_graph.signature_def[SERVING_SIGNATURE]
+        assert signature.method_name == "tensorflow/serving/predict"
+        fetches = {key: info.name for key, info in signature.outputs.items()}
+        outputs = session.run(fetches, {signature.inputs[IMAGES].name: images})
+
+        signature = meta_graph.signature_def[BYTES_SIGNATURE]
+        from_bytes = session.run(
+            signature.outputs[CLASS_MAP].name,
+            {signature.inputs[IMAGE_BYTES].name: [encoded]},
+        )
+    _, probabilities = _keras_outputs(pan_model, images)
+    _assert_class_maps_match(outputs[CLASS_MAP], probabilities)
+    np.testing.assert_array_equal(from_bytes, outputs[CLASS_MAP])
+    np.testing.assert_allclose(outputs[PROBABILITIES], probabilities, atol=1e-4)
+
+
+def test_grpc_predict_request_fits_the_signatures(pan_saved_model, pan_loaded):
+    """Builds TF Serving `PredictRequest`s (tensorflow-serving-api) and checks
+    every input's name, dtype and shape against the exported signatures, then
+    runs the request's tensors through the SavedModel."""
+    predict_pb2 = pytest.importorskip("tensorflow_serving.apis.predict_pb2")
+    model_dir, version_dir = pan_saved_model
+    images = _images((2, 30, 20, 3), seed=4)
+    encoded = [tf.io.encode_png(image).numpy() for image in images]
+    for signature_name, inputs in [
+        (SERVING_SIGNATURE, {IMAGES: images}),
+        (BYTES_SIGNATURE, {IMAGE_BYTES: encoded}),
+    ]:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model_dir.name
+        request.model_spec.signature_name = signature_name
+        request.model_spec.version.value = int(version_dir.name)
+        for key, value in inputs.items():
+            request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+        # What TF Serving receives: the serialized request.
+        request = predict_pb2.PredictRequest.FromString(request.SerializeToString())
+
+        function = pan_loaded.signatures[request.model_spec.signature_name]
+        specs = function.structured_input_signature[1]
+        assert set(request.inputs) == set(specs)
+        feeds = {}
+        for key, proto in request.inputs.items():
+            assert tf.dtypes.as_dtype(proto.dtype) == specs[key].dtype
+            shape = tf.TensorShape([dim.size for dim in proto.tensor_shape.dim])
+            assert specs[key].shape.is_compatible_with(shape)
+            feeds[key] = tf.constant(tf.make_ndarray(proto))
+        outputs = function(**feeds)
+        assert outputs[CLASS_MAP].shape == (2, 30, 20)
+
+
+def test_versions_are_never_overwritten(pan_model, pan_saved_model):
+    model_dir, version_dir = pan_saved_model
+    assert version_dir == model_dir / "1"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1"]
+    assert (version_dir / "saved_model.pb").is_file()
+    assert next_version(model_dir) == 2
+    with pytest.raises(FileExistsError, match=str(version_dir)):
+        export_saved_model(pan_model, model_dir, version=1)
+    (model_dir / "7").mkdir()
+    (model_dir / "notes").mkdir()
+    (model_dir / "12.tflite").touch()
+    assert next_version(model_dir) == 8
+    with pytest.raises(FileExistsError, match="7"):
+        export_saved_model(pan_model, model_dir, version=7)
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ValueError, match="version must be a positive int"):
+            export_saved_model(pan_model, model_dir, version=bad)
+    assert next_version(model_dir.parent / "missing") == 1
+
+
+def test_fixed_size_model_serves_any_size(build_tiny_pan):
+    """A model built for one input size gets images resized to it and its
+    logits resized back to the image size."""
+    keras.utils.set_random_seed(2)
+    model = build_tiny_pan(input_shape=(32, 32, 3))
+    module = build_serving_module(model)
+    images = _images((1, 48, 40, 3), seed=5)
+    outputs = module.serving_default(tf.constant(images))
+    assert outputs[CLASS_MAP].shape == (1, 48, 40)
+    resized = tf.image.resize(tf.cast(images, tf.float32), (32, 32))
+    logits = model(resized, training=False)["logits"]
+    expected = tf.image.resize(logits, (48, 40))
+    np.testing.assert_allclose(
+        outputs[PROBABILITIES], tf.nn.softmax(expected), atol=1e-4
+    )
+
+
+def test_rejects_models_that_are_not_segmenters(tmp_path):
+    inputs = keras.Input((None, None, 3))
+    conv = keras.layers.Conv2D(2, 1)(inputs)
+    with pytest.raises(ValueError, match="dict with a 'logits' entry"):
+        export_saved_model(keras.Model(inputs, conv), tmp_path / "m")
+    with pytest.raises(ValueError, match=r"\(batch, height, width, classes\)"):
+        export_saved_model(
+            keras.Model(
+                inputs, {"logits": keras.layers.GlobalAveragePooling2D()(conv)}
+            ),
+            tmp_path / "m",
+        )
+    gray = keras.Input((None, None, 1))
+    with pytest.raises(ValueError, match="RGB image input"):
+        export_saved_model(
+            keras.Model(gray, {"logits": keras.layers.Conv2D(2, 1)(gray)}),
+            tmp_path / "m",
+        )
+    with pytest.raises(ValueError, match="keras.Model"):
+        export_saved_model(lambda x: x, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
