@@ -14,8 +14,11 @@ output stride 32, as keras-hub builds it), ASPP on P5 with rates (6, 12, 18),
   TensorFlow's profiler (`float_operation`), which counts a
   multiply and an add separately: GFLOPs = 2 × G multiply-adds for the
   convolutions. Ops without a registered FLOP count (resizes, ReLU, exp,
-  cumulative sums, depth-to-space) count zero.
-- Latency: each model is called through the same `tf.function` (no XLA),
+  cumulative sums, depth-to-space) count zero. Dilated convolutions count
+  as TensorFlow runs them, a dense conv on the SpaceToBatchND-padded map
+  (keras-hub's ASPP at 512²: 1224 output positions for 3 × 256 real ones).
+- Latency: each model is called through the same `tf.function` (no XLA;
+  `--xla` compiles every model with `jit_compile=True` instead),
   warmed up `--warmup` times, then timed `--runs` times round-robin — one
   call of every model per round — so that load from other processes on the
   machine falls on all models alike; the median is reported, with the load
@@ -26,7 +29,8 @@ DeepLabV3+-R50's; the guidance CRF adds at most 10% to SegModel's forward
 (the paper: 4.4 of 54.4 ms).
 
     python benchmarks/models.py [--size 512] [--runs 10] [--warmup 3]
-        [--models pan_r50,deeplabv3plus_r50] [--paper-backbones]
+        [--models pan_r50,deeplabv3plus_r50] [--paper-backbones] [--xla]
+        [--breakdown N]
 """
 
 import argparse
@@ -44,7 +48,6 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kseg import backbones, models  # noqa: E402
-from kseg.models.segmodel import SegModel, build_segmodel_resnet101  # noqa: E402
 
 # The v1 profiler API logs a deprecation notice on every call.
 tf.get_logger().setLevel("ERROR")
@@ -56,6 +59,7 @@ CRF_SHARE_LIMIT = 0.10
 
 
 def _deeplabv3plus_r50(size):
+    # Imported here: only the peer needs the `bench` extra.
     import keras_hub
 
     encoder = keras_hub.models.ResNetBackbone(
@@ -115,7 +119,7 @@ def _exfuse_r50(size):
 def _segmodel_r50(size, guidance_crf=False):
     # SegModel's unary encoder design (dilated to output stride 16) on
     # ResNet-50's blocks; Table 3's "Patch" column, and "Guide" with the CRF.
-    return SegModel(
+    return models.SegModel(
         backbones.resnet50(input_shape=(size, size, 3), output_stride=16),
         NUM_CLASSES,
         context_crf=True,
@@ -155,7 +159,7 @@ PAPER_MODELS = {
     "segmodel_r101": (
         "SegModel (+Guidance CRF)",
         "ResNet-101 OS16",
-        build_segmodel_resnet101,
+        models.build_segmodel_resnet101,
     ),
 }
 
@@ -210,8 +214,8 @@ def _layer_key(op_name, model):
     return scopes[1]
 
 
-def _forward(model):
-    compiled = tf.function(lambda x: model(x, training=False))
+def _forward(model, jit_compile=False):
+    compiled = tf.function(lambda x: model(x, training=False), jit_compile=jit_compile)
 
     def call(images):
         outputs = compiled(images)
@@ -280,6 +284,11 @@ def main():
         f"ResNet-101 / ResNeXt-101 models: {', '.join(PAPER_MODELS)}",
     )
     parser.add_argument(
+        "--xla",
+        action="store_true",
+        help="time every model under tf.function(jit_compile=True) instead",
+    )
+    parser.add_argument(
         "--breakdown",
         type=int,
         default=0,
@@ -304,7 +313,7 @@ def main():
         model = build(args.size)
         flops, breakdowns[name] = count_flops(model, args.size)
         rows[name] = (label, backbone, model.count_params() / 1e6, flops / 1e9)
-        forwards[name] = _forward(model)
+        forwards[name] = _forward(model, jit_compile=args.xla)
         print(f"built and counted {name}", file=sys.stderr, flush=True)
     load_before = os.getloadavg()
     start = time.perf_counter()
@@ -330,7 +339,8 @@ def main():
         f"random weights"
     )
     print(
-        f"latency: tf.function (no XLA), median of {args.runs} round-robin runs "
+        f"latency: tf.function ({'XLA' if args.xla else 'no XLA'}), median of "
+        f"{args.runs} round-robin runs "
         f"after {args.warmup} warm-up calls each ({elapsed:.0f} s); load average "
         "(1/5/15 min) before "
         + "/".join(f"{x:.1f}" for x in load_before)
@@ -364,7 +374,7 @@ def main():
             top = sorted(per_layer.items(), key=lambda item: -item[1])
             print(f"{name}: GFLOPs by layer (of {total / 1e9:.1f})")
             for layer, flops in top[: args.breakdown]:
-                print(f"  {layer:<40} {flops / 1e9:>8.2f} {flops / total:>6.1%}")
+                print(f"  {layer:<48} {flops / 1e9:>8.2f} {flops / total:>6.1%}")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
 """`kseg export`: a saved `.keras` model as a TF Serving SavedModel and,
 optionally, TFLite files.
 
-    kseg export MODEL.keras --name NAME [--version N] [--out saved_models]
+    kseg export MODEL --name NAME [--version N] [--out saved_models]
                 [--tflite float32|float16|int8 ...] [--input-size H W]
                 [--recipe NAME|FILE [--data DIR] | --calibration-dir DIR]
 
-writes the SavedModel to OUT/NAME/VERSION/ (VERSION defaults to the next free
-integer; TF Serving's --model_base_path is OUT/NAME) and each TFLite file to
+MODEL is a .keras file or a `kseg train` run directory. The SavedModel goes
+to OUT/NAME/VERSION/ (VERSION defaults to the next free integer; TF Serving's
+--model_base_path is OUT/NAME), each TFLite file to
 OUT/NAME/tflite/NAME_vVERSION_QUANTIZATION_HxW.tflite. TFLite files have a
-fixed input size: --input-size, unless the model was built for one. int8
-calibrates on images from the training data: the train split of --recipe
-(read from --data as for `kseg train`), or the images in --calibration-dir.
-An existing version or file is never overwritten.
+fixed input size: --input-size, else the model's own fixed size, else the
+training crop (data.crop_size) of the run's recipe.yaml. int8 calibrates on
+training images: the train split of --recipe (read from --data as for
+`kseg train`; default: the run's recipe.yaml), or the images in
+--calibration-dir. An existing version or file is never overwritten.
 """
 
 import argparse
@@ -52,7 +54,9 @@ def register(subparsers):
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", type=Path, help="the .keras model file")
+    parser.add_argument(
+        "model", type=Path, help="a .keras file, or a `kseg train` run directory"
+    )
     parser.add_argument(
         "--name",
         required=True,
@@ -90,7 +94,8 @@ def register(subparsers):
     calibration.add_argument(
         "--recipe",
         metavar="NAME|FILE",
-        help="int8: calibrate on the train split of this recipe's dataset",
+        help="int8: calibrate on the train split of this recipe's dataset "
+        "(default: the run's recipe.yaml when MODEL is in a run directory)",
     )
     calibration.add_argument(
         "--calibration-dir",
@@ -119,35 +124,45 @@ def run_export(args):
         FileNotFoundError: the model file or calibration folder is missing.
         ValueError: options that do not fit the model or each other.
     """
-    if "int8" in args.tflite and args.recipe is None and args.calibration_dir is None:
-        raise ValueError(
-            "--tflite int8 calibrates on training images: pass --recipe "
-            "NAME|FILE (its train split) or --calibration-dir DIR"
-        )
-    if not args.model.is_file():
-        raise FileNotFoundError(f"model file not found: {args.model}")
+    from kseg.training.recipe import load_recipe
+    from kseg.training.trainer import MODEL_FILE, RECIPE_FILE
+
+    model_path = args.model / MODEL_FILE if args.model.is_dir() else args.model
+    if not model_path.is_file():
+        raise FileNotFoundError(f"model file not found: {model_path}")
+    # A model trained by `kseg train` sits beside the recipe it was trained on.
+    run_recipe = model_path.parent / RECIPE_FILE
+    run_recipe = run_recipe if run_recipe.is_file() else None
+    recipe = args.recipe
+    if "int8" in args.tflite and recipe is None and args.calibration_dir is None:
+        if run_recipe is None:
+            raise ValueError(
+                "--tflite int8 calibrates on training images: pass --recipe "
+                "NAME|FILE (its train split) or --calibration-dir DIR (a model "
+                f"in a `kseg train` run directory uses the run's {RECIPE_FILE})"
+            )
+        recipe = run_recipe
     model_dir = args.out / args.name
     version = next_version(model_dir) if args.version is None else args.version
-    version_dir = model_dir / str(version)
-    refuse_existing(version_dir, "SavedModel version")
-    model = keras.saving.load_model(args.model, compile=False)
+    refuse_existing(model_dir / str(version), "SavedModel version")
+    model = keras.saving.load_model(model_path, compile=False)
     check_segmentation_model(model)
+
     tflite_paths = {}
     if args.tflite:
-        size = tflite_input_size(
-            model, None if args.input_size is None else tuple(args.input_size)
-        )
+        size = _tflite_size(args, model, run_recipe, load_recipe)
         for quantization in dict.fromkeys(args.tflite):
-            path = (
-                model_dir
-                / "tflite"
-                / f"{args.name}_v{version}_{quantization}_{size[0]}x{size[1]}.tflite"
-            )
-            refuse_existing(path, "TFLite file")
-            tflite_paths[quantization] = path
+            name = f"{args.name}_v{version}_{quantization}_{size[0]}x{size[1]}.tflite"
+            refuse_existing(model_dir / "tflite" / name, "TFLite file")
+            tflite_paths[quantization] = model_dir / "tflite" / name
     calibration = None
     if "int8" in tflite_paths:
-        calibration = _calibration_source(args)
+        if args.calibration_dir is not None:
+            calibration = _folder_images(args.calibration_dir, args.calibration_images)
+        else:
+            recipe = load_recipe(recipe)
+            calibration = _recipe_images(recipe, args.data, args.calibration_images)
+            print(f"int8 calibration: the train split of recipe {recipe.name!r}")
 
     path = export_saved_model(model, model_dir, version)
     print(f"SavedModel: {path} (signatures serving_default, serving_bytes)")
@@ -165,31 +180,44 @@ def run_export(args):
     return 0
 
 
-def _calibration_source(args):
-    """A callable yielding calibration images (uint8 `(H, W, 3)`)."""
-    if args.calibration_dir is not None:
-        folder = args.calibration_dir
-        if not folder.is_dir():
-            raise FileNotFoundError(f"calibration folder not found: {folder}")
-        files = sorted(
-            p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES
+def _tflite_size(args, model, run_recipe, load_recipe):
+    """--input-size, else the model's fixed input size, else the training
+    crop of the run's recipe."""
+    if args.input_size is not None:
+        return tuple(args.input_size)
+    if None not in model.input_shape[1:3]:
+        return tflite_input_size(model)
+    if run_recipe is None:
+        raise ValueError(
+            "TFLite files have a fixed input size: pass --input-size H W (the "
+            f"model takes any size, input shape {model.input_shape})"
         )
-        if not files:
-            raise ValueError(
-                f"no {', '.join(_IMAGE_SUFFIXES)} image in the calibration folder "
-                f"{folder}"
-            )
-        from kseg.data import decode_image
+    size = tuple(load_recipe(run_recipe).data.crop_size)
+    print(f"TFLite input size {size[0]}x{size[1]}: data.crop_size of {run_recipe}")
+    return size
 
-        picked = _spread(len(files), args.calibration_images)
-        return lambda: (decode_image(files[i].read_bytes()).numpy() for i in picked)
 
-    from kseg.training.recipe import load_recipe
+def _folder_images(folder, count):
+    """A callable yielding `count` images spread over the files in `folder`."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"calibration folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(
+            f"no {', '.join(_IMAGE_SUFFIXES)} image in the calibration folder {folder}"
+        )
+    from kseg.data import decode_image
+
+    picked = _spread(len(files), count)
+    return lambda: (decode_image(files[i].read_bytes()).numpy() for i in picked)
+
+
+def _recipe_images(recipe, data_dir, count):
+    """A callable yielding `count` images spread over the recipe's train split."""
     from kseg.training.trainer import read_split
 
-    recipe = load_recipe(args.recipe)
-    pairs, length = read_split(recipe.data, "train", args.data, recipe.train.seed)
-    picked = set(_spread(length, args.calibration_images))
+    pairs, length = read_split(recipe.data, "train", data_dir, recipe.train.seed)
+    picked = set(_spread(length, count))
     return lambda: (
         image.numpy()
         for index, (image, _) in enumerate(pairs.take(max(picked) + 1))
