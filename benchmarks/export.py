@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kseg.backbones import resnet50  # noqa: E402
-from kseg.data import make_synthetic  # noqa: E402
+from kseg.data import make_synthetic, preprocess_images  # noqa: E402
 from kseg.export import (  # noqa: E402
     CLASS_MAP,
     IMAGES,
@@ -43,7 +43,6 @@ from kseg.export import (  # noqa: E402
     export_saved_model,
     export_tflite,
 )
-from kseg.export.saved_model import model_inputs  # noqa: E402
 from kseg.models import PAN  # noqa: E402
 from kseg.training import SegmentationMeanIoU  # noqa: E402
 from kseg.training.recipe import load_recipe  # noqa: E402
@@ -95,10 +94,10 @@ def _measure(name, model, keras_path, size, calibration, val, workdir, args):
         return _mean_iou(val.labels, maps, num_classes)
 
     rows = []
-    as_float = model_inputs(image)
+    as_float = preprocess_images(image)
 
     def keras_class_map(images):
-        return model.predict_on_batch(model_inputs(images))["logits"].argmax(-1)
+        return model.predict_on_batch(preprocess_images(images))["logits"].argmax(-1)
 
     rows.append(
         (

@@ -10,7 +10,7 @@ predict and export.
     kseg data convert --dataset voc --data DIR --split train --out DIR/records/train
     kseg data inspect --dataset voc --data DIR --split val
     kseg predict MODEL.keras images/*.jpg --out masks/
-    kseg export MODEL.keras --name NAME --tflite float16
+    kseg export runs/quickstart/20250101-120000 --name shapes --tflite float16
 
 Every command and option is described by `kseg COMMAND --help`.
 """
@@ -141,9 +141,9 @@ def _build_parser():
     recipes = commands.add_parser(
         "recipes",
         help="list the available recipes",
-        description="List the recipes found in $KSEG_RECIPES and the recipes/ "
-        "folder of the kseg checkout, with their descriptions; or print one "
-        "recipe in full.",
+        description="List the recipes found in $KSEG_RECIPES, the recipes/ "
+        "folder of a kseg checkout and the recipes installed with kseg, with "
+        "their descriptions; or print one recipe in full.",
     )
     recipes.add_argument(
         "name",

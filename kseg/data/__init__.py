@@ -3,6 +3,8 @@ paired augmentation, label checks and palettes.
 
 Every pipeline yields `(image uint8 (H, W, 3), label uint8 (H, W))` pairs whose
 labels are class indices with `IGNORE_LABEL` (255) for ignored pixels.
+`preprocess_images` turns images into the model input (float32 RGB in 0–255),
+the one preprocessing step shared by training, inference and export.
 """
 
 from kseg.data.augment import (
@@ -39,6 +41,7 @@ from kseg.data.palette import (
     voc_colormap,
 )
 from kseg.data.png import decode_index_png, encode_index_png
+from kseg.data.preprocessing import preprocess_images
 from kseg.data.readers import (
     read_ade20k,
     read_cityscapes,
@@ -85,6 +88,7 @@ __all__ = [
     "eval_transform",
     "format_class_histogram",
     "make_synthetic",
+    "preprocess_images",
     "read_ade20k",
     "read_cityscapes",
     "read_folder",

@@ -5,7 +5,8 @@ crop (image with the mean colour, label with `IGNORE_LABEL`), random crop,
 horizontal flip and optional colour jitter. `eval_transform` is the evaluation
 map. Images are resized bilinearly with half-pixel centres (kseg's resize
 convention), labels always with nearest neighbour, so no new label value can
-appear. Both return a float32 image in 0–255 and an int32 label.
+appear. Both start from `preprocess_images` (the model input every kseg
+pipeline shares) and return a float32 image in 0–255 and an int32 label.
 """
 
 import math
@@ -13,6 +14,7 @@ import math
 import tensorflow as tf
 
 from kseg.data.labels import IGNORE_LABEL
+from kseg.data.preprocessing import preprocess_images
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 
@@ -45,7 +47,8 @@ def _mean(mean):
 
 
 def _prepare(image, label):
-    """float32 `(H, W, 3)` image and int32 `(H, W, 1)` label."""
+    """The model-input image (`preprocess_images`: float32 `(H, W, 3)`) and
+    the int32 `(H, W, 1)` label."""
     image = tf.convert_to_tensor(image)
     label = tf.convert_to_tensor(label)
     if image.shape.rank != 3 or image.shape[-1] != 3:
@@ -56,7 +59,7 @@ def _prepare(image, label):
         raise ValueError(
             f"label must have shape (H, W) or (H, W, 1), got {label.shape}"
         )
-    return tf.cast(image, tf.float32), tf.cast(label, tf.int32)[..., None]
+    return preprocess_images(image), tf.cast(label, tf.int32)[..., None]
 
 
 def _pad_to(image, label, height, width, mean):
@@ -119,7 +122,8 @@ def augment(
     >>> ds = ds.map(lambda x, y: augment(x, y, crop_size=48))
 
     Args:
-        image: `(H, W, 3)` tensor, any real or integer dtype, values in 0–255.
+        image: `(H, W, 3)` tensor, any floating or integer dtype, values in
+            0–255.
         label: `(H, W)` or `(H, W, 1)` integer tensor.
         crop_size: int or `(height, width)`. Output size.
         scale_range: `(low, high)` resize factors. Defaults to `(0.5, 2.0)`.

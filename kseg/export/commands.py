@@ -188,9 +188,13 @@ def _tflite_size(args, model, run_recipe, load_recipe):
     if None not in model.input_shape[1:3]:
         return tflite_input_size(model)
     if run_recipe is None:
+        from kseg.training.trainer import RECIPE_FILE
+
         raise ValueError(
-            "TFLite files have a fixed input size: pass --input-size H W (the "
-            f"model takes any size, input shape {model.input_shape})"
+            f"TFLite files have a fixed input size, and {args.model} takes any "
+            f"size (input shape {model.input_shape}): pass --input-size H W "
+            "(e.g. the training crop), or export the `kseg train` run directory "
+            f"instead, whose {RECIPE_FILE} gives data.crop_size"
         )
     size = tuple(load_recipe(run_recipe).data.crop_size)
     print(f"TFLite input size {size[0]}x{size[1]}: data.crop_size of {run_recipe}")

@@ -12,10 +12,11 @@ signatures, both traced with dynamic batch, height and width:
 
 Both return `class_map`, int32 `(N, H, W)` (the arg-max class), and
 `probabilities`, float32 `(N, H, W, num_classes)` (softmax of the logits), at
-the input size. The preprocessing in the graph is the training pipeline's
-(`kseg.data.eval_transform`, `kseg.inference.predict`): the uint8 image cast to
-float32 RGB in 0–255, nothing else — kseg models normalise inside (the
-trainer's `with_input_normalization`). A model built for a fixed input size
+the input size. The preprocessing in the graph is `kseg.data.preprocess_images`,
+the step the training pipeline and `kseg.inference.predict` use too: the
+uint8 image cast to float32 RGB in 0–255, nothing else — kseg models
+normalise inside their encoder (the trainer's `with_input_normalization`).
+A model built for a fixed input size
 gets the image resized to it and its logits resized back (bilinear,
 half-pixel centres: `kseg.layers.common.resize`).
 
@@ -31,7 +32,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from kseg.data import decode_image
+from kseg.data import decode_image, preprocess_images
 from kseg.layers.common import resize
 
 SERVING_SIGNATURE = "serving_default"
@@ -76,19 +77,10 @@ def check_segmentation_model(model):
         )
 
 
-def model_inputs(images):
-    """The model input for uint8 RGB images: float32 in 0–255, unnormalised.
-
-    The same values the training pipeline feeds (`kseg.data.augment` and
-    `eval_transform` cast to float32 and nothing else).
-    """
-    return tf.cast(images, tf.float32)
-
-
 def predict_images(model, images):
     """`{"class_map", "probabilities"}` of uint8 images `(N, H, W, 3)`, at
     the images' size; graph-safe with unknown `N`, `H` and `W`."""
-    inputs = model_inputs(images)
+    inputs = preprocess_images(images)
     model_size = tuple(model.input_shape[1:3])
     if model_size == (None, None) or tuple(images.shape[1:3]) == model_size:
         logits = model(inputs, training=False)["logits"]

@@ -1,8 +1,9 @@
 """Single-image prediction with test-time augmentation and sliding windows.
 
-The model sees exactly what the training pipeline gives it (`kseg.data`'s
-`augment` / `eval_transform`): a float32 RGB image with values in 0–255, no
-normalisation, and padding filled with the training pad colour (`mean`).
+The model sees exactly what the training pipeline gives it: the image goes
+through `kseg.data.preprocess_images` (float32 RGB with values in 0–255, the
+step `augment` / `eval_transform` and the exported graphs share), and
+padding is filled with the training pad colour (`mean`).
 
 Every forward pass is turned into softmax probabilities at the size it ran
 at; test-time augmentation and overlapping windows average those
@@ -19,6 +20,7 @@ import keras
 import numpy as np
 
 from kseg.data.augment import IMAGENET_MEAN
+from kseg.data.preprocessing import preprocess_images
 from kseg.layers.common import resize
 from kseg.models.segmenter import check_positive_int, check_rate
 
@@ -82,7 +84,8 @@ def predict(
             `(N, h, w, 3)` in 0–255 to a dict with `"logits"`
             `(N, h, w, num_classes)` at the input size (kseg's segmenters), or
             to that logits tensor directly.
-        image: array `(H, W, channels)`, uint8 or float, RGB values in 0–255.
+        image: array `(H, W, 3)`, any integer (typically uint8) or floating
+            dtype, RGB values in 0–255.
         scales: sequence of positive floats. Resize factors of the runs.
             Defaults to `(1.0,)`.
         flip: bool. Also run each scale horizontally mirrored. Defaults to
@@ -240,20 +243,12 @@ def _resize(image, size):
 
 
 def _check_image(image):
+    """The model input of one image, as NumPy: `preprocess_images`, shared
+    with the training pipeline and the exported graphs."""
     image = np.asarray(keras.ops.convert_to_numpy(image))
     if image.ndim != 3:
-        raise ValueError(
-            f"image must have shape (height, width, channels), got {image.shape}"
-        )
-    if min(image.shape) < 1:
-        raise ValueError(f"image must not be empty, got shape {image.shape}")
-    if not (
-        np.issubdtype(image.dtype, np.integer)
-        or np.issubdtype(image.dtype, np.floating)
-    ):
-        raise ValueError(f"image must hold integers or floats, got {image.dtype}")
-    # The training pipeline casts its 0–255 images to float32 and nothing else.
-    return image.astype(np.float32)
+        raise ValueError(f"image must have shape (height, width, 3), got {image.shape}")
+    return np.asarray(preprocess_images(image))
 
 
 def _check_scales(scales):

@@ -92,8 +92,12 @@ def test_bad_options(fcn_run, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.keras"):
         args.func(args)
     args = _parse([str(path), "--name", "m", *out, "--tflite", "float32"])
-    with pytest.raises(ValueError, match="fixed input size"):
+    with pytest.raises(ValueError, match="fixed input size") as error:
         args.func(args)
+    # It says what to pass: a size, or the run directory whose recipe has one.
+    assert "pass --input-size H W" in str(error.value)
+    assert "run directory" in str(error.value)
+    assert "data.crop_size" in str(error.value)
     assert not (tmp_path / "m").exists()
     for argv in [
         ["--name", "a/b"],
@@ -107,7 +111,7 @@ def test_bad_options(fcn_run, tmp_path):
             _parse([str(path), *argv])
 
 
-def test_kseg_command_line_reports_errors(tmp_path, capsys):
+def test_kseg_command_line_reports_errors(fcn_run, tmp_path, capsys):
     from kseg.cli import main
 
     missing = tmp_path / "missing.keras"
@@ -115,6 +119,12 @@ def test_kseg_command_line_reports_errors(tmp_path, capsys):
     assert f"kseg export: error: model file not found: {missing}" in (
         capsys.readouterr().err
     )
+    # A loose .keras file of a model that takes any size has no TFLite size.
+    loose = tmp_path / "loose.keras"
+    loose.write_bytes((fcn_run[0] / "model.keras").read_bytes())
+    out = ["--out", str(tmp_path)]
+    assert main(["export", str(loose), "--name", "m", *out, "--tflite", "float16"]) == 1
+    assert "pass --input-size H W" in capsys.readouterr().err
 
 
 def test_calibration_from_a_folder(tmp_path):

@@ -268,38 +268,106 @@ def test_tf1_session_loading(pan_model, pan_saved_model):
     np.testing.assert_allclose(outputs[PROBABILITIES], probabilities, atol=1e-4)
 
 
+def _signature_metadata(model_dir, version_dir):
+    """The `GetModelMetadataResponse` TF Serving would answer for the export,
+    serialized and read back as a client does: the SignatureDefs stored in
+    `saved_model.pb` (what `saved_model_cli show` prints), in a
+    `SignatureDefMap` packed into the response's `signature_def` entry."""
+    from tensorflow.core.protobuf import saved_model_pb2
+    from tensorflow_serving.apis import get_model_metadata_pb2
+
+    saved_model = saved_model_pb2.SavedModel.FromString(
+        (version_dir / "saved_model.pb").read_bytes()
+    )
+    (meta_graph,) = saved_model.meta_graphs
+    signature_map = get_model_metadata_pb2.SignatureDefMap()
+    for name, signature in meta_graph.signature_def.items():
+        signature_map.signature_def[name].CopyFrom(signature)
+    response = get_model_metadata_pb2.GetModelMetadataResponse()
+    response.model_spec.name = model_dir.name
+    response.model_spec.version.value = int(version_dir.name)
+    response.metadata["signature_def"].Pack(signature_map)
+
+    received = get_model_metadata_pb2.GetModelMetadataResponse.FromString(
+        response.SerializeToString()
+    )
+    signatures = get_model_metadata_pb2.SignatureDefMap()
+    assert received.metadata["signature_def"].Unpack(signatures)
+    return received.model_spec, signatures.signature_def
+
+
+def _fits(tensor_info, proto):
+    """Whether a `TensorProto` has the dtype of a signature's `TensorInfo`
+    and a shape its (partly unknown, -1) shape admits."""
+    want = [dim.size for dim in tensor_info.tensor_shape.dim]
+    got = [dim.size for dim in proto.tensor_shape.dim]
+    return (
+        proto.dtype == tensor_info.dtype
+        and not tensor_info.tensor_shape.unknown_rank
+        and len(got) == len(want)
+        and all(w in (-1, g) for w, g in zip(want, got, strict=True))
+    )
+
+
 def test_grpc_predict_request_fits_the_signatures(pan_saved_model, pan_loaded):
-    """Builds TF Serving `PredictRequest`s (tensorflow-serving-api) and checks
-    every input's name, dtype and shape against the exported signatures, then
-    runs the request's tensors through the SavedModel."""
-    predict_pb2 = pytest.importorskip("tensorflow_serving.apis.predict_pb2")
+    """Builds TF Serving `PredictRequest`s (tensorflow-serving-api, a test
+    dependency) from the exported signature metadata with
+    `tf.make_tensor_proto`, checks every input's name, dtype and shape
+    against the SignatureDefs, then runs the request's tensors through the
+    SavedModel. No server: the request is checked as TF Serving checks it."""
+    from tensorflow_serving.apis import predict_pb2
+
     model_dir, version_dir = pan_saved_model
+    model_spec, signatures = _signature_metadata(model_dir, version_dir)
+    assert set(signatures) >= {SERVING_SIGNATURE, BYTES_SIGNATURE}
+
+    default = signatures[SERVING_SIGNATURE]
+    assert default.method_name == "tensorflow/serving/predict"
+    assert list(default.inputs) == [IMAGES]
+    images_info = default.inputs[IMAGES]
+    assert images_info.dtype == tf.uint8.as_datatype_enum
+    assert [d.size for d in images_info.tensor_shape.dim] == [-1, -1, -1, 3]
+    assert set(default.outputs) == {CLASS_MAP, PROBABILITIES}
+    assert default.outputs[CLASS_MAP].dtype == tf.int32.as_datatype_enum
+    assert default.outputs[PROBABILITIES].dtype == tf.float32.as_datatype_enum
+    # The check is not vacuous: float pixels or a missing channel axis do
+    # not fit the uint8 (N, H, W, 3) input.
     images = _images((2, 30, 20, 3), seed=4)
+    assert not _fits(images_info, tf.make_tensor_proto(images.astype(np.float32)))
+    assert not _fits(images_info, tf.make_tensor_proto(images[..., 0]))
+
     encoded = [tf.io.encode_png(image).numpy() for image in images]
-    for signature_name, inputs in [
+    for signature_name, values in [
         (SERVING_SIGNATURE, {IMAGES: images}),
         (BYTES_SIGNATURE, {IMAGE_BYTES: encoded}),
     ]:
+        signature = signatures[signature_name]
+        assert set(signature.inputs) == set(values)
         request = predict_pb2.PredictRequest()
-        request.model_spec.name = model_dir.name
+        request.model_spec.name = model_spec.name
         request.model_spec.signature_name = signature_name
-        request.model_spec.version.value = int(version_dir.name)
-        for key, value in inputs.items():
-            request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+        request.model_spec.version.value = model_spec.version.value
+        for key, info in signature.inputs.items():
+            request.inputs[key].CopyFrom(tf.make_tensor_proto(values[key]))
+            assert _fits(info, request.inputs[key]), key
+        request.output_filter.extend(signature.outputs)
         # What TF Serving receives: the serialized request.
         request = predict_pb2.PredictRequest.FromString(request.SerializeToString())
+        assert request.model_spec.name == model_dir.name
+        assert request.model_spec.version.value == int(version_dir.name)
 
         function = pan_loaded.signatures[request.model_spec.signature_name]
-        specs = function.structured_input_signature[1]
-        assert set(request.inputs) == set(specs)
-        feeds = {}
-        for key, proto in request.inputs.items():
-            assert tf.dtypes.as_dtype(proto.dtype) == specs[key].dtype
-            shape = tf.TensorShape([dim.size for dim in proto.tensor_shape.dim])
-            assert specs[key].shape.is_compatible_with(shape)
-            feeds[key] = tf.constant(tf.make_ndarray(proto))
-        outputs = function(**feeds)
+        outputs = function(
+            **{
+                key: tf.constant(tf.make_ndarray(proto))
+                for key, proto in request.inputs.items()
+            }
+        )
+        assert set(outputs) == set(request.output_filter)
+        for key, output in outputs.items():
+            assert output.dtype.as_datatype_enum == signature.outputs[key].dtype
         assert outputs[CLASS_MAP].shape == (2, 30, 20)
+        assert outputs[PROBABILITIES].shape == (2, 30, 20, NUM_CLASSES)
 
 
 def test_versions_are_never_overwritten(pan_model, pan_saved_model):

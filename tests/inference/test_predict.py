@@ -291,10 +291,12 @@ def test_model_returning_a_tensor():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(image=np.zeros((4, 4))), "image must have shape"),
-        (dict(image=np.zeros((0, 4, 3))), "image must not be empty"),
+        (dict(image=np.zeros((4, 4))), r"image must have shape \(height, width, 3\)"),
+        (dict(image=np.zeros((2, 4, 4, 3))), "image must have shape"),
+        (dict(image=np.zeros((0, 4, 3))), "images must not be empty"),
         (dict(image=np.zeros((4, 4, 3), bool)), "integers or floats"),
-        (dict(image=np.zeros((4, 4, 1))), "mean must have one value"),
+        (dict(image=np.zeros((4, 4, 1))), "3 channels"),
+        (dict(mean=(1.0, 2.0)), "mean must have one value"),
         (dict(scales=()), "scales"),
         (dict(scales=(1.0, 0.0)), "scales"),
         (dict(scales="big"), "scales"),
