@@ -2,7 +2,9 @@
 
 A recipe holds every hyperparameter of one training run in one place, with
 the papers' values (TF Model Garden's `seg_deeplabv3_pascal` pattern). Files
-live in `recipes/` and are named like mmsegmentation's configs,
+live in the repository's `recipes/` folder (installed with kseg as the
+package `kseg.recipes`, see `recipe_dirs`) and are named like mmsegmentation's
+configs,
 `<model>_<backbone>_<devices>xb<batch per device>-<dataset>-<crop>.yaml`, e.g.
 `pan_r101-os16_4xb4-voc-512.yaml`; a recipe's name is its file stem.
 
@@ -20,6 +22,7 @@ Example:
 
 import dataclasses
 import difflib
+import importlib.util
 import inspect
 import os
 import re
@@ -56,6 +59,10 @@ OPTIMIZERS = ("sgd", "adamw")
 
 RECIPES_ENV = "KSEG_RECIPES"
 RECIPE_SUFFIX = ".yaml"
+# The repository's recipe folder, present when kseg runs from a checkout.
+CHECKOUT_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+# The same folder inside an installed wheel (setup.cfg `package_dir`).
+RECIPES_PACKAGE = "kseg.recipes"
 
 
 class RecipeError(ValueError):
@@ -639,11 +646,30 @@ def recipe_dirs():
     """Directories searched for recipe files, in order.
 
     `$KSEG_RECIPES` (paths joined by the OS path separator) first, then the
-    `recipes/` folder of the source checkout kseg is imported from.
+    `recipes/` folder of the source checkout kseg is imported from (a clone,
+    an editable install), then the recipes installed with kseg: the package
+    `kseg.recipes`, which is that same `recipes/` folder shipped in the wheel
+    (setup.cfg maps it). Missing directories are left out, and a directory
+    reached twice (an editable install maps `kseg.recipes` to the checkout's
+    folder) is listed once.
     """
     dirs = [Path(p) for p in os.environ.get(RECIPES_ENV, "").split(os.pathsep) if p]
-    dirs.append(Path(__file__).resolve().parents[2] / "recipes")
-    return [d for d in dirs if d.is_dir()]
+    dirs.append(CHECKOUT_RECIPES)
+    dirs.extend(_installed_recipe_dirs())
+    unique = {}
+    for directory in dirs:
+        if directory.is_dir():
+            unique.setdefault(directory.resolve(), directory)
+    return list(unique.values())
+
+
+def _installed_recipe_dirs():
+    """The folders of the `kseg.recipes` package (data only, no
+    `__init__.py`), found without importing anything."""
+    spec = importlib.util.find_spec(RECIPES_PACKAGE)
+    if spec is None or spec.submodule_search_locations is None:
+        return []
+    return [Path(location) for location in spec.submodule_search_locations]
 
 
 def list_recipes():
