@@ -1,8 +1,10 @@
 """Encoders: the ResNet family (ResNet, ResNeXt, SE-ResNeXt, ExFuse's layer
 rearrangement), `keras.applications` pretrained ResNets and ExFuse's
 semantic supervision pretraining. Every encoder maps images to the dict
-`{"res2", "res3", "res4", "res5"}` of stage features."""
+`{"res2", "res3", "res4", "res5"}` of stage features; `prepend_normalization`
+puts input normalization inside an encoder."""
 
+from kseg.backbones.normalization import prepend_normalization
 from kseg.backbones.pretrained import (
     build_pretrained_resnet,
     pretrained_feature_layers,
@@ -39,6 +41,7 @@ __all__ = [
     "count_multiply_adds",
     "exfuse_resnext101_rearranged",
     "pan_resnet101",
+    "prepend_normalization",
     "pretrained_feature_layers",
     "resnet50",
     "resnet101",

@@ -56,7 +56,10 @@ class PredictedMasks(keras.callbacks.Callback):
 
     def panels(self):
         """uint8 `(N, H, 3·W, 3)`: image | ground truth | prediction."""
-        outputs = self.model.predict_on_batch(self.images)
+        # A plain call, not `predict_on_batch`: under a multi-worker strategy
+        # that gathers the outputs with a collective op which only the chief
+        # (the one worker that logs) would join.
+        outputs = self.model(self.images, training=False)
         logits = outputs[self.output] if isinstance(outputs, dict) else outputs
         predictions = np.argmax(np.asarray(logits), axis=-1)
         image = np.clip(np.round(self.images), 0, 255).astype("uint8")

@@ -1,6 +1,7 @@
 """The one place that builds a `tf.distribute` strategy, and the helpers that
 depend on which worker this process is."""
 
+import contextlib
 import json
 import os
 
@@ -89,3 +90,103 @@ def set_synchronized_batch_norm(model, synchronized):
             layer.synchronized = bool(synchronized)
             count += 1
     return count
+
+
+# Keras releases whose `model.fit` needs `multi_worker_fit`; raise the bound
+# only after `test_multi_worker_training_on_two_local_workers` passes
+# without the workaround on the newer release.
+_MULTI_WORKER_FIT_BROKEN_BEFORE = (3, 16)
+
+
+def is_multi_worker(strategy):
+    """Whether `strategy` spans several worker processes, whose collective
+    ops every worker must join in the same order."""
+    return (
+        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        and strategy.extended._in_multi_worker_mode()
+    )
+
+
+def _local_batch(strategy, batch):
+    """The first local replica's part of a distributed batch."""
+    return tf.nest.map_structure(
+        lambda value: strategy.experimental_local_results(value)[0], batch
+    )
+
+
+@contextlib.contextmanager
+def multi_worker_fit(strategy):
+    """Lets `model.fit` (and its validation) train under a multi-worker
+    `MultiWorkerMirroredStrategy` on the Keras releases that cannot.
+
+    Keras 3.15's TensorFlow trainer (`keras/src/backend/tensorflow/
+    trainer.py`) fails there twice:
+
+    - `TensorFlowTrainer._maybe_symbolic_build` calls
+      `strategy.reduce("MEAN", batch, axis=None)` on the first distributed
+      batch, only to learn its shapes; the collective reduce of
+      `MultiWorkerMirroredStrategy` takes one tensor, not the nested
+      `(images, {output: labels})` batch. Here the model is built from the
+      first local replica's part of the batch, which has the same shapes.
+    - `reduce_per_replica(..., reduction="auto")`, which reduces the logs
+      of every train and test step, calls `strategy.reduce("MEAN", value,
+      axis=0)` across workers, which fails on the scalar losses and metrics.
+      Here it reduces with `axis=None` instead: the element-wise mean over
+      all replicas of all workers, what `"mean"` means under
+      `MirroredStrategy`. (`Model.distribute_reduction_method` would not
+      help: the trainer does not read it.)
+
+    So the logs of each step are the mean of the replicas' values, as under
+    `MirroredStrategy`; the epoch logs Keras reads from the metric variables,
+    which sum over the replicas of all workers (the mIoU of the summed
+    confusion matrix).
+
+    Outside multi-worker mode, and on Keras releases without the bugs, this
+    changes nothing. The patch holds only while the context is open; the
+    train and test functions traced inside it keep their reductions.
+
+    Example:
+    >>> with multi_worker_fit(model.distribute_strategy):
+    ...     model.fit(dataset, epochs=2)
+
+    Args:
+        strategy: the `tf.distribute.Strategy` the model was built under.
+    """
+    version = tuple(int(part) for part in keras.version().split(".")[:2])
+    if not is_multi_worker(strategy) or version >= _MULTI_WORKER_FIT_BROKEN_BEFORE:
+        yield
+        return
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    trainer_class = tf_trainer.TensorFlowTrainer
+    reduce_per_replica = tf_trainer.reduce_per_replica
+    maybe_symbolic_build = trainer_class._maybe_symbolic_build
+
+    def reduce_across_workers(values, strategy, reduction):
+        if reduction not in ("auto", "mean") or not is_multi_worker(strategy):
+            return reduce_per_replica(values, strategy, reduction)
+        return keras.tree.map_structure(
+            lambda value: strategy.reduce("MEAN", value, axis=None), values
+        )
+
+    def build_from_local_batch(model, iterator=None, data_batch=None):
+        strategy = model.distribute_strategy
+        if (
+            iterator is None
+            or model._distribute_strategy is None
+            or not is_multi_worker(strategy)
+        ):
+            return maybe_symbolic_build(model, iterator, data_batch)
+        for _, _, batches in iterator:
+            data_batch = _local_batch(strategy, next(batches))
+            break
+        with strategy.scope():
+            model._symbolic_build(data_batch=data_batch)
+
+    tf_trainer.reduce_per_replica = reduce_across_workers
+    trainer_class._maybe_symbolic_build = build_from_local_batch
+    try:
+        yield
+    finally:
+        tf_trainer.reduce_per_replica = reduce_per_replica
+        trainer_class._maybe_symbolic_build = maybe_symbolic_build

@@ -26,6 +26,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kseg.backbones import prepend_normalization
 from kseg.data import (
     ADE20K_CLASSES,
     ADE20K_PALETTE,
@@ -67,6 +68,7 @@ from kseg.training.schedules import PolyWarmup
 from kseg.training.strategy import (
     build_strategy,
     is_chief,
+    multi_worker_fit,
     set_synchronized_batch_norm,
     worker_index,
 )
@@ -302,19 +304,19 @@ def eval_pipeline(pairs, evaluation, outputs=None):
 
 
 def with_input_normalization(backbone):
-    """Wraps `backbone` so it takes RGB images in 0–255.
+    """`backbone` taking RGB images in 0–255 (`kseg.data.preprocess_images`).
 
-    A `Normalization` layer with the ImageNet mean and standard deviation
-    goes in front, inside the model, so a saved model needs no separate
-    preprocessing.
+    A `Normalization` layer `imagenet_normalization` with the ImageNet mean
+    and standard deviation becomes the encoder's first layer
+    (`kseg.backbones.prepend_normalization`): inside the model, so a saved
+    model needs no separate preprocessing, and inside the encoder, so
+    `model.backbone` stays the encoder `kseg.backbones` built (same name,
+    layers and weights; ExFuse's `load_semantic_supervision_weights` and
+    encoder weight files load into it).
     """
-    inputs = keras.Input(shape=backbone.input_shape[1:], name="images")
-    normalized = keras.layers.Normalization(
-        mean=IMAGENET_MEAN,
-        variance=np.square(IMAGENET_STD),
-        name="imagenet_normalization",
-    )(inputs)
-    return keras.Model(inputs, backbone(normalized), name=f"{backbone.name}_rgb")
+    return prepend_normalization(
+        backbone, IMAGENET_MEAN, IMAGENET_STD, name="imagenet_normalization"
+    )
 
 
 def build_model(recipe, num_classes):
@@ -669,17 +671,18 @@ def _fit_and_evaluate(
         )
     callbacks.extend(extra_callbacks)
 
-    history = model.fit(
-        train_batches,
-        epochs=train_config.epochs,
-        steps_per_epoch=steps,
-        validation_data=val_batches,
-        validation_freq=train_config.validation_freq,
-        callbacks=callbacks,
-        # The pipeline shuffles; Keras cannot shuffle a tf.data.Dataset.
-        shuffle=False,
-        verbose=verbose,
-    )
+    with multi_worker_fit(strategy):
+        history = model.fit(
+            train_batches,
+            epochs=train_config.epochs,
+            steps_per_epoch=steps,
+            validation_data=val_batches,
+            validation_freq=train_config.validation_freq,
+            callbacks=callbacks,
+            # The pipeline shuffles; Keras cannot shuffle a tf.data.Dataset.
+            shuffle=False,
+            verbose=verbose,
+        )
     steps_done = int(model.optimizer.iterations.numpy())
     train_seconds = time.perf_counter() - started
 

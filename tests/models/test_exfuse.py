@@ -9,6 +9,7 @@ from absl.testing import parameterized
 from kseg.backbones import (
     build_resnet,
     build_semantic_supervision_pretrainer,
+    prepend_normalization,
     semantic_supervision_features,
 )
 from kseg.layers.common import ConvBNReLU, resize_like
@@ -321,6 +322,41 @@ class ExFuseTest(TestCase):
             narrow.load_semantic_supervision_weights(pretrainer)
         with pytest.raises(ValueError, match="semantic_supervision=True"):
             tiny_exfuse().load_semantic_supervision_weights(pretrainer)
+
+    def test_semantic_supervision_weights_into_a_normalized_encoder(self):
+        # As the trainer builds models: normalization inside the encoder.
+        # Pretrained on a bare encoder or on a normalized one, the weights
+        # land in the model's encoder and the features match.
+        mean, std = (120.0, 110.0, 100.0), (60.0, 50.0, 40.0)
+        model = ExFuse(
+            prepend_normalization(build_tiny_backbone(), mean, std),
+            NUM_CLASSES,
+            kernel_size=KERNEL_SIZE,
+            **SS,
+        )
+        self.assertEqual(model.backbone.name, "resnet")
+        self.assertEqual(model.backbone.layers[1].name, "input_normalization")
+        images = random_images((1, 32, 32, 3)) * 255.0
+        for normalized in (False, True):
+            encoder = build_tiny_backbone()
+            if normalized:
+                encoder = prepend_normalization(encoder, mean, std)
+            pretrainer, _ = build_semantic_supervision_pretrainer(encoder, 5)
+            model.load_semantic_supervision_weights(pretrainer)
+            pretrained = semantic_supervision_features(pretrainer)
+            probe = keras.Model(
+                model.input,
+                {s: model.get_layer(f"ss_{s}_conv2").output for s in STAGES},
+            )
+            inputs = images
+            if not normalized:
+                inputs = (images - np.array(mean, "float32")) / np.array(std, "float32")
+            expected = pretrained(inputs, training=False)
+            got = probe(images, training=False)
+            for stage in STAGES:
+                np.testing.assert_allclose(
+                    to_numpy(got[stage]), to_numpy(expected[stage]), atol=1e-5
+                )
 
     def test_bad_options(self):
         backbone = tiny_backbone()

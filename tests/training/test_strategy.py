@@ -11,6 +11,8 @@ from kseg.models import PAN
 from kseg.training.strategy import (
     build_strategy,
     is_chief,
+    is_multi_worker,
+    multi_worker_fit,
     set_synchronized_batch_norm,
     worker_index,
 )
@@ -22,6 +24,24 @@ def test_one_device_and_mirrored_strategies(monkeypatch):
     mirrored = build_strategy("mirrored")
     assert isinstance(mirrored, tf.distribute.MirroredStrategy)
     assert mirrored.num_replicas_in_sync == len(tf.config.list_logical_devices("CPU"))
+
+
+def test_multi_worker_fit_leaves_keras_alone_in_a_single_process(monkeypatch):
+    # The patched reductions are exercised by the slow two-worker test of
+    # tests/training/test_trainer.py; here, none is installed.
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    reduce_per_replica = tf_trainer.reduce_per_replica
+    symbolic_build = tf_trainer.TensorFlowTrainer._maybe_symbolic_build
+    for name in ("one_device", "mirrored"):
+        strategy = build_strategy(name)
+        assert not is_multi_worker(strategy)
+        with multi_worker_fit(strategy):
+            assert tf_trainer.reduce_per_replica is reduce_per_replica
+            assert tf_trainer.TensorFlowTrainer._maybe_symbolic_build is (
+                symbolic_build
+            )
 
 
 def test_bad_strategy_names_and_missing_tf_config(monkeypatch):

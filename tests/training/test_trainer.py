@@ -112,6 +112,63 @@ def test_built_model_takes_0_255_images_and_normalizes_inside():
     assert logits.shape == (2, 32, 32, 6)
 
 
+def test_input_normalization_keeps_the_recipe_encoder_as_model_backbone(tmp_path):
+    """The normalization is the first layer of the encoder, not a wrapper
+    around it: `model.backbone` is the encoder `kseg.backbones` built, so a
+    semantic supervision pretrainer of that encoder (pretrained on the same
+    normalized images, saved and reloaded) loads into a recipe-built ExFuse,
+    and so does an encoder weights file."""
+    from kseg.backbones import (
+        build_semantic_supervision_pretrainer,
+        semantic_supervision_features,
+    )
+    from kseg.training.recipe import BACKBONE_BUILDERS
+    from kseg.training.trainer import load_model, with_input_normalization
+
+    recipe = tiny_recipe(
+        "model.name=exfuse",
+        "model.kwargs={semantic_supervision: true, kernel_size: 3}",
+        "backbone.kwargs.output_stride=32",
+    )
+    model = build_model(recipe, 6)
+    backbone = model.backbone
+    assert backbone.name == "resnet"
+    assert [layer.name for layer in backbone.layers[:3]] == [
+        "image",
+        "imagenet_normalization",
+        "stem_conv_pad",
+    ]
+    assert not any(isinstance(layer, keras.Model) for layer in backbone.layers)
+
+    def recipe_encoder(seed):
+        keras.utils.set_random_seed(seed)
+        builder = BACKBONE_BUILDERS[recipe.backbone.name]
+        return builder(**recipe.backbone.kwargs)
+
+    pretrainer, _ = build_semantic_supervision_pretrainer(
+        with_input_normalization(recipe_encoder(1)), 10
+    )
+    pretrainer.save(tmp_path / "pretrainer.keras")
+    pretrainer = load_model(tmp_path / "pretrainer.keras")
+    model.load_semantic_supervision_weights(pretrainer)
+    images = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3))
+    images = images.astype("float32")
+    expected = semantic_supervision_features(pretrainer)(images, training=False)
+    probe = keras.Model(
+        model.input,
+        {s: model.get_layer(f"ss_{s}_conv2").output for s in ("res2", "res5")},
+    )
+    got = probe(images, training=False)
+    for stage in got:
+        np.testing.assert_allclose(got[stage], expected[stage], atol=1e-5)
+
+    encoder = recipe_encoder(2)
+    encoder.save_weights(tmp_path / "encoder.weights.h5")
+    backbone.load_weights(tmp_path / "encoder.weights.h5")
+    for got, want in zip(backbone.get_weights(), encoder.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_compile_names_missing_and_unknown_auxiliary_outputs():
     recipe = tiny_recipe()
     model = build_model(recipe, 6)
@@ -346,12 +403,6 @@ def _kseg(*args):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="Keras 3.15 fit under MultiWorkerMirroredStrategy: "
-    "_maybe_symbolic_build cannot strategy.reduce a nested batch, and "
-    "reduce_per_replica reduces the scalar logs with axis=0",
-)
 def test_multi_worker_training_on_two_local_workers(tmp_path):
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
@@ -361,6 +412,9 @@ def test_multi_worker_training_on_two_local_workers(tmp_path):
         "train.strategy=multi_worker",
         "train.epochs=2",
         "train.steps_per_epoch=2",
+        # Unsynchronized BN lets each worker's moving statistics follow its
+        # own half of the batch, so the workers' final models would differ.
+        "train.synchronized_bn=true",
     ]
     command = _kseg(
         "train",
@@ -382,16 +436,50 @@ def test_multi_worker_training_on_two_local_workers(tmp_path):
                 text=True,
             )
         )
-    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    try:
+        outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
     for worker, output in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, output[-3000:]
     assert "2 replica(s) × 2" in outputs[0]
-    for directory in (run, run / "worker-1"):
-        result = json.loads((directory / "result.json").read_text())
-        assert result["steps"] == 4
+    # The chief writes the run directory, worker 1 a subdirectory of it.
+    directories = (run, run / "worker-1")
+    results, records = [], []
+    for directory in directories:
+        assert (directory / RECIPE_FILE).is_file()
         assert (directory / MODEL_FILE).is_file()
-    assert json.loads((run / "result.json").read_text())["chief"] is True
-    assert json.loads((run / "worker-1" / "result.json").read_text())["chief"] is False
+        assert (directory / "checkpoints" / "last.keras").is_file()
+        # BackupAndRestore deletes its backup when training completes.
+        assert not (directory / "backup").exists()
+        results.append(json.loads((directory / "result.json").read_text()))
+        records.append(
+            [json.loads(line) for line in (directory / "epochs.jsonl").open()]
+        )
+    assert [r["chief"] for r in results] == [True, False]
+    assert [r["steps"] for r in results] == [4, 4]
+    # The chief alone logs the predicted masks, without a cross-worker step.
+    assert any((run / "logs" / "masks").rglob("events.out.tfevents.*"))
+    assert not (run / "worker-1" / "logs" / "masks").exists()
+    for worker_records in records:
+        assert [r["epoch"] for r in worker_records] == [1, 2]
+        assert [r["step"] for r in worker_records] == [2, 4]
+    # Each worker trains and validates on its own half of every batch, yet
+    # both log the same loss and mIoU: the values reduced across workers.
+    keys = ("loss", "mean_iou", "val_loss", "val_mean_iou")
+    for chief_record, worker_record in zip(*records, strict=True):
+        for key in keys:
+            assert worker_record[key] == pytest.approx(chief_record[key], rel=1e-6)
+    # The last validation ran each worker on half of the 4 images; its mIoU
+    # is that of all 4 (the evaluation after training, same weights) because
+    # the confusion matrices are summed across workers.
+    assert records[0][-1]["val_mean_iou"] == pytest.approx(
+        results[0]["mean_iou"], rel=1e-5
+    )
+    # Synchronized weights: both workers' models evaluate alike.
+    assert results[1]["mean_iou"] == pytest.approx(results[0]["mean_iou"], rel=1e-6)
 
 
 _HANGING_SCRIPT = """

@@ -299,7 +299,9 @@ class ExFuse(Segmenter):
                 `kseg.backbones.build_semantic_supervision_pretrainer` (or
                 its `.keras` reload), built on an encoder like this model's
                 backbone and with `head_filters` equal to
-                `semantic_supervision_filters`.
+                `semantic_supervision_filters`. Either encoder may carry
+                `kseg.backbones.prepend_normalization` (the trainer's input
+                normalization): it has no weights.
         """
         if not self.semantic_supervision:
             raise ValueError(
