@@ -20,6 +20,12 @@ _SCAN_BLOCK = 8
 # Axes up to this length take one plain cumsum: still cheap, and fewer ops
 # keep eager JAX (one compilation per op and shape) fast on small images.
 _PLAIN_SCAN_MAX = 32
+# TensorFlow's Cumsum kernel runs at ~20 ns per element on CPU (8× an add):
+# on the TensorFlow backend the scans' blocks are products with a triangular
+# matrix instead, 5× faster per scan at 128×128×84 and 512×512×21 (graph
+# mode; the guidance CRF of SegModel-R50 at 512², 128×128×21 with three
+# iterations, drops from ~375 to ~75 ms).
+_MATMUL_SCAN_BLOCK = 16
 
 
 def _check_positive_int(value, what):
@@ -69,29 +75,55 @@ def _index(x, axis, index):
     return x[(slice(None),) * axis + (index,)]
 
 
-def _cumsum(x, axis):
-    """Inclusive cumulative sum of NHWC `x` along `axis` (1 or 2).
+def _on_tensorflow():
+    return keras.config.backend() == "tensorflow"
 
-    With a static length above `_PLAIN_SCAN_MAX` the axis is split into
-    blocks: a cumsum inside each block plus the (recursive, exclusive) cumsum
-    of the block totals. Same result, linear cost under XLA (see
-    `_SCAN_BLOCK`).
+
+def _matmul_cumsum(x, axis):
+    """Inclusive cumulative sum of `x` along `axis` (static length) as one
+    product with a lower-triangular matrix of ones: `length` multiply-adds per
+    element, no transposes (the axes before `axis` become the batch, the ones
+    after it the columns)."""
+    length = x.shape[axis]
+    dims = ops.shape(x)
+    columns = 1
+    for dim in dims[axis + 1 :]:
+        columns = columns * dim
+    lower = ops.convert_to_tensor(np.tril(np.ones((length, length))), dtype=x.dtype)
+    flat = ops.reshape(x, (-1, length, columns))
+    return ops.reshape(ops.matmul(lower, flat), dims)
+
+
+def _cumsum(x, axis):
+    """Inclusive cumulative sum of `x` along `axis`.
+
+    With a static length the axis is split into blocks: a cumsum inside each
+    block plus the (recursive, exclusive) cumsum of the block totals. Same
+    result, linear cost under XLA (see `_SCAN_BLOCK`); on the TensorFlow
+    backend the in-block sums are triangular matrix products (see
+    `_MATMUL_SCAN_BLOCK`).
     """
     length = x.shape[axis]
-    if length is None or length <= _PLAIN_SCAN_MAX:
+    if length is None:
         return ops.cumsum(x, axis=axis)
-    pad = -length % _SCAN_BLOCK
+    matmul = _on_tensorflow()
+    block = _MATMUL_SCAN_BLOCK if matmul else _SCAN_BLOCK
+    if length <= (2 * _MATMUL_SCAN_BLOCK if matmul else _PLAIN_SCAN_MAX):
+        return _matmul_cumsum(x, axis) if matmul else ops.cumsum(x, axis=axis)
+    pad = -length % block
     if pad:
-        widths = [(0, 0)] * 4
+        widths = [(0, 0)] * len(x.shape)
         widths[axis] = (0, pad)
         x = ops.pad(x, widths)
     dims = list(ops.shape(x))
     dims[0] = -1
-    blocks = (length + pad) // _SCAN_BLOCK
-    inner = ops.cumsum(
-        ops.reshape(x, (*dims[:axis], blocks, _SCAN_BLOCK, *dims[axis + 1 :])),
-        axis=axis + 1,
+    blocked = ops.reshape(
+        x, (*dims[:axis], (length + pad) // block, block, *dims[axis + 1 :])
     )
+    if matmul:
+        inner = _matmul_cumsum(blocked, axis + 1)
+    else:
+        inner = ops.cumsum(blocked, axis=axis + 1)
     totals = _index(inner, axis + 1, -1)
     offsets = _cumsum(totals, axis) - totals
     out = ops.reshape(inner + ops.expand_dims(offsets, axis + 1), dims)

@@ -140,7 +140,8 @@ def test_int8_follows_keras(pan_model, pan_tflite, synthetic_val):
 
 def test_guidance_crf_converts_with_builtins(synthetic_train, synthetic_val):
     """A head with SegModel's guidance CRF at ¼ resolution (cumsum box
-    filters, softmax, element-wise ops) converts to builtins and matches; in
+    filters — triangular matrix products on TensorFlow —, softmax,
+    element-wise ops) converts to builtins and matches; in
     the int8 file the CRF stays float32 (as under mixed precision) while the
     convolutions are int8."""
     from ai_edge_litert.schema_py_generated import TensorType
@@ -162,13 +163,13 @@ def test_guidance_crf_converts_with_builtins(synthetic_train, synthetic_val):
             model, SIZE, quantization, synthetic_train.images
         )
         names = operator_names(flatbuffer)
-        assert {"CUMSUM", "SOFTMAX", "DIV"} <= set(names)
+        assert {"BATCH_MATMUL", "SOFTMAX", "DIV"} <= set(names)
         assert not [n for n in names if n.startswith("CUSTOM")]
         outputs = TFLiteSegmenter(flatbuffer)(synthetic_val.images)
         assert np.mean(outputs[CLASS_MAP] == expected) >= 0.99, quantization
     assert set(_tensor_types(flatbuffer, "CONV_2D")) == {TensorType.INT8}
     assert set(_tensor_types(flatbuffer, "DIV")) == {TensorType.FLOAT32}
-    assert set(_tensor_types(flatbuffer, "CUMSUM")) == {TensorType.FLOAT32}
+    assert set(_tensor_types(flatbuffer, "BATCH_MATMUL")) == {TensorType.FLOAT32}
 
 
 def test_roi_align_converts_with_builtins():

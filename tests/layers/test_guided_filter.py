@@ -421,3 +421,17 @@ class GuidanceCRFTest(TestCase):
             GuidanceCRF(3).build([(8, 8, 3), (1, 8, 8, 3)])
         with pytest.raises(ValueError, match="too large"):
             GuidanceCRF(3, radius=3).build([(1, 6, 8, 3), (1, 6, 8, 3)])
+
+
+@pytest.mark.parametrize("length", [1, 7, 32, 33, 70, 600])
+@pytest.mark.parametrize("axis", [1, 2])
+def test_blocked_cumulative_sum_matches_numpy(length, axis):
+    # The box sums' scan: plain, blocked with padding, and blocked twice over
+    # (600 = 38 blocks of 16 on TensorFlow, 75 of 8 elsewhere).
+    from kseg.layers.guided_filter import _cumsum
+
+    shape = [2, 3, 3, 2]
+    shape[axis] = length
+    x = np.random.default_rng(length).normal(size=shape).astype("float32")
+    got = keras.ops.convert_to_numpy(_cumsum(keras.ops.convert_to_tensor(x), axis))
+    np.testing.assert_allclose(got, np.cumsum(x.astype("float64"), axis), atol=2e-5)
