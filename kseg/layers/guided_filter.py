@@ -21,8 +21,8 @@ _SCAN_BLOCK = 8
 # keep eager JAX (one compilation per op and shape) fast on small images.
 _PLAIN_SCAN_MAX = 32
 # TensorFlow's Cumsum kernel runs at ~20 ns per element on CPU (8× an add):
-# on the TensorFlow backend the scans' blocks are products with a triangular
-# matrix instead, 5× faster per scan at 128×128×84 and 512×512×21 (graph
+# on the TensorFlow backend outside XLA the scans' blocks are products with a
+# triangular matrix instead, 5× faster per scan at 128×128×84 and 512×512×21 (graph
 # mode; the guidance CRF of SegModel-R50 at 512², 128×128×21 with three
 # iterations, drops from ~375 to ~75 ms).
 _MATMUL_SCAN_BLOCK = 16
@@ -75,8 +75,20 @@ def _index(x, axis, index):
     return x[(slice(None),) * axis + (index,)]
 
 
-def _on_tensorflow():
-    return keras.config.backend() == "tensorflow"
+def _matmul_scans():
+    """Whether the scans take triangular matrix products: on TensorFlow
+    outside XLA. Under XLA (JAX, `jit_compile=True`) nested cumsum blocks
+    are faster (2× at 512×512×21 on CPU) and match OpenCV's speed."""
+    if keras.config.backend() != "tensorflow":
+        return False
+    try:
+        # Imported here: kseg.layers needs TensorFlow only on its own backend.
+        from tensorflow.python.framework import ops as tf_ops
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:
+        return False
+    graph = tf_ops.get_default_graph()
+    return not control_flow_util.GraphOrParentsInXlaContext(graph)
 
 
 def _matmul_cumsum(x, axis):
@@ -100,13 +112,13 @@ def _cumsum(x, axis):
     With a static length the axis is split into blocks: a cumsum inside each
     block plus the (recursive, exclusive) cumsum of the block totals. Same
     result, linear cost under XLA (see `_SCAN_BLOCK`); on the TensorFlow
-    backend the in-block sums are triangular matrix products (see
+    backend outside XLA the in-block sums are triangular matrix products (see
     `_MATMUL_SCAN_BLOCK`).
     """
     length = x.shape[axis]
     if length is None:
         return ops.cumsum(x, axis=axis)
-    matmul = _on_tensorflow()
+    matmul = _matmul_scans()
     block = _MATMUL_SCAN_BLOCK if matmul else _SCAN_BLOCK
     if length <= (2 * _MATMUL_SCAN_BLOCK if matmul else _PLAIN_SCAN_MAX):
         return _matmul_cumsum(x, axis) if matmul else ops.cumsum(x, axis=axis)

@@ -435,3 +435,22 @@ def test_blocked_cumulative_sum_matches_numpy(length, axis):
     x = np.random.default_rng(length).normal(size=shape).astype("float32")
     got = keras.ops.convert_to_numpy(_cumsum(keras.ops.convert_to_tensor(x), axis))
     np.testing.assert_allclose(got, np.cumsum(x.astype("float64"), axis), atol=2e-5)
+
+
+@pytest.mark.skipif(
+    keras.config.backend() != "tensorflow", reason="TensorFlow's scan choice"
+)
+def test_tensorflow_scans_use_matmuls_outside_xla_only():
+    import tensorflow as tf
+
+    from kseg.layers.guided_filter import _matmul_scans
+
+    seen = {}
+
+    def probe(key):
+        seen[key] = _matmul_scans()
+        return tf.constant(0)
+
+    tf.function(lambda: probe("graph"))()
+    tf.function(lambda: probe("xla"), jit_compile=True)()
+    assert seen == {"graph": True, "xla": False}
