@@ -25,12 +25,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 DEFAULT_RECIPE = "quickstart"
 
-_SET_HELP = (
-    "override one recipe value, as a dotted key and a YAML value, e.g. "
-    "--set train.epochs=2 --set model.kwargs.filters=32 "
-    "--set data.crop_size=[256,256]; checked against the recipe's field types "
-    "(repeatable)"
-)
+
+def _add_set_option(parser):
+    """`--set KEY=VALUE` (repeatable), collected in `args.overrides`."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one recipe value, as a dotted key and a YAML value, e.g. "
+        "--set train.epochs=2 --set model.kwargs.filters=32 "
+        "--set data.crop_size=[256,256]; checked against the recipe's field "
+        "types (repeatable)",
+    )
 
 
 def _add_recipe_options(parser, recipe_default=DEFAULT_RECIPE, recipe_help=None):
@@ -44,14 +52,7 @@ def _add_recipe_options(parser, recipe_default=DEFAULT_RECIPE, recipe_help=None)
             f"(default: {recipe_default})"
         ),
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help=_SET_HELP,
-    )
+    _add_set_option(parser)
     parser.add_argument(
         "--data",
         metavar="DIR",
@@ -193,14 +194,7 @@ def _build_parser():
             help="a dataset by name (folder: DIR/<split>/images and "
             "DIR/<split>/labels, with --set data.num_classes=N)",
         )
-        sub.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help=_SET_HELP,
-        )
+        _add_set_option(sub)
         sub.add_argument("--data", metavar="DIR", help="dataset directory")
         sub.add_argument(
             "--split", default="train", help="split to read (default: train)"

@@ -6,8 +6,12 @@ Everything here is backend-agnostic: the same tests run under
 
 import copy
 import json
+import math
 import os
+import subprocess
+import sys
 import tempfile
+import textwrap
 
 import keras
 import numpy as np
@@ -181,6 +185,94 @@ class TestCase(testing.TestCase):
 def _config_json(config):
     """A config as canonical JSON, so tuples and lists compare equal."""
     return json.dumps(config, sort_keys=True, default=repr)
+
+
+def numpy_bilinear_resize(x, size):
+    """Slow, obvious float64 reference of `kseg.layers.common.resize`.
+
+    Bilinear resize of NHWC `x` to `size = (height, width)` with half-pixel
+    centres and no antialiasing: output pixel `o` of an axis samples the
+    input at `(o + 0.5) * in_size / out_size - 0.5`, clamped to
+    `[0, in_size - 1]`, interpolating linearly between its two neighbours.
+
+    Example:
+    >>> numpy_bilinear_resize(np.arange(2.0).reshape(1, 1, 2, 1), (1, 4))[0, 0, :, 0]
+    array([0.  , 0.25, 0.75, 1.  ])
+
+    Args:
+        x: array `(batch, height, width, channels)`.
+        size: 2 ints. Output `(height, width)`.
+
+    Returns:
+        float64 array `(batch, size[0], size[1], channels)`.
+    """
+
+    def axis_matrix(out_size, in_size):
+        m = np.zeros((out_size, in_size))
+        for o in range(out_size):
+            src = min(max((o + 0.5) * in_size / out_size - 0.5, 0.0), in_size - 1)
+            lo = int(math.floor(src))
+            hi = min(lo + 1, in_size - 1)
+            m[o, lo] += 1.0 - (src - lo)
+            m[o, hi] += src - lo
+        return m
+
+    x = np.asarray(x, np.float64)
+    rows = axis_matrix(size[0], x.shape[1])
+    cols = axis_matrix(size[1], x.shape[2])
+    return np.einsum("Hh,Ww,nhwc->nHWc", rows, cols, x)
+
+
+def numpy_logits_at_label_size(logits, labels):
+    """Float64 reference of how kseg's losses and metrics read a batch.
+
+    Labels `(N, H, W)` or `(N, H, W, 1)` become `(N, H, W)`; logits
+    `(N, h, w, C)` at another size are resized to `(H, W)` with
+    `numpy_bilinear_resize`. Returns `(logits, labels)`.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim == 4:
+        labels = labels[..., 0]
+    logits = np.asarray(logits, np.float64)
+    if logits.shape[1:3] != labels.shape[1:3]:
+        logits = numpy_bilinear_resize(logits, labels.shape[1:3])
+    return logits, labels
+
+
+def run_mirrored_cpu_script(script, replicas=2, timeout=300):
+    """Runs `script` on `replicas` logical CPUs in a fresh TensorFlow process
+    and checks that it exits 0 with `OK` as its last output.
+
+    The process's CPU is split into the logical devices `/cpu:0`,
+    `/cpu:1`, ... before `script` runs, so that
+    `tf.distribute.MirroredStrategy` can place one replica on each. A fresh
+    process is needed because TensorFlow splits a device only before it
+    initializes. `script` is dedented first.
+    """
+    split_cpu = textwrap.dedent(
+        f"""
+        import tensorflow as tf
+
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * {int(replicas)}
+        )
+        """
+    )
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run(
+        [sys.executable, "-c", split_cpu + textwrap.dedent(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if result.returncode != 0 or not result.stdout.strip().endswith("OK"):
+        raise AssertionError(
+            f"the script exited with {result.returncode}:\n"
+            + result.stdout[-3000:]
+            + result.stderr[-3000:]
+        )
 
 
 def input_gradients(fn, *inputs):

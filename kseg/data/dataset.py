@@ -8,12 +8,11 @@ arrays, and can stream all samples as a `tf.data.Dataset` of
 import dataclasses
 from pathlib import Path
 
-import cv2
 import numpy as np
 import tensorflow as tf
 
 from kseg.data.labels import IGNORE_LABEL
-from kseg.data.png import decode_index_png
+from kseg.data.png import decode_index_png, encode_rgb_png
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -145,7 +144,7 @@ class SegmentationDataset:
         if data.startswith(_PNG_MAGIC):
             return data, "png"
         image = decode_image(data).numpy()
-        return _encode_png(image), "png"
+        return encode_rgb_png(image), "png"
 
     def as_dataset(self, shuffle=False, seed=None, num_parallel_calls=tf.data.AUTOTUNE):
         """Streams the samples as a `tf.data.Dataset` of `(image, label)` pairs.
@@ -252,7 +251,7 @@ class ArraySegmentationDataset:
         return self.images[index], self.labels[index]
 
     def encoded_image(self, index):
-        return _encode_png(self.images[index]), "png"
+        return encode_rgb_png(self.images[index]), "png"
 
     def as_dataset(self, shuffle=False, seed=None):
         """Streams the arrays as a `tf.data.Dataset` of `(image, label)` pairs."""
@@ -262,13 +261,6 @@ class ArraySegmentationDataset:
                 len(self), seed=seed, reshuffle_each_iteration=True
             )
         return dataset
-
-
-def _encode_png(image):
-    ok, buffer = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise ValueError(f"OpenCV could not encode an image of shape {image.shape}")
-    return buffer.tobytes()
 
 
 def _check_same_size(image, label, image_path, label_path):

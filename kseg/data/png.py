@@ -7,7 +7,8 @@ SBD "SegmentationClassAug") or as palette indices (PASCAL VOC
 indices. The palette scanlines, however, have exactly the layout of grayscale
 scanlines of the same bit depth, so rewriting the header's colour type from
 palette (3) to grayscale (0) and dropping the palette lets OpenCV return the raw
-indices, whatever the palette is.
+indices, whatever the palette is. `encode_rgb_png` writes colour images (a
+dataset image re-encoded for TFRecords, a prediction overlay).
 """
 
 import struct
@@ -94,6 +95,14 @@ def decode_index_png(data, path="<bytes>"):
                 "labels must fit in 0..255"
             )
     return decoded.astype(np.uint8)
+
+
+def encode_rgb_png(image):
+    """Encodes an RGB `uint8` image `(H, W, 3)` as an RGB PNG (bytes)."""
+    ok, buffer = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError(f"OpenCV could not encode an image of shape {image.shape}")
+    return buffer.tobytes()
 
 
 def encode_index_png(label, palette=None):

@@ -14,7 +14,6 @@ import re
 import sys
 from pathlib import Path
 
-import cv2
 import keras
 import tensorflow as tf
 
@@ -23,6 +22,7 @@ import tensorflow as tf
 import kseg.layers  # noqa: F401
 import kseg.models  # noqa: F401
 from kseg.data import decode_image, encode_index_png, voc_colormap
+from kseg.data.png import encode_rgb_png
 from kseg.inference.predict import PAN_TTA_SCALES, predict
 from kseg.inference.visualize import PALETTES, get_palette, overlay
 
@@ -158,7 +158,7 @@ def run_predict(args):
             _write(outputs[0], encode_index_png(label_map, palette), args.overwrite)
             if args.overlay:
                 blended = overlay(image, label_map, palette, alpha=args.alpha)
-                _write(outputs[1], _encode_rgb_png(blended), args.overwrite)
+                _write(outputs[1], encode_rgb_png(blended), args.overwrite)
         except (OSError, ValueError) as error:
             failures += 1
             _error(f"{image_path}: {error}")
@@ -211,13 +211,6 @@ def _palette(name, num_classes):
             f"{num_classes} classes"
         )
     return palette
-
-
-def _encode_rgb_png(image):
-    ok, buffer = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise ValueError(f"OpenCV could not encode an image of shape {image.shape}")
-    return buffer.tobytes()
 
 
 def _write(path, data, overwrite):

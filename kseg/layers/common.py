@@ -88,6 +88,27 @@ def check_choice(value, choices, what):
         )
 
 
+def check_positive_int(value, what):
+    """Returns `value` as an int, or raises `ValueError` naming `what`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def check_input_and_reference(input_shape, what):
+    """Raises ValueError unless `input_shape` is a list `[x, reference]` of
+    two rank-4 shapes; `what` names the layer in the message."""
+    if not isinstance(input_shape, (list, tuple)) or len(input_shape) != 2:
+        raise ValueError(
+            f"{what} takes a list [x, reference] of two tensors, got "
+            f"input_shape={input_shape}"
+        )
+    check_rank(input_shape[0], 4, f"{what} input x")
+    check_rank(input_shape[1], 4, f"{what} reference")
+
+
 def check_channels(shape, what):
     """Returns the static channel count of an NHWC shape or raises ValueError."""
     if shape[-1] is None:
@@ -229,13 +250,7 @@ class ResizeLike(keras.layers.Layer):
         self.interpolation = interpolation
 
     def build(self, input_shape):
-        if not isinstance(input_shape, (list, tuple)) or len(input_shape) != 2:
-            raise ValueError(
-                "ResizeLike takes a list [x, reference] of two tensors, got "
-                f"input_shape={input_shape}"
-            )
-        check_rank(input_shape[0], 4, "ResizeLike input x")
-        check_rank(input_shape[1], 4, "ResizeLike reference")
+        check_input_and_reference(input_shape, "ResizeLike")
 
     def call(self, inputs):
         x, reference = inputs

@@ -9,20 +9,13 @@ from kseg.layers.common import (
     ConvBNReLU,
     check_channels,
     check_choice,
+    check_positive_int,
     check_rank,
     resize_like,
 )
 
 _POOLINGS = ("avg", "max")
 _ATTENTIONS = ("pyramid", "se")
-
-
-def _check_positive_int(value, what):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{what} must be a positive int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{what} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def _check_odd_kernel(value, what):
@@ -95,7 +88,7 @@ class FeaturePyramidAttention(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.filters = _check_positive_int(filters, "filters")
+        self.filters = check_positive_int(filters, "filters")
         if isinstance(kernel_sizes, (str, bytes)) or not isinstance(
             kernel_sizes, (list, tuple)
         ):
@@ -266,7 +259,7 @@ class GlobalAttentionUpsample(keras.layers.Layer):
 
     def __init__(self, filters, low_kernel_size=3, global_context=True, **kwargs):
         super().__init__(**kwargs)
-        self.filters = _check_positive_int(filters, "filters")
+        self.filters = check_positive_int(filters, "filters")
         self.low_kernel_size = _check_odd_kernel(low_kernel_size, "low_kernel_size")
         self.global_context = bool(global_context)
         self.input_spec = [

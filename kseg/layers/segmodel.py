@@ -4,18 +4,15 @@ Shen et al., "Semantic segmentation via structured patch prediction, context
 CRF and guidance CRF" (CVPR 2017), sections 3 and 4.
 """
 
-import numbers
-
 import keras
 from keras import ops
 
-from kseg.layers.common import check_channels, check_rank, depth_to_space
-
-
-def _check_positive_int(value, what):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{what} must be a positive int, got {value!r}")
-    return int(value)
+from kseg.layers.common import (
+    check_channels,
+    check_positive_int,
+    check_rank,
+    depth_to_space,
+)
 
 
 def _box_mean(x, size):
@@ -66,9 +63,9 @@ class StructuredPatchPrediction(keras.layers.Layer):
 
     def __init__(self, num_classes, patch_size=2, kernel_size=1, **kwargs):
         super().__init__(**kwargs)
-        self.num_classes = _check_positive_int(num_classes, "num_classes")
-        self.patch_size = _check_positive_int(patch_size, "patch_size")
-        self.kernel_size = _check_positive_int(kernel_size, "kernel_size")
+        self.num_classes = check_positive_int(num_classes, "num_classes")
+        self.patch_size = check_positive_int(patch_size, "patch_size")
+        self.kernel_size = check_positive_int(kernel_size, "kernel_size")
         self.input_spec = keras.layers.InputSpec(ndim=4)
 
     def build(self, input_shape):
@@ -164,12 +161,12 @@ class ContextCRF(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.num_classes = _check_positive_int(num_classes, "num_classes")
+        self.num_classes = check_positive_int(num_classes, "num_classes")
         self.box_sizes = tuple(
-            _check_positive_int(size, "each box size") for size in box_sizes
+            check_positive_int(size, "each box size") for size in box_sizes
         )
         self.dilations = tuple(
-            _check_positive_int(dilation, "each dilation") for dilation in dilations
+            check_positive_int(dilation, "each dilation") for dilation in dilations
         )
         if not self.box_sizes:
             raise ValueError("box_sizes must name at least one group")
@@ -180,8 +177,8 @@ class ContextCRF(keras.layers.Layer):
             )
         if any(size % 2 == 0 for size in self.box_sizes):
             raise ValueError(f"box sizes must be odd, got {self.box_sizes}")
-        self.filters = _check_positive_int(filters, "filters")
-        self.iterations = _check_positive_int(iterations, "iterations")
+        self.filters = check_positive_int(filters, "filters")
+        self.iterations = check_positive_int(iterations, "iterations")
         self.input_spec = [
             keras.layers.InputSpec(ndim=4),
             keras.layers.InputSpec(ndim=4),

@@ -5,6 +5,9 @@ import numpy as np
 
 from kseg.layers.common import ResizeLike
 
+# Re-exported: the models and kseg.inference validate their options with it.
+from kseg.layers.common import check_positive_int as check_positive_int
+
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
 
 
@@ -114,15 +117,6 @@ class Segmenter(keras.Model):
 def float32_output(x, name):
     """Returns `x` as a float32 named model output (identity otherwise)."""
     return keras.layers.Activation("linear", dtype="float32", name=name)(x)
-
-
-def check_positive_int(value, what):
-    """Returns `value` as an int, or raises `ValueError` naming `what`."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{what} must be a positive int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{what} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def check_rate(value, what):

@@ -6,6 +6,7 @@ from kseg.backbones import build_resnet
 from kseg.data import IMAGENET_MEAN
 from kseg.inference import PAN_TTA_SCALES, Prediction, predict, sliding_windows
 from kseg.models import PAN
+from kseg.testing import numpy_bilinear_resize
 
 NUM_CLASSES = 4
 
@@ -66,20 +67,8 @@ def _forward(model, image):
 
 
 def _bilinear_numpy(image, size):
-    """Bilinear resize with half-pixel centres and edge clamping, in float64."""
-
-    def axis_weights(source, target):
-        coords = (np.arange(target) + 0.5) * source / target - 0.5
-        coords = np.clip(coords, 0, source - 1)
-        low = np.floor(coords).astype(int)
-        high = np.minimum(low + 1, source - 1)
-        return low, high, coords - low
-
-    image = image.astype(np.float64)
-    top, bottom, dy = axis_weights(image.shape[0], size[0])
-    left, right, dx = axis_weights(image.shape[1], size[1])
-    rows = image[top] * (1 - dy)[:, None, None] + image[bottom] * dy[:, None, None]
-    return rows[:, left] * (1 - dx)[None, :, None] + rows[:, right] * dx[None, :, None]
+    """`numpy_bilinear_resize` of one `(H, W, C)` image."""
+    return numpy_bilinear_resize(image[None], size)[0]
 
 
 def test_single_scale_without_flip_is_a_plain_forward_pass():

@@ -10,7 +10,7 @@ from kseg.layers.exfuse import (
     SemanticSupervisionHead,
     SubPixelUpsample,
 )
-from kseg.testing import TestCase, input_gradients
+from kseg.testing import TestCase, input_gradients, numpy_bilinear_resize
 
 
 def _normal(*shape, seed=0):
@@ -42,27 +42,6 @@ def conv2d_same(x, kernel, bias):
                     if 0 <= y < h and 0 <= z < w:
                         out[:, i, j] += x[:, y, z] @ kernel[a, b]
     return out + np.asarray(bias, "float64")
-
-
-def resize_bilinear_half_pixel(x, height, width):
-    """Bilinear resize with half-pixel centres, written per output pixel."""
-    n, h, w, c = x.shape
-    out = np.zeros((n, height, width, c))
-    for i in range(height):
-        sy = min(max((i + 0.5) * h / height - 0.5, 0.0), h - 1)
-        y0 = int(np.floor(sy))
-        y1, wy = min(y0 + 1, h - 1), sy - y0
-        for j in range(width):
-            sx = min(max((j + 0.5) * w / width - 0.5, 0.0), w - 1)
-            x0 = int(np.floor(sx))
-            x1, wx = min(x0 + 1, w - 1), sx - x0
-            out[:, i, j] = (
-                (1 - wy) * (1 - wx) * x[:, y0, x0]
-                + (1 - wy) * wx * x[:, y0, x1]
-                + wy * (1 - wx) * x[:, y1, x0]
-                + wy * wx * x[:, y1, x1]
-            )
-    return out
 
 
 def dap_reference(x, k):
@@ -185,7 +164,7 @@ class SemanticEmbeddingBranchTest(TestCase):
         for conv, x in zip(layer.convs, inputs, strict=True):
             self.assertEqual(conv.kernel.shape, (3, 3, x.shape[-1], 3))
             y = conv2d_same(x, _numpy(conv.kernel), _numpy(conv.bias))
-            expected *= resize_bilinear_half_pixel(y, 6, 8)
+            expected *= numpy_bilinear_resize(y, (6, 8))
         np.testing.assert_allclose(
             _numpy(layer(inputs)), expected, rtol=1e-4, atol=1e-4
         )

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from kseg.layers.pan import FeaturePyramidAttention, GlobalAttentionUpsample
-from kseg.testing import TestCase
+from kseg.testing import TestCase, numpy_bilinear_resize
 
 BN_EPSILON = 1e-3  # Keras BatchNormalization default, used by ConvBNReLU.
 
@@ -64,31 +64,8 @@ def np_pool_same(x, mode):
     return out
 
 
-def np_resize_bilinear(x, out_h, out_w):
-    """Bilinear resize with half-pixel centres: output pixel i samples the
-    input at (i + 0.5) * in / out - 0.5, clamped to the image."""
-    n, in_h, in_w, c = x.shape
-
-    def taps(i, in_size, out_size):
-        src = (i + 0.5) * in_size / out_size - 0.5
-        src = min(max(src, 0.0), in_size - 1.0)
-        lo = int(np.floor(src))
-        hi = min(lo + 1, in_size - 1)
-        return lo, hi, src - lo
-
-    out = np.zeros((n, out_h, out_w, c))
-    for i in range(out_h):
-        y0, y1, ty = taps(i, in_h, out_h)
-        for j in range(out_w):
-            x0, x1, tx = taps(j, in_w, out_w)
-            top = (1 - tx) * x[:, y0, x0] + tx * x[:, y0, x1]
-            bottom = (1 - tx) * x[:, y1, x0] + tx * x[:, y1, x1]
-            out[:, i, j] = (1 - ty) * top + ty * bottom
-    return out
-
-
 def np_resize_like(x, reference):
-    return np_resize_bilinear(x, reference.shape[1], reference.shape[2])
+    return numpy_bilinear_resize(x, reference.shape[1:3])
 
 
 def np_sigmoid(x):

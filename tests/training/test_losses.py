@@ -1,47 +1,25 @@
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import keras
 import numpy as np
 import pytest
 
-from kseg.testing import input_gradients
+from kseg.testing import (
+    input_gradients,
+    numpy_logits_at_label_size,
+    run_mirrored_cpu_script,
+)
 from kseg.training import SegmentationCrossEntropy, segmentation_losses
 
 IGNORE = 255
-
-
-def bilinear_resize(x, size):
-    """NHWC bilinear resize with half-pixel centres, no antialias (float64)."""
-
-    def axis_matrix(out_size, in_size):
-        m = np.zeros((out_size, in_size))
-        for o in range(out_size):
-            src = min(max((o + 0.5) * in_size / out_size - 0.5, 0.0), in_size - 1)
-            lo = int(math.floor(src))
-            hi = min(lo + 1, in_size - 1)
-            m[o, lo] += 1.0 - (src - lo)
-            m[o, hi] += src - lo
-        return m
-
-    rows = axis_matrix(size[0], x.shape[1])
-    cols = axis_matrix(size[1], x.shape[2])
-    return np.einsum("Hh,Ww,nhwc->nHWc", rows, cols, np.asarray(x, np.float64))
 
 
 def reference_loss(
     logits, labels, class_weights=None, top_k=1.0, sample_weight=None, ignore=IGNORE
 ):
     """Slow float64 reference: loop over pixels, sort the hard ones stably."""
-    labels = np.asarray(labels)
-    if labels.ndim == 4:
-        labels = labels[..., 0]
-    logits = np.asarray(logits, np.float64)
-    if logits.shape[1:3] != labels.shape[1:3]:
-        logits = bilinear_resize(logits, labels.shape[1:3])
+    logits, labels = numpy_logits_at_label_size(logits, labels)
     num_classes = logits.shape[-1]
     cw = np.ones(num_classes) if class_weights is None else np.asarray(class_weights)
     sw = np.ones(labels.shape) if sample_weight is None else sample_weight
@@ -294,15 +272,11 @@ def test_segmentation_losses_rejects_bad_arguments(outputs, kwargs, match):
         segmentation_losses(outputs, **kwargs)
 
 
+# Run by run_mirrored_cpu_script, on two logical CPUs.
 MIRRORED_SCRIPT = textwrap.dedent(
     """
     import numpy as np
     import tensorflow as tf
-
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
-    )
     import keras
 
     from kseg.training import SegmentationCrossEntropy
@@ -371,13 +345,4 @@ MIRRORED_SCRIPT = textwrap.dedent(
     keras.backend.backend() != "tensorflow", reason="tf.distribute is TF-only"
 )
 def test_two_replicas_match_one_replica():
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result = subprocess.run(
-        [sys.executable, "-c", MIRRORED_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stdout.strip().endswith("OK")
+    run_mirrored_cpu_script(MIRRORED_SCRIPT)

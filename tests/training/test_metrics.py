@@ -1,13 +1,11 @@
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import keras
 import numpy as np
 import pytest
 
+from kseg.testing import numpy_logits_at_label_size, run_mirrored_cpu_script
 from kseg.training import (
     SegmentationConfusionMatrix,
     SegmentationCrossEntropy,
@@ -19,31 +17,8 @@ from kseg.training import (
 IGNORE = 255
 
 
-def bilinear_resize(x, size):
-    """NHWC bilinear resize with half-pixel centres, no antialias (float64)."""
-
-    def axis_matrix(out_size, in_size):
-        m = np.zeros((out_size, in_size))
-        for o in range(out_size):
-            src = min(max((o + 0.5) * in_size / out_size - 0.5, 0.0), in_size - 1)
-            lo = int(math.floor(src))
-            hi = min(lo + 1, in_size - 1)
-            m[o, lo] += 1.0 - (src - lo)
-            m[o, hi] += src - lo
-        return m
-
-    rows = axis_matrix(size[0], x.shape[1])
-    cols = axis_matrix(size[1], x.shape[2])
-    return np.einsum("Hh,Ww,nhwc->nHWc", rows, cols, np.asarray(x, np.float64))
-
-
 def reference_confusion_matrix(logits, labels, num_classes, sample_weight=None):
-    labels = np.asarray(labels)
-    if labels.ndim == 4:
-        labels = labels[..., 0]
-    logits = np.asarray(logits, np.float64)
-    if logits.shape[1:3] != labels.shape[1:3]:
-        logits = bilinear_resize(logits, labels.shape[1:3])
+    logits, labels = numpy_logits_at_label_size(logits, labels)
     matrix = np.zeros((num_classes, num_classes))
     for n, i, j in np.ndindex(*labels.shape):
         if labels[n, i, j] != IGNORE:
@@ -266,15 +241,11 @@ def test_format_iou_table_rejects_bad_input(ious, names, match):
         format_iou_table(ious, names)
 
 
+# Run by run_mirrored_cpu_script, on two logical CPUs.
 MIRRORED_SCRIPT = textwrap.dedent(
     """
     import numpy as np
     import tensorflow as tf
-
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
-    )
     import keras
 
     from kseg.training import SegmentationCrossEntropy, SegmentationMeanIoU
@@ -323,13 +294,4 @@ MIRRORED_SCRIPT = textwrap.dedent(
     keras.backend.backend() != "tensorflow", reason="tf.distribute is TF-only"
 )
 def test_confusion_matrix_is_summed_over_replicas():
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result = subprocess.run(
-        [sys.executable, "-c", MIRRORED_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stdout.strip().endswith("OK")
+    run_mirrored_cpu_script(MIRRORED_SCRIPT)

@@ -5,7 +5,7 @@ import keras
 from keras import ops
 
 from kseg.backbones import resnext101_32x4d
-from kseg.layers.common import check_rank
+from kseg.layers.common import check_input_and_reference
 from kseg.layers.exfuse import BoundaryRefinement, GlobalConvolution
 from kseg.models.segmenter import STAGE_NAMES, Segmenter, check_positive_int
 
@@ -49,13 +49,7 @@ class CropLike(keras.layers.Layer):
     """
 
     def build(self, input_shape):
-        if not isinstance(input_shape, (list, tuple)) or len(input_shape) != 2:
-            raise ValueError(
-                "CropLike takes a list [x, reference] of two tensors, got "
-                f"input_shape={input_shape}"
-            )
-        check_rank(input_shape[0], 4, "CropLike input x")
-        check_rank(input_shape[1], 4, "CropLike reference")
+        check_input_and_reference(input_shape, "CropLike")
         for axis, what in ((1, "height"), (2, "width")):
             size, limit = input_shape[1][axis], input_shape[0][axis]
             if size is not None and limit is not None and size > limit:
