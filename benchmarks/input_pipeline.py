@@ -26,6 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from kseg.cli import add_set_option  # noqa: E402
 from kseg.training.recipe import apply_overrides, load_recipe  # noqa: E402
 from kseg.training.strategy import build_strategy  # noqa: E402
 from kseg.training.trainer import (  # noqa: E402
@@ -51,14 +52,7 @@ def _median_rate(run, images_per_run, repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="quickstart", help="recipe name or file")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="recipe override, as for `kseg train --set`",
-    )
+    add_set_option(parser)
     parser.add_argument("--data", help="dataset directory (as `kseg train --data`)")
     parser.add_argument("--batches", type=int, default=40, help="batches per run")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs")

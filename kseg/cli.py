@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 DEFAULT_RECIPE = "quickstart"
 
 
-def _add_set_option(parser):
+def add_set_option(parser):
     """`--set KEY=VALUE` (repeatable), collected in `args.overrides`."""
     parser.add_argument(
         "--set",
@@ -52,7 +52,7 @@ def _add_recipe_options(parser, recipe_default=DEFAULT_RECIPE, recipe_help=None)
             f"(default: {recipe_default})"
         ),
     )
-    _add_set_option(parser)
+    add_set_option(parser)
     parser.add_argument(
         "--data",
         metavar="DIR",
@@ -194,7 +194,7 @@ def _build_parser():
             help="a dataset by name (folder: DIR/<split>/images and "
             "DIR/<split>/labels, with --set data.num_classes=N)",
         )
-        _add_set_option(sub)
+        add_set_option(sub)
         sub.add_argument("--data", metavar="DIR", help="dataset directory")
         sub.add_argument(
             "--split", default="train", help="split to read (default: train)"
