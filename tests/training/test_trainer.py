@@ -133,11 +133,9 @@ def test_input_normalization_keeps_the_recipe_encoder_as_model_backbone(tmp_path
     model = build_model(recipe, 6)
     backbone = model.backbone
     assert backbone.name == "resnet"
-    assert [layer.name for layer in backbone.layers[:3]] == [
-        "image",
-        "imagenet_normalization",
-        "stem_conv_pad",
-    ]
+    names = [layer.name for layer in backbone.layers[:3]]
+    assert names[:2] == ["image", "imagenet_normalization"]
+    assert names[2].startswith("stem")
     assert not any(isinstance(layer, keras.Model) for layer in backbone.layers)
 
     def recipe_encoder(seed):
