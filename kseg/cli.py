@@ -18,10 +18,7 @@ Every command and option is described by `kseg COMMAND --help`.
 import argparse
 import os
 import sys
-
-# Before TensorFlow loads: its C++ start-up banner (oneDNN, CUDA probing) is
-# noise on a command line; real errors still print.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tempfile
 
 DEFAULT_RECIPE = "quickstart"
 
@@ -369,10 +366,42 @@ class _UsageError(Exception):
     """A command line whose options do not fit together."""
 
 
+def quiet_tensorflow():
+    """Imports TensorFlow without its C++ start-up lines.
+
+    On a CPU machine TensorFlow prints CUDA probing lines (`cudart_stub`,
+    "failed call to cuInit") and a CPU-feature banner through absl before
+    its log level applies, so a command line would open with them. Unless
+    the user set `TF_CPP_MIN_LOG_LEVEL` (then TensorFlow prints what that
+    level allows), the level becomes 3 and the file descriptor 2 is sent to
+    a temporary file while TensorFlow loads; if the import fails, what it
+    printed is shown.
+    """
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ or "tensorflow" in sys.modules:
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def main(argv=None):
     """Runs the `kseg` command line; returns the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    quiet_tensorflow()
+    from kseg.files import RunLockedError, describe_os_error
     from kseg.training.recipe import RecipeError
 
     try:
@@ -382,8 +411,13 @@ def main(argv=None):
     except RecipeError as error:
         print(f"kseg {args.command}: recipe error: {error}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError, RunLockedError) as error:
         print(f"kseg {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        action = "write or read " + (error.filename or "a file")
+        message = describe_os_error(error, action)
+        print(f"kseg {args.command}: error: {message}", file=sys.stderr)
         return 1
 
 

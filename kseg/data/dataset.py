@@ -6,12 +6,14 @@ arrays, and can stream all samples as a `tf.data.Dataset` of
 """
 
 import dataclasses
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from kseg.data.labels import IGNORE_LABEL
+from kseg.data.labels import IGNORE_LABEL, check_labels
 from kseg.data.png import decode_index_png, encode_rgb_png
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -28,6 +30,43 @@ def decode_image(contents):
     image = tf.io.decode_image(contents, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     return image
+
+
+class DataError(ValueError):
+    """A sample of a dataset that cannot be used; the message names the file.
+
+    Raised inside `tf.data` pipelines it reaches the caller wrapped in a
+    TensorFlow error; `data_error_message` gets the message back."""
+
+
+_DATA_ERROR = re.compile(r"DataError: (.*?)(?:\n|$)")
+
+
+def data_error_message(error):
+    """The `DataError` message inside a TensorFlow error from a pipeline, or
+    `None` when the error did not come from a bad sample."""
+    match = _DATA_ERROR.search(str(error))
+    return match.group(1).strip() if match else None
+
+
+def load_image_file(path):
+    """Reads and decodes one image file with `decode_image`, as uint8
+    `(H, W, 3)` NumPy; a missing or undecodable file raises
+    `FileNotFoundError` / `ValueError` naming it."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    try:
+        return decode_image(data).numpy()
+    except tf.errors.InvalidArgumentError as error:
+        # TensorFlow wraps the decoder's reason in op and device names.
+        reason = re.sub(r"\{\{.*?\}\}|\[Op:\w+\]", "", error.message).strip()
+        raise ValueError(
+            f"{path}: not a decodable image ({reason}); replace or remove the "
+            "file, or set data.skip_corrupt=true to skip bad samples"
+        ) from None
 
 
 def read_label(path, label_map=None):
@@ -125,12 +164,31 @@ class SegmentationDataset:
         return read_label(self.pairs[index][1], self.label_map)
 
     def load(self, index):
-        """Sample `index` as NumPy `(image uint8 (H, W, 3), label uint8 (H, W))`."""
-        image_path = self.pairs[index][0]
-        image = decode_image(Path(image_path).read_bytes()).numpy()
+        """Sample `index` as NumPy `(image uint8 (H, W, 3), label uint8 (H, W))`,
+        checked: a file that is missing or does not decode, an image and label
+        of different sizes, or label values outside `[0, num_classes)` other
+        than the ignore label raise `ValueError` / `FileNotFoundError` naming
+        the file and the fix."""
+        image_path, label_path = self.pairs[index]
+        image = load_image_file(image_path)
         label = self.load_label(index)
-        _check_same_size(image, label, image_path, self.pairs[index][1])
+        _check_same_size(image, label, image_path, label_path)
+        check_labels(label, self.num_classes, label_path)
         return image, label
+
+    def validate(self, progress=None):
+        """Loads and checks every sample (`load`); returns the list of
+        `(index, message)` of the bad ones. `progress(done, total)` is called
+        after each sample."""
+        problems = []
+        for index in range(len(self)):
+            try:
+                self.load(index)
+            except (OSError, ValueError) as error:
+                problems.append((index, str(error)))
+            if progress is not None:
+                progress(index + 1, len(self))
+        return problems
 
     def encoded_image(self, index):
         """Sample `index`'s image as `(encoded bytes, "jpeg" | "png")`.
@@ -146,49 +204,62 @@ class SegmentationDataset:
         image = decode_image(data).numpy()
         return encode_rgb_png(image), "png"
 
-    def as_dataset(self, shuffle=False, seed=None, num_parallel_calls=tf.data.AUTOTUNE):
+    def as_dataset(
+        self,
+        shuffle=False,
+        seed=None,
+        num_parallel_calls=tf.data.AUTOTUNE,
+        skip_corrupt=False,
+    ):
         """Streams the samples as a `tf.data.Dataset` of `(image, label)` pairs.
+
+        Each sample goes through `load` (decoded by `decode_image`, checked),
+        so a bad file stops the pipeline with an error naming it, or, with
+        `skip_corrupt=True`, is left out with a warning naming it.
 
         Args:
             shuffle: bool. Shuffle the file list (all of it, reshuffled each
                 epoch) before decoding. Defaults to False.
             seed: optional int seed for the shuffle.
             num_parallel_calls: parallelism of decoding. Defaults to AUTOTUNE.
+            skip_corrupt: bool. Skip bad samples with a warning instead of
+                failing. Defaults to False.
 
         Returns:
             `tf.data.Dataset` of `(uint8 (H, W, 3), uint8 (H, W))`.
         """
-        files = tf.data.Dataset.from_tensor_slices(
-            (list(self.image_paths), list(self.label_paths))
-        )
+        indices = tf.data.Dataset.range(len(self))
         if shuffle:
-            files = files.shuffle(len(self), seed=seed, reshuffle_each_iteration=True)
-        label_map = self.label_map
-
-        def read_label_bytes(path):
-            return read_label(path.decode(), label_map)
-
-        def load(image_path, label_path):
-            image = decode_image(tf.io.read_file(image_path))
-            label = tf.numpy_function(
-                read_label_bytes, [label_path], tf.uint8, stateful=False
+            indices = indices.shuffle(
+                len(self), seed=seed, reshuffle_each_iteration=True
             )
+
+        def load_checked(index):
+            index = int(index)
+            try:
+                image, label = self.load(index)
+            except (OSError, ValueError) as error:
+                if not skip_corrupt:
+                    raise DataError(str(error)) from None
+                warnings.warn(
+                    f"skipping a bad sample (data.skip_corrupt): {error}",
+                    stacklevel=1,
+                )
+                return np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0), np.uint8), False
+            return image, label, True
+
+        def load(index):
+            image, label, ok = tf.py_function(
+                load_checked, [index], (tf.uint8, tf.uint8, tf.bool)
+            )
+            image.set_shape([None, None, 3])
             label.set_shape([None, None])
-            same = tf.reduce_all(tf.equal(tf.shape(image)[:2], tf.shape(label)))
-            check = tf.debugging.Assert(
-                same,
-                [
-                    "image and label sizes differ:",
-                    image_path,
-                    tf.shape(image),
-                    label_path,
-                    tf.shape(label),
-                ],
-            )
-            with tf.control_dependencies([check]):
-                return tf.identity(image), tf.identity(label)
+            return image, label, ok
 
-        return files.map(load, num_parallel_calls=num_parallel_calls)
+        samples = indices.map(load, num_parallel_calls=num_parallel_calls)
+        if skip_corrupt:
+            samples = samples.filter(lambda image, label, ok: ok)
+        return samples.map(lambda image, label, ok: (image, label))
 
 
 @dataclasses.dataclass(eq=False)

@@ -7,42 +7,48 @@ for one fixed input size, run by `TFLiteSegmenter`. `kseg export` is the
 command line (`kseg.export.commands`).
 """
 
-from kseg.export.saved_model import (
-    BYTES_SIGNATURE,
-    CLASS_MAP,
-    IMAGE_BYTES,
-    IMAGES,
-    PROBABILITIES,
-    SERVING_SIGNATURE,
-    build_serving_module,
-    export_saved_model,
-    next_version,
-    serving_signatures,
-)
-from kseg.export.tflite import (
-    QUANTIZATIONS,
-    TFLiteSegmenter,
-    convert_function,
-    convert_to_tflite,
-    export_tflite,
-    operator_names,
-)
+_EXPORTS = {
+    **dict.fromkeys(
+        (
+            "BYTES_SIGNATURE",
+            "CLASS_MAP",
+            "IMAGE_BYTES",
+            "IMAGES",
+            "PROBABILITIES",
+            "SERVING_SIGNATURE",
+            "build_serving_module",
+            "export_saved_model",
+            "next_version",
+            "serving_signatures",
+        ),
+        "kseg.export.saved_model",
+    ),
+    **dict.fromkeys(
+        (
+            "QUANTIZATIONS",
+            "TFLiteSegmenter",
+            "convert_function",
+            "convert_to_tflite",
+            "export_tflite",
+            "operator_names",
+        ),
+        "kseg.export.tflite",
+    ),
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "BYTES_SIGNATURE",
-    "CLASS_MAP",
-    "IMAGES",
-    "IMAGE_BYTES",
-    "PROBABILITIES",
-    "QUANTIZATIONS",
-    "SERVING_SIGNATURE",
-    "TFLiteSegmenter",
-    "build_serving_module",
-    "convert_function",
-    "convert_to_tflite",
-    "export_saved_model",
-    "export_tflite",
-    "next_version",
-    "operator_names",
-    "serving_signatures",
-]
+
+def __getattr__(name):
+    # PEP 562: TensorFlow loads on first use, so that the command line builds
+    # its parser without it.
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kseg.export' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -19,24 +19,12 @@ training images: the train split of --recipe (read from --data as for
 import argparse
 from pathlib import Path
 
-import keras
-import numpy as np
-
-# Importing the packages registers kseg's layers and models with Keras, so
-# `load_model` can rebuild them.
-import kseg.layers  # noqa: F401
-import kseg.models  # noqa: F401
-from kseg.export.saved_model import (
-    check_segmentation_model,
-    export_saved_model,
-    next_version,
-    refuse_existing,
-)
-from kseg.export.tflite import (
+# TensorFlow and Keras load only when the command runs (`kseg --help`
+# answers at once).
+from kseg.export.defaults import (
     DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_MAX_PIXELS,
     QUANTIZATIONS,
-    export_tflite,
-    tflite_input_size,
 )
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -105,6 +93,15 @@ def register(subparsers):
     )
     parser.add_argument("--data", metavar="DIR", help="dataset directory for --recipe")
     parser.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help="the most pixels (batch × height × width) one request to the "
+        "SavedModel may hold; larger ones get an InvalidArgument error naming "
+        f"the cap (default: {DEFAULT_MAX_PIXELS}, 16 megapixels)",
+    )
+    parser.add_argument(
         "--calibration-images",
         type=_positive_int,
         default=DEFAULT_CALIBRATION_IMAGES,
@@ -124,6 +121,14 @@ def run_export(args):
         FileNotFoundError: the model file or calibration folder is missing.
         ValueError: options that do not fit the model or each other.
     """
+    from kseg.export.saved_model import (
+        check_segmentation_model,
+        export_saved_model,
+        next_version,
+        refuse_existing,
+    )
+    from kseg.export.tflite import export_tflite
+    from kseg.models import load_model
     from kseg.training.recipe import load_recipe
     from kseg.training.trainer import MODEL_FILE, RECIPE_FILE
 
@@ -145,7 +150,7 @@ def run_export(args):
     model_dir = args.out / args.name
     version = next_version(model_dir) if args.version is None else args.version
     refuse_existing(model_dir / str(version), "SavedModel version")
-    model = keras.saving.load_model(model_path, compile=False)
+    model = load_model(model_path)
     check_segmentation_model(model)
 
     tflite_paths = {}
@@ -164,7 +169,7 @@ def run_export(args):
             calibration = _recipe_images(recipe, args.data, args.calibration_images)
             print(f"int8 calibration: the train split of recipe {recipe.name!r}")
 
-    path = export_saved_model(model, model_dir, version)
+    path = export_saved_model(model, model_dir, version, max_pixels=args.max_pixels)
     print(f"SavedModel: {path} (signatures serving_default, serving_bytes)")
     for quantization, tflite_path in tflite_paths.items():
         export_tflite(
@@ -186,6 +191,8 @@ def _tflite_size(args, model, run_recipe, load_recipe):
     if args.input_size is not None:
         return tuple(args.input_size)
     if None not in model.input_shape[1:3]:
+        from kseg.export.tflite import tflite_input_size
+
         return tflite_input_size(model)
     if run_recipe is None:
         from kseg.training.trainer import RECIPE_FILE
@@ -231,6 +238,8 @@ def _recipe_images(recipe, data_dir, count):
 
 def _spread(length, count):
     """`count` indices spread evenly over `range(length)` (all if fewer)."""
+    import numpy as np
+
     if length <= count:
         return list(range(length))
     return sorted(set(np.linspace(0, length - 1, count).round().astype(int).tolist()))

@@ -4,7 +4,9 @@
 `saved_models/<name>/<version>/` (the next free integer unless given) with two
 signatures, both traced with dynamic batch, height and width:
 
-- `serving_default`: input `images`, uint8 `(N, H, W, 3)` RGB of any size;
+- `serving_default`: input `images`, uint8 `(N, H, W, 3)` RGB of any size
+  (at most `max_pixels` pixels, N·H·W, per request: 16 megapixels unless
+  set at export; rank and channels checked in the graph);
 - `serving_bytes`: input `image_bytes`, string `(N,)` of encoded JPEG, PNG,
   BMP or GIF (first frame) images, decoded by `kseg.data.decode_image` (the
   decoder of kseg's input pipelines) — every image of one request must have
@@ -33,6 +35,7 @@ import keras
 import tensorflow as tf
 
 from kseg.data import decode_image, preprocess_images
+from kseg.export.defaults import DEFAULT_MAX_PIXELS
 from kseg.layers.common import resize
 
 SERVING_SIGNATURE = "serving_default"
@@ -77,6 +80,35 @@ def check_segmentation_model(model):
         )
 
 
+def check_request(images, max_pixels):
+    """`images` once checked: rank 4 `(N, H, W, 3)` and at most `max_pixels`
+    pixels in all (N·H·W); otherwise an `InvalidArgumentError` that says
+    what was sent and what is allowed. In the graph, so TF Serving answers
+    a bad request with an error instead of running it (TF Serving does not
+    check shapes against the signature)."""
+    rank = tf.debugging.assert_rank(
+        images,
+        4,
+        message="images must be a batch (N, H, W, 3) of RGB images; send one "
+        "image (H, W, 3) as a batch of one, [image]",
+    )
+    with tf.control_dependencies([rank]):
+        shape = tf.shape(images, out_type=tf.int64)
+    channels = tf.debugging.assert_equal(
+        shape[3], tf.constant(3, tf.int64), message="images must have 3 (RGB) channels"
+    )
+    pixels = shape[0] * shape[1] * shape[2]
+    cap = tf.debugging.assert_less_equal(
+        pixels,
+        tf.constant(max_pixels, tf.int64),
+        message=f"the request holds more than the exported cap of {max_pixels} "
+        "pixels (N·H·W): send smaller images or fewer per request, or export "
+        "with a larger --max-pixels",
+    )
+    with tf.control_dependencies([channels, cap]):
+        return tf.identity(images)
+
+
 def predict_images(model, images):
     """`{"class_map", "probabilities"}` of uint8 images `(N, H, W, 3)`, at
     the images' size; graph-safe with unknown `N`, `H` and `W`."""
@@ -102,8 +134,15 @@ def predict_images(model, images):
 def decode_images(image_bytes):
     """Decodes a string batch `(N,)` of encoded images to uint8 `(N, H, W, 3)`.
 
-    Every image must have the size of the first: a batch is one tensor.
+    Every image must have the size of the first: a batch is one tensor. An
+    empty batch is an `InvalidArgumentError`.
     """
+    not_empty = tf.debugging.assert_positive(
+        tf.size(image_bytes),
+        message=f"{BYTES_SIGNATURE}: the request holds no image; send at least one",
+    )
+    with tf.control_dependencies([not_empty]):
+        image_bytes = tf.identity(image_bytes)
     size = tf.shape(decode_image(image_bytes[0]))[:2]
 
     def decode_one(contents):
@@ -125,7 +164,7 @@ def decode_images(image_bytes):
     )
 
 
-def build_serving_module(model):
+def build_serving_module(model, max_pixels=DEFAULT_MAX_PIXELS):
     """A `tf.Module` whose `serving_default` and `serving_bytes` tf.functions
     are the two signatures (callable in-process too).
 
@@ -136,9 +175,10 @@ def build_serving_module(model):
     `export_saved_model` adds the TF Serving layout and the no-overwrite rule.
     """
     check_segmentation_model(model)
+    max_pixels = _check_max_pixels(max_pixels)
     module = tf.Module()
     module.serving_default = tf.function(
-        lambda images: predict_images(model, images),
+        lambda images: predict_images(model, check_request(images, max_pixels)),
         input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name=IMAGES)],
         autograph=False,
     )
@@ -200,7 +240,17 @@ def refuse_existing(path, what):
         )
 
 
-def export_saved_model(model, model_dir, version=None):
+def _check_max_pixels(max_pixels):
+    if (
+        isinstance(max_pixels, bool)
+        or not isinstance(max_pixels, int)
+        or max_pixels < 1
+    ):
+        raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
+    return max_pixels
+
+
+def export_saved_model(model, model_dir, version=None, max_pixels=DEFAULT_MAX_PIXELS):
     """Exports `model` as version `version` of the TF Serving model `model_dir`.
 
     The SavedModel is written to a hidden staging directory beside the
@@ -218,6 +268,9 @@ def export_saved_model(model, model_dir, version=None):
             (`saved_models/<name>`), created if missing.
         version: int or `None`. Version directory name; `None` takes
             `next_version(model_dir)`. Defaults to `None`.
+        max_pixels: int. The most pixels (N·H·W) one request may hold; a
+            larger one gets an `InvalidArgument` error naming the cap.
+            Defaults to `DEFAULT_MAX_PIXELS` (16 megapixels).
 
     Returns:
         The `Path` of the version directory.
@@ -231,7 +284,7 @@ def export_saved_model(model, model_dir, version=None):
     version = next_version(model_dir) if version is None else check_version(version)
     path = model_dir / str(version)
     refuse_existing(path, "SavedModel version")
-    module = build_serving_module(model)
+    module = build_serving_module(model, max_pixels)
     model_dir.mkdir(parents=True, exist_ok=True)
     # Hidden, not an integer: TF Serving ignores it while it is written.
     staging = model_dir / f".{version}-staging-{uuid.uuid4().hex[:8]}"

@@ -44,6 +44,7 @@ from tensorflow.python.framework.convert_to_constants import (
     convert_variables_to_constants_v2,
 )
 
+from kseg.export.defaults import DEFAULT_CALIBRATION_IMAGES, QUANTIZATIONS
 from kseg.export.saved_model import (
     IMAGES,
     SERVING_SIGNATURE,
@@ -51,11 +52,10 @@ from kseg.export.saved_model import (
     predict_images,
     refuse_existing,
 )
+from kseg.files import write_bytes
 from kseg.layers.common import check_choice, resize
 from kseg.layers.guided_filter import GuidanceCRF, GuidedFilter
 
-QUANTIZATIONS = ("float32", "float16", "int8")
-DEFAULT_CALIBRATION_IMAGES = 100
 # Layers that compute in float32 under every dtype policy: their ops stay
 # float32 in int8 files too. The guided filter's window statistics and its
 # covariance determinant span ranges int8 cannot hold (int8 division by a
@@ -321,8 +321,9 @@ def export_tflite(
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with open(path, "xb") as file:
-            file.write(flatbuffer)
+        # A temporary file renamed into place: a kill never leaves a partial
+        # .tflite, and a file that appeared meanwhile is never replaced.
+        write_bytes(path, flatbuffer, overwrite=False)
     except FileExistsError:
         refuse_existing(path, "TFLite file")
     return path

@@ -1,15 +1,35 @@
 """Inference: prediction with test-time augmentation and sliding windows,
 label-map colouring and overlays, and the `kseg predict` command.
 
-One re-export per line (`name as name` marks it public for linters).
+The names load on first use (PEP 562), so that the command line can build
+its parser without importing TensorFlow.
 """
 
-from kseg.inference.commands import register as register
-from kseg.inference.predict import PAN_TTA_SCALES as PAN_TTA_SCALES
-from kseg.inference.predict import Prediction as Prediction
-from kseg.inference.predict import predict as predict
-from kseg.inference.predict import sliding_windows as sliding_windows
-from kseg.inference.visualize import PALETTES as PALETTES
-from kseg.inference.visualize import colorize as colorize
-from kseg.inference.visualize import get_palette as get_palette
-from kseg.inference.visualize import overlay as overlay
+_EXPORTS = {
+    "register": "kseg.inference.commands",
+    "PAN_TTA_SCALES": "kseg.inference.defaults",
+    "Prediction": "kseg.inference.predict",
+    "predict": "kseg.inference.predict",
+    "predict_tiled": "kseg.inference.predict",
+    "sliding_windows": "kseg.inference.predict",
+    "open_model": "kseg.inference.sources",
+    "PALETTES": "kseg.inference.visualize",
+    "colorize": "kseg.inference.visualize",
+    "get_palette": "kseg.inference.visualize",
+    "overlay": "kseg.inference.visualize",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kseg.inference' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

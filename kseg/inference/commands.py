@@ -1,4 +1,9 @@
-"""`kseg predict`: segment image files with a saved `.keras` model.
+"""`kseg predict`: segment image files with a saved model.
+
+MODEL is any model `kseg train` or `kseg export` writes: a `.keras` file
+(`model.keras`, `checkpoints/best.keras`), a run directory, a SavedModel
+(version folder or TF Serving model folder: its highest version) or a
+`.tflite` file (run by windows of its fixed input size).
 
 For each input `DIR/name.ext` it writes `OUT/name.png`, an indexed (palette,
 colour type 3) PNG whose pixel values are the class indices — the format of
@@ -7,6 +12,11 @@ with `--overlay`, `OUT/name_overlay.png`, the label colours blended over the
 image (RGB PNG). An image that cannot be read or segmented is reported on
 stderr (naming the file and the reason) and skipped; the exit status is 1 if
 any image failed. Existing outputs are never replaced without `--overwrite`.
+
+Images larger than `--max-pixels` (default 1 megapixel) run by windows
+(`--window`, default 512×512) one row of windows at a time, so memory does
+not grow with the image beyond the image and its class map; test-time
+augmentation then applies to each window.
 """
 
 import argparse
@@ -14,21 +24,14 @@ import re
 import sys
 from pathlib import Path
 
-import keras
-import tensorflow as tf
+# TensorFlow and Keras load only when the command runs: `kseg --help` and
+# argument errors answer at once.
+from kseg.inference.defaults import PAN_TTA_SCALES
 
-# Importing the packages registers kseg's layers and models with Keras, so
-# `load_model` can rebuild them.
-import kseg.layers  # noqa: F401
-import kseg.models  # noqa: F401
-from kseg.data import decode_image, encode_index_png, voc_colormap
-from kseg.data.png import encode_rgb_png
-from kseg.inference.predict import PAN_TTA_SCALES, predict
-from kseg.inference.visualize import PALETTES, get_palette, overlay
-
-# The dataset palette a model's class count implies; other counts use the
-# VOC colormap, whose colours are all distinct.
-_PALETTE_BY_CLASSES = {len(palette): name for name, palette in PALETTES.items()}
+# The names of `kseg.inference.visualize.PALETTES` (a test keeps them equal).
+PALETTE_NAMES = ("ade20k", "cityscapes", "voc")
+DEFAULT_MAX_PIXELS = 1 << 20
+DEFAULT_TILE = 512
 
 
 def register(subparsers):
@@ -44,7 +47,10 @@ def register(subparsers):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "model", type=Path, metavar="MODEL", help="the .keras model file"
+        "model",
+        type=Path,
+        metavar="MODEL",
+        help="a .keras file, a run directory, a SavedModel folder or a .tflite file",
     )
     parser.add_argument(
         "images",
@@ -78,7 +84,16 @@ def register(subparsers):
         type=_positive_int,
         nargs=2,
         metavar=("H", "W"),
-        help="sliding-window size, typically the training crop (default: whole images)",
+        help="sliding-window size, typically the training crop (default: whole "
+        f"images up to --max-pixels, larger ones by {DEFAULT_TILE}×{DEFAULT_TILE} "
+        "windows; a .tflite file's input size)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        help="images with more pixels run by windows, one row at a time, so "
+        f"memory stays bounded (default: {DEFAULT_MAX_PIXELS})",
     )
     parser.add_argument(
         "--overlap",
@@ -94,7 +109,7 @@ def register(subparsers):
     )
     parser.add_argument(
         "--palette",
-        choices=sorted(PALETTES),
+        choices=PALETTE_NAMES,
         help="label colours (default: from the class count — 21 voc, "
         "19 cityscapes, 150 ade20k — else the VOC colormap)",
     )
@@ -116,27 +131,32 @@ def register(subparsers):
 
 def run_predict(args):
     """Runs `kseg predict` for parsed `args`; returns the exit status."""
+    from kseg.data import encode_index_png
+    from kseg.data.png import encode_rgb_png
+    from kseg.files import describe_os_error
+    from kseg.inference.predict import predict, predict_tiled
+    from kseg.inference.sources import open_model
+    from kseg.inference.visualize import overlay
+
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        _error(f"cannot create the output folder {args.out}: {error.strerror}")
-        return 1
-    if not args.model.is_file():
-        _error(f"model file not found: {args.model}")
+        _error(describe_os_error(error, f"create the output folder {args.out}"))
         return 1
     try:
-        model = keras.saving.load_model(args.model)
-    except (OSError, ValueError, TypeError) as error:
-        _error(f"cannot load the model {args.model}: {error}")
+        source = open_model(args.model)
+    except (OSError, ValueError, TypeError, ImportError) as error:
+        _error(str(error))
         return 1
 
+    window = tuple(args.window) if args.window else source.input_size
     options = {
         "scales": PAN_TTA_SCALES if args.tta else tuple(args.scales),
         "flip": args.tta or args.flip,
-        "window": tuple(args.window) if args.window else None,
         "overlap": args.overlap,
         "batch_size": args.batch_size,
     }
+    palette = None
     claimed = {}
     failures = 0
     for image_path in args.images:
@@ -152,9 +172,17 @@ def run_predict(args):
                             f"{path} already exists (pass --overwrite to replace it)"
                         )
             image = _read_image(image_path)
-            prediction = predict(model, image, **options)
-            palette = _palette(args.palette, prediction.probabilities.shape[-1])
-            label_map = prediction.class_map.astype("uint8")
+            height, width = image.shape[:2]
+            if height * width > args.max_pixels or source.input_size is not None:
+                tile = window or (DEFAULT_TILE, DEFAULT_TILE)
+                label_map = predict_tiled(source.model, image, tile, **options)
+            else:
+                label_map = predict(
+                    source.model, image, window=window, **options
+                ).class_map
+            if palette is None:
+                palette = _palette(args.palette, _num_classes(source.model, image))
+            label_map = label_map.astype("uint8")
             _write(outputs[0], encode_index_png(label_map, palette), args.overwrite)
             if args.overlay:
                 blended = overlay(image, label_map, palette, alpha=args.alpha)
@@ -179,6 +207,17 @@ def _claim(output, image_path, claimed):
     claimed[output] = image_path
 
 
+def _num_classes(model, image):
+    """The class count of a model's output, from one tiny call."""
+    import numpy as np
+
+    size = (min(image.shape[0], 64), min(image.shape[1], 64))
+    if getattr(model, "input_size", None) is not None:
+        size = model.input_size
+    logits = model(np.zeros((1, *size, 3), np.float32), training=False)["logits"]
+    return int(logits.shape[-1])
+
+
 def _read_image(path):
     """The image as uint8 RGB `(H, W, 3)`, decoded as kseg's input pipelines
     decode it; unreadable files raise `OSError` / `ValueError` with the
@@ -187,6 +226,10 @@ def _read_image(path):
         data = path.read_bytes()
     except OSError as error:
         raise OSError(f"cannot read the image file: {error.strerror}") from None
+    import tensorflow as tf
+
+    from kseg.data import decode_image
+
     try:
         return decode_image(data).numpy()
     except tf.errors.InvalidArgumentError as error:
@@ -196,12 +239,18 @@ def _read_image(path):
 
 
 def _palette(name, num_classes):
+    from kseg.data import voc_colormap
+    from kseg.inference.visualize import PALETTES, get_palette
+
     if num_classes > 255:
         raise ValueError(
             f"the model predicts {num_classes} classes; a label PNG holds at most 255"
         )
     if name is None:
-        name = _PALETTE_BY_CLASSES.get(num_classes)
+        # The dataset palette a model's class count implies; other counts use
+        # the VOC colormap, whose colours are all distinct.
+        by_classes = {len(palette): name for name, palette in PALETTES.items()}
+        name = by_classes.get(num_classes)
         if name is None:
             return voc_colormap(num_classes)
     palette = get_palette(name)
@@ -214,14 +263,16 @@ def _palette(name, num_classes):
 
 
 def _write(path, data, overwrite):
-    # Exclusive creation ("x") keeps a file that appeared since the check.
+    from kseg.files import describe_os_error, write_bytes
+
     try:
-        with open(path, "wb" if overwrite else "xb") as file:
-            file.write(data)
+        write_bytes(path, data, overwrite=overwrite)
     except FileExistsError:
         raise ValueError(
             f"{path} already exists (pass --overwrite to replace it)"
         ) from None
+    except OSError as error:
+        raise ValueError(describe_os_error(error, f"write {path}")) from None
 
 
 def _error(message):

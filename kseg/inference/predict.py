@@ -24,9 +24,6 @@ from kseg.data.preprocessing import preprocess_images
 from kseg.layers.common import resize
 from kseg.models.segmenter import check_positive_int, check_rate
 
-# Evaluation scales of PAN (Li et al., BMVC 2018, Sec. 4.2 / Table 5, "MS").
-PAN_TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-
 
 class Prediction(NamedTuple):
     """The result of `predict`.
@@ -112,6 +109,18 @@ def predict(
     batch_size = check_positive_int(batch_size, "batch_size")
     mean = _check_mean(mean, image.shape[-1])
 
+    total = _tta_probabilities(
+        model, image, scales, flip, window, overlap, batch_size, mean
+    )
+    return Prediction(
+        class_map=np.argmax(total, axis=-1).astype(np.int32),
+        probabilities=total.astype(np.float32, copy=False),
+    )
+
+
+def _tta_probabilities(model, image, scales, flip, window, overlap, batch_size, mean):
+    """The averaged softmax probabilities `(H, W, C)` of one preprocessed
+    float32 image over `scales` × (mirrored if `flip`)."""
     height, width = image.shape[:2]
     total = None
     for scale in scales:
@@ -128,10 +137,91 @@ def predict(
             probabilities = _resize(probabilities, (height, width))
         total = probabilities if total is None else total + probabilities
     total /= len(scales) * (2 if flip else 1)
-    return Prediction(
-        class_map=np.argmax(total, axis=-1).astype(np.int32),
-        probabilities=total.astype(np.float32, copy=False),
-    )
+    return total
+
+
+def predict_tiled(
+    model,
+    image,
+    window,
+    scales=(1.0,),
+    flip=False,
+    overlap=1 / 3,
+    batch_size=4,
+    mean=IMAGENET_MEAN,
+):
+    """The class map of a large image, by windows, in memory that does not
+    grow with the image beyond the image and its class map.
+
+    The windows are `sliding_windows(image size, window, overlap)`; each
+    window's crop gets `scales` × `flip` test-time augmentation (as
+    `predict` gives a whole image) and the probabilities of overlapping
+    windows are averaged per pixel, as `predict(..., window=window)`
+    averages them. Windows run one row at a time: only the probabilities
+    of the rows that a later window may still cover are held (at most
+    `window height × W × classes` floats), and finished rows become class
+    indices at once. With `scales=(1.0,)` and `flip=False` the class map
+    equals `predict(model, image, window=window).class_map`.
+
+    Args:
+        model: as for `predict`.
+        image: array `(H, W, 3)`, RGB in 0–255 (typically uint8: it is
+            converted to float32 one window at a time).
+        window: int or `(height, width)`. The window size.
+        scales, flip, overlap, batch_size, mean: as for `predict`.
+
+    Returns:
+        int32 array `(H, W)`: the arg-max class of each pixel.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3:
+        raise ValueError(f"image must have shape (height, width, 3), got {image.shape}")
+    scales = _check_scales(scales)
+    window = _size_pair(window, "window")
+    overlap = check_rate(overlap, "overlap")
+    batch_size = check_positive_int(batch_size, "batch_size")
+    mean = _check_mean(mean, image.shape[-1])
+    height, width = image.shape[:2]
+    canvas = (max(height, window[0]), max(width, window[1]))
+    tops = _window_starts(canvas[0], window[0], overlap)
+    lefts = _window_starts(canvas[1], window[1], overlap)
+    class_map = np.zeros((height, width), np.int32)
+    # Rows [done, done + len(sums)) of the canvas whose windows are not all in.
+    done = 0
+    sums = counts = None
+    for row, top in enumerate(tops):
+        bottom = top + window[0]
+        for left in lefts:
+            crop = np.empty((*window, image.shape[-1]), np.float32)
+            crop[...] = mean
+            piece = image[top:bottom, left : left + window[1]]
+            crop[: piece.shape[0], : piece.shape[1]] = preprocess_images(piece)
+            probabilities = _tta_probabilities(
+                model, crop, scales, flip, None, overlap, batch_size, mean
+            )
+            if sums is None:
+                sums = np.zeros((0, canvas[1], probabilities.shape[-1]), np.float32)
+                counts = np.zeros((0, canvas[1]), np.float32)
+            grow = bottom - done - len(sums)
+            if grow > 0:
+                sums = np.concatenate(
+                    [sums, np.zeros((grow, *sums.shape[1:]), np.float32)]
+                )
+                counts = np.concatenate(
+                    [counts, np.zeros((grow, canvas[1]), np.float32)]
+                )
+            rows = slice(top - done, bottom - done)
+            sums[rows, left : left + window[1]] += probabilities
+            counts[rows, left : left + window[1]] += 1.0
+        # Rows above the next window row are final.
+        final = (tops[row + 1] if row + 1 < len(tops) else canvas[0]) - done
+        keep = min(final, max(0, height - done))
+        if keep > 0:
+            averaged = sums[:keep, :width] / counts[:keep, :width, None]
+            class_map[done : done + keep] = np.argmax(averaged, axis=-1)
+        sums, counts = sums[final:], counts[final:]
+        done += final
+    return class_map
 
 
 def sliding_windows(size, window, overlap=1 / 3):
@@ -212,7 +302,7 @@ def _probabilities(model, images, window, overlap, batch_size, mean):
 def _forward(model, batch):
     """Runs `model` on a float32 NHWC batch; returns float32 softmax
     probabilities as NumPy."""
-    if keras.backend.backend() == "jax":
+    if keras.backend.backend() == "jax" and isinstance(model, keras.Model):
         # Eager JAX dispatches layer by layer (≈50× slower than one jitted
         # call); `predict_on_batch` jits once per input shape. The TensorFlow
         # predict function relaxes repeated shapes to `None`, which kseg's

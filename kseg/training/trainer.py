@@ -49,6 +49,7 @@ from kseg.data import (
     voc_colormap,
 )
 from kseg.inference import predict
+from kseg.models import load_model
 from kseg.training.callbacks import EpochSummary, PredictedMasks
 from kseg.training.losses import segmentation_losses
 from kseg.training.metrics import (
@@ -726,13 +727,6 @@ def _fit_and_evaluate(
         steps=steps_done,
         history=history.history,
     )
-
-
-def load_model(path):
-    """Loads a `.keras` model saved by `train` (all kseg classes registered)."""
-    import kseg.layers  # noqa: F401  (registers the kseg layer classes)
-
-    return keras.saving.load_model(path, compile=False)
 
 
 def evaluate(model, recipe, data_dir=None, split=None, progress=True):

@@ -1,0 +1,5 @@
+"""Inference settings shared by the library and the command line (no
+TensorFlow import, so `kseg --help` stays fast)."""
+
+# Evaluation scales of PAN (Li et al., BMVC 2018, Sec. 4.2 / Table 5, "MS").
+PAN_TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)

@@ -1,0 +1,131 @@
+"""What `kseg predict` can run: every model file `kseg train` and
+`kseg export` write.
+
+- a `.keras` file (`model.keras`, `checkpoints/best.keras`, `last.keras`);
+- a run directory (its `model.keras`);
+- a SavedModel: a version folder (`saved_models/NAME/3`) or a TF Serving
+  model folder (`saved_models/NAME`, its highest version);
+- a `.tflite` file (fixed input size: images run by windows of that size).
+
+`open_model(path)` returns a `ModelSource` whose `model` is called like a
+kseg Keras model on float32 RGB batches in 0–255 and returns `{"logits"}`
+(for exports: the log of their probabilities, whose softmax is the
+probabilities), so `kseg.inference.predict` runs all of them the same way.
+"""
+
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+MODEL_FILE = "model.keras"
+
+
+class ModelSource(NamedTuple):
+    """A model to predict with.
+
+    Attributes:
+        model: callable `(images float32 (N, h, w, 3), training=False) ->
+            {"logits": (N, h, w, C)}`.
+        kind: `"keras"`, `"saved_model"` or `"tflite"`.
+        path: the file or folder loaded.
+        input_size: `(H, W)` the model only takes (TFLite), else `None`.
+    """
+
+    model: object
+    kind: str
+    path: Path
+    input_size: tuple | None
+
+
+def open_model(path):
+    """Loads any model `kseg train` or `kseg export` wrote (see the module
+    docstring); raises `FileNotFoundError` / `ValueError` naming the path and
+    what it expected."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model file not found: {path}")
+    if path.is_dir():
+        if (path / MODEL_FILE).is_file():
+            return _keras(path / MODEL_FILE)
+        if (path / "saved_model.pb").is_file():
+            return _saved_model(path)
+        versions = sorted(
+            (int(child.name), child)
+            for child in path.iterdir()
+            if child.name.isdigit() and (child / "saved_model.pb").is_file()
+        )
+        if versions:
+            return _saved_model(versions[-1][1])
+        if (path / "recipe.yaml").is_file():
+            raise ValueError(
+                f"the run {path} has no {MODEL_FILE} yet (not finished): pass "
+                f"{path / 'checkpoints' / 'best.keras'} or resume the run"
+            )
+        raise ValueError(
+            f"{path} is neither a kseg run directory ({MODEL_FILE}) nor a "
+            "SavedModel (saved_model.pb, or version folders holding one)"
+        )
+    if path.suffix == ".tflite":
+        return _tflite(path)
+    return _keras(path)
+
+
+def _keras(path):
+    from kseg.models import load_model
+
+    return ModelSource(load_model(path), "keras", path, None)
+
+
+class _SavedModelRunner:
+    """A kseg SavedModel's `serving_default` as a kseg-model-like callable."""
+
+    def __init__(self, path):
+        import tensorflow as tf
+
+        try:
+            loaded = tf.saved_model.load(str(path))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot load the SavedModel {path}: {error}") from None
+        if "serving_default" not in loaded.signatures:
+            raise ValueError(f"the SavedModel {path} has no serving_default signature")
+        self._loaded = loaded
+        self._signature = loaded.signatures["serving_default"]
+
+    def __call__(self, images, training=False):
+        pixels = np.clip(np.round(np.asarray(images)), 0, 255).astype(np.uint8)
+        outputs = self._signature(images=pixels)
+        if "probabilities" not in outputs:
+            raise ValueError(
+                "the SavedModel's serving_default returns no 'probabilities' "
+                "(not a kseg segmentation export)"
+            )
+        probabilities = np.asarray(outputs["probabilities"], np.float32)
+        return {"logits": np.log(np.maximum(probabilities, 1e-30))}
+
+
+def _saved_model(path):
+    return ModelSource(_SavedModelRunner(path), "saved_model", path, None)
+
+
+class _TFLiteRunner:
+    """A kseg `.tflite` file as a kseg-model-like callable (fixed size)."""
+
+    def __init__(self, path):
+        from kseg.export.tflite import TFLiteSegmenter
+
+        try:
+            self._segmenter = TFLiteSegmenter(path)
+        except ValueError as error:
+            raise ValueError(f"cannot load the TFLite file {path}: {error}") from None
+        self.input_size = self._segmenter.input_size
+
+    def __call__(self, images, training=False):
+        pixels = np.clip(np.round(np.asarray(images)), 0, 255).astype(np.uint8)
+        probabilities = self._segmenter(pixels)["probabilities"]
+        return {"logits": np.log(np.maximum(probabilities, 1e-30))}
+
+
+def _tflite(path):
+    runner = _TFLiteRunner(path)
+    return ModelSource(runner, "tflite", path, runner.input_size)
