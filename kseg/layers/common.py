@@ -1,5 +1,9 @@
 """Building blocks shared by the paper layers: one resize convention, a
-conv–BN–ReLU block and input validation with clear error messages."""
+conv–BN–ReLU block, the base class of every kseg layer and input validation
+with clear error messages."""
+
+import difflib
+import inspect
 
 import keras
 import numpy as np
@@ -116,8 +120,67 @@ def check_channels(shape, what):
     return int(shape[-1])
 
 
+def check_keyword_arguments(owner, kwargs, accepted):
+    """Raises `TypeError` naming the first entry of `kwargs` not in `accepted`.
+
+    `keras.layers.Layer` raises `ValueError` for unknown keyword arguments and
+    a functional `keras.Model` drops them silently (Keras 3.15), so
+    `PAN(backbone, 3, filtrs=7)` would build a default PAN. kseg raises the
+    `TypeError` Python raises for any function's unknown keyword, with the
+    closest valid name as a hint.
+
+    Args:
+        owner: the class whose constructor received `kwargs`; its own
+            parameters are offered as suggestions.
+        kwargs: dict. The keyword arguments left after the constructor's own.
+        accepted: the names the base class takes.
+    """
+    unknown = [key for key in kwargs if key not in accepted]
+    if not unknown:
+        return
+    own = [
+        name
+        for name, parameter in inspect.signature(owner.__init__).parameters.items()
+        if name != "self"
+        and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+    ]
+    valid = own + sorted(set(accepted) - set(own))
+    close = difflib.get_close_matches(unknown[0], valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise TypeError(
+        f"{owner.__name__} got an unexpected keyword argument {unknown[0]!r}"
+        f"{hint}; it takes {', '.join(valid)}"
+    )
+
+
+# The keyword arguments of `keras.layers.Layer.__init__` (name, dtype,
+# trainable, autocast, activity_regularizer in Keras 3.15), read from its
+# public signature.
+LAYER_KEYWORD_ARGUMENTS = frozenset(
+    name
+    for name, parameter in inspect.signature(
+        keras.layers.Layer.__init__
+    ).parameters.items()
+    if parameter.kind == parameter.KEYWORD_ONLY
+)
+
+
+class KsegLayer(keras.layers.Layer):
+    """The base class of every kseg layer: a `keras.layers.Layer` whose
+    constructor raises `TypeError` for an unknown keyword argument.
+
+    Subclasses pass their remaining `**kwargs` to `super().__init__`, which
+    accepts only `keras.layers.Layer`'s own keyword arguments
+    (`LAYER_KEYWORD_ARGUMENTS`).
+    """
+
+    def __init__(self, **kwargs):
+        check_keyword_arguments(type(self), kwargs, LAYER_KEYWORD_ARGUMENTS)
+        super().__init__(**kwargs)
+
+
 @keras.saving.register_keras_serializable(package="kseg")
-class ConvBNReLU(keras.layers.Layer):
+class ConvBNReLU(KsegLayer):
     """Convolution, batch normalization and an activation, as one layer.
 
     The "conv–BN–ReLU" unit the papers use everywhere (FPA, GAU, SS heads). The
@@ -220,7 +283,7 @@ class ConvBNReLU(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="kseg")
-class ResizeLike(keras.layers.Layer):
+class ResizeLike(KsegLayer):
     """Resizes a tensor to the spatial size of a reference tensor.
 
     The layer form of `resize_like`, for functional models whose input size

@@ -11,6 +11,7 @@ from keras import ops
 
 from kseg.layers.common import (
     ConvBNReLU,
+    KsegLayer,
     check_channels,
     check_rank,
     depth_to_space,
@@ -31,7 +32,7 @@ def _conv(filters, kernel_size, dtype, name):
 
 
 @keras.saving.register_keras_serializable(package="kseg")
-class GlobalConvolution(keras.layers.Layer):
+class GlobalConvolution(KsegLayer):
     """Global convolution: two separable large-kernel branches, summed.
 
     The GCN block of Peng et al., "Large Kernel Matters" (CVPR 2017, Fig. 2),
@@ -94,7 +95,7 @@ class GlobalConvolution(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="kseg")
-class BoundaryRefinement(keras.layers.Layer):
+class BoundaryRefinement(KsegLayer):
     """Boundary refinement: a residual block of two 3×3 convolutions.
 
     The BR block of "Large Kernel Matters" (Fig. 2), used after every global
@@ -137,7 +138,7 @@ class BoundaryRefinement(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="kseg")
-class SemanticEmbeddingBranch(keras.layers.Layer):
+class SemanticEmbeddingBranch(KsegLayer):
     """Semantic embedding branch: gates a low-level feature with higher ones.
 
     ExFuse Sec. 3.1, Fig. 4 (SEB): for the features `[x_l, x_{l+1}, ..., x_L]`
@@ -206,7 +207,7 @@ class SemanticEmbeddingBranch(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="kseg")
-class SubPixelUpsample(keras.layers.Layer):
+class SubPixelUpsample(KsegLayer):
     """Parameter-free sub-pixel upsampling (depth-to-space).
 
     The upsampling of ExFuse's explicit channel resolution embedding (ECRE,
@@ -264,7 +265,7 @@ class SubPixelUpsample(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="kseg")
-class DenselyAdjacentPrediction(keras.layers.Layer):
+class DenselyAdjacentPrediction(KsegLayer):
     """Densely adjacent prediction: each pixel averages its neighbours' votes.
 
     ExFuse Sec. 3.2, Fig. 6 (DAP). The `C·k²` input channels hold, for every
@@ -338,7 +339,7 @@ class DenselyAdjacentPrediction(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="kseg")
-class SemanticSupervisionHead(keras.layers.Layer):
+class SemanticSupervisionHead(KsegLayer):
     """Semantic supervision head: an auxiliary classifier on a backbone stage.
 
     ExFuse Sec. 3.1, Fig. 3 (SS): two 3×3 conv–BN–ReLU units, global average

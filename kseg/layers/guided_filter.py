@@ -11,7 +11,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from kseg.layers.common import check_channels, check_rank
+from kseg.layers.common import KsegLayer, check_channels, check_rank
 
 # Length of the short cumulative sums that `_cumsum` nests. XLA on CPU lowers a
 # cumsum to a reduce-window over the whole axis, which costs O(length²): for a
@@ -320,7 +320,7 @@ def guided_filter(guide, inputs, radius, epsilon):
 
 
 @keras.saving.register_keras_serializable(package="kseg")
-class GuidedFilter(keras.layers.Layer):
+class GuidedFilter(KsegLayer):
     """He et al.'s guided filter as a layer (always float32).
 
     The message-passing step of SegModel's guidance CRF (Shen et al., CVPR
@@ -413,7 +413,7 @@ def _serialize_initializer(initializer):
 
 
 @keras.saving.register_keras_serializable(package="kseg")
-class GuidanceCRF(keras.layers.Layer):
+class GuidanceCRF(KsegLayer):
     """Mean-field CRF whose message passing is a guided filter (float32).
 
     The guidance CRF of SegModel (Shen et al., CVPR 2017, section 5,

@@ -7,6 +7,7 @@ from keras import ops
 
 from kseg.layers.common import (
     ConvBNReLU,
+    KsegLayer,
     check_channels,
     check_choice,
     check_positive_int,
@@ -35,7 +36,7 @@ def _halved(size):
 
 
 @keras.saving.register_keras_serializable(package="kseg")
-class FeaturePyramidAttention(keras.layers.Layer):
+class FeaturePyramidAttention(KsegLayer):
     """Feature pyramid attention: pixel-wise attention from a small U-shaped
     pyramid, multiplied into a 1×1 projection of the input.
 
@@ -219,7 +220,7 @@ class FeaturePyramidAttention(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="kseg")
-class GlobalAttentionUpsample(keras.layers.Layer):
+class GlobalAttentionUpsample(KsegLayer):
     """Global attention upsample: low-level features weighted by the global
     context of the high-level features, plus the upsampled high-level features.
 

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from kseg.layers.common import check_channels, check_choice, check_rank
+from kseg.layers.common import KsegLayer, check_channels, check_choice, check_rank
 
 
 def _is_shape_list(shape):
@@ -46,7 +46,7 @@ def _conv(filters, kernel_size, name, dtype, strides=1, activation="relu"):
 
 
 @keras.saving.register_keras_serializable(package="kseg")
-class BottomUpPathAugmentation(keras.layers.Layer):
+class BottomUpPathAugmentation(KsegLayer):
     """Bottom-up path augmentation: builds `[N2, ..., N5]` from `[P2, ..., P5]`.
 
     PANet section 3.1 (Figure 2). A short path from the fine FPN level to the
@@ -136,7 +136,7 @@ class BottomUpPathAugmentation(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="kseg")
-class RoIAlign(keras.layers.Layer):
+class RoIAlign(KsegLayer):
     """RoIAlign: bilinear pooling of a fixed grid per box (Mask R-CNN).
 
     PANet pools every proposal from every level N2..N5 with RoIAlign (section
@@ -363,7 +363,7 @@ class RoIAlign(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="kseg")
-class AdaptiveFeaturePooling(keras.layers.Layer):
+class AdaptiveFeaturePooling(KsegLayer):
     """Adaptive feature pooling: per-level first layer, then element-wise fusion.
 
     PANet section 3.2 (Figure 1(c), Table 4). Every proposal is pooled from
@@ -466,7 +466,7 @@ class AdaptiveFeaturePooling(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="kseg")
-class FullyConnectedFusionMaskHead(keras.layers.Layer):
+class FullyConnectedFusionMaskHead(KsegLayer):
     """Mask head with fully-connected fusion (PANet Figure 4).
 
     PANet section 3.3 (Table 5: short path from conv3, fused by sum). The FCN

@@ -1,13 +1,16 @@
-"""SegModel's structured patch prediction and distance-aware context CRF.
+"""SegModel's structured patch prediction, distance-aware context CRF and
+learnable score upsampling.
 
 Shen et al., "Semantic segmentation via structured patch prediction, context
 CRF and guidance CRF" (CVPR 2017), sections 3 and 4.
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 from kseg.layers.common import (
+    KsegLayer,
     check_channels,
     check_positive_int,
     check_rank,
@@ -29,8 +32,110 @@ def _box_mean(x, size):
     return ops.average_pool(x, size, strides=1, padding="same")
 
 
+def bilinear_upsampling_kernel(factor):
+    """The 1D kernel of a stride-`factor` transposed convolution ("same"
+    padding) that equals `kseg.layers.common.resize`'s ×`factor` bilinear
+    upsampling (half-pixel centres).
+
+    Output pixel `o` samples the input at `(o + 0.5) / factor - 0.5`, so
+    input pixel `i` contributes `max(0, 1 - |o + 0.5 - factor·(i + 0.5)| /
+    factor)`; "same" padding puts that weight at kernel tap
+    `t = o - factor·i + (size - factor) // 2`. The kernel has
+    `size = 2·factor - factor % 2` taps (the nonzero ones), e.g. `[1, 3, 3,
+    1] / 4` for ×2 and `[1, 3, 5, 7, 7, 5, 3, 1] / 8` for ×4.
+    """
+    size = 2 * factor - factor % 2
+    taps = np.arange(size)
+    return 1.0 - np.abs(taps - (size - 1) / 2) / factor
+
+
 @keras.saving.register_keras_serializable(package="kseg")
-class StructuredPatchPrediction(keras.layers.Layer):
+class LearnableUpsampling(KsegLayer):
+    """×`factor` upsampling by a learnable transposed convolution per channel,
+    initialised to bilinear interpolation.
+
+    SegModel (Shen et al., CVPR 2017, Sec. 2, before Eq. 5) brings the score
+    map to ¼ resolution "by transposed convolution with learnable
+    parameters" before the guidance CRF. Each channel (class) has its own
+    `k × k` kernel (`k = 2·factor - factor % 2`, stride `factor`, no bias, no
+    mixing between channels: a depthwise transposed convolution, the FCN
+    deconvolution with one group per class), initialised to the outer product
+    of `bilinear_upsampling_kernel(factor)`.
+
+    The input is first padded by one pixel on every side with copies of its
+    edge (and the `factor` output pixels that padding adds per side are
+    cropped). With that padding, the initial layer equals
+    `resize(x, (factor·h, factor·w))` — bilinear, half-pixel centres,
+    clamped at the border — at every output pixel, borders included (to
+    float rounding); with zero padding the outer `factor // 2` rows and
+    columns would be darker. A trained kernel is applied the same way: the
+    border sees the edge values continued.
+
+    Example:
+    >>> layer = LearnableUpsampling(4)
+    >>> layer(np.zeros((2, 8, 8, 21))).shape
+    (2, 32, 32, 21)
+
+    Args:
+        factor: int. Upsampling factor (the transposed convolution's stride).
+        **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
+
+    Input shape:
+        4D tensor `(batch, height, width, channels)`, channels known.
+
+    Output shape:
+        4D tensor `(batch, height·factor, width·factor, channels)`.
+    """
+
+    def __init__(self, factor, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = check_positive_int(factor, "factor")
+        self.input_spec = keras.layers.InputSpec(ndim=4)
+
+    def build(self, input_shape):
+        check_rank(input_shape, 4, f"{self.name} input")
+        channels = check_channels(input_shape, f"{self.name} input")
+        taps = bilinear_upsampling_kernel(self.factor)
+        bilinear = np.repeat(np.outer(taps, taps)[:, :, None], channels, axis=-1)
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=bilinear.shape,
+            initializer=lambda shape, dtype=None: ops.convert_to_tensor(
+                bilinear, dtype=dtype
+            ),
+        )
+
+    def call(self, inputs):
+        f = self.factor
+        # One edge pixel on every side: the taps that would read zeros at the
+        # border read the edge value, as `resize`'s clamped sampling does.
+        x = ops.concatenate([inputs[:, :1], inputs, inputs[:, -1:]], axis=1)
+        x = ops.concatenate([x[:, :, :1], x, x[:, :, -1:]], axis=2)
+        kernel = ops.cast(self.kernel, self.compute_dtype)
+        channels = kernel.shape[-1]
+        # Depthwise as a diagonal (k, k, out, in) kernel: `ops` has no grouped
+        # transposed convolution, and this one converts to TFLite's builtin
+        # TRANSPOSE_CONV. The cost (C² per tap) is small beside the encoder.
+        kernel = kernel[:, :, :, None] * ops.eye(channels, dtype=kernel.dtype)
+        x = ops.conv_transpose(x, kernel, strides=f, padding="same")
+        return x[:, f:-f, f:-f]
+
+    def compute_output_shape(self, input_shape):
+        f = self.factor
+        height, width = input_shape[1], input_shape[2]
+        return (
+            input_shape[0],
+            None if height is None else height * f,
+            None if width is None else width * f,
+            input_shape[3],
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor}
+
+
+@keras.saving.register_keras_serializable(package="kseg")
+class StructuredPatchPrediction(KsegLayer):
     """Predicts an `n × n` patch of class logits per position (depth-to-space).
 
     Structured patch prediction of SegModel (Shen et al., CVPR 2017, Sec. 3.2):
@@ -103,7 +208,7 @@ class StructuredPatchPrediction(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="kseg")
-class ContextCRF(keras.layers.Layer):
+class ContextCRF(KsegLayer):
     """Distance-aware high-order context CRF with learned messages.
 
     The context CRF of SegModel (Shen et al., CVPR 2017, Sec. 4, Fig. 3,

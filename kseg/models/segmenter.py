@@ -3,12 +3,15 @@
 import keras
 import numpy as np
 
-from kseg.layers.common import ResizeLike
+from kseg.layers.common import ResizeLike, check_keyword_arguments
 
 # Re-exported: the models and kseg.inference validate their options with it.
 from kseg.layers.common import check_positive_int as check_positive_int
 
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
+# The keyword arguments a functional `keras.Model` reads besides its inputs
+# and outputs; it drops any other silently (Keras 3.15).
+MODEL_KEYWORD_ARGUMENTS = frozenset(("name", "trainable"))
 
 
 @keras.saving.register_keras_serializable(package="kseg")
@@ -30,10 +33,14 @@ class Segmenter(keras.Model):
     resolution and float32 even under mixed precision; auxiliary outputs
     (named after the paper component that adds them) may be at lower
     resolution — the loss resizes logits to the label size.
+
+    A keyword argument that is neither the subclass's own nor `name` or
+    `trainable` raises `TypeError` naming it.
     """
 
-    def __init__(self, *args, backbone=None, dtype=None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, inputs, outputs, backbone=None, dtype=None, **kwargs):
+        check_keyword_arguments(type(self), kwargs, MODEL_KEYWORD_ARGUMENTS)
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
         self.backbone = backbone
         self.dtype_policy = self.resolve_dtype(dtype)
 

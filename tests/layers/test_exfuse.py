@@ -107,7 +107,7 @@ class GlobalConvolutionTest(TestCase):
             GlobalConvolution(0)
         with pytest.raises(ValueError, match="kernel_size"):
             GlobalConvolution(4, kernel_size=2.5)
-        with pytest.raises(ValueError, match="Unrecognized keyword"):
+        with pytest.raises(TypeError, match="unexpected keyword argument"):
             GlobalConvolution(4, padding="valid")
         with pytest.raises(ValueError, match="ndim=4"):
             GlobalConvolution(4)(np.zeros((2, 8, 3), "float32"))
@@ -145,7 +145,7 @@ class BoundaryRefinementTest(TestCase):
             BoundaryRefinement()(np.zeros((2, 4, 4, 4, 2), "float32"))
         with pytest.raises(ValueError, match="channel"):
             BoundaryRefinement().build((None, 4, 4, None))
-        with pytest.raises(ValueError, match="Unrecognized keyword"):
+        with pytest.raises(TypeError, match="unexpected keyword argument"):
             BoundaryRefinement(filters=3)
 
 
@@ -201,7 +201,7 @@ class SemanticEmbeddingBranchTest(TestCase):
             SemanticEmbeddingBranch(2)([x, np.zeros((1, 2, 2), "float32")])
         with pytest.raises(ValueError, match="filters"):
             SemanticEmbeddingBranch(-1)
-        with pytest.raises(ValueError, match="Unrecognized keyword"):
+        with pytest.raises(TypeError, match="unexpected keyword argument"):
             SemanticEmbeddingBranch(2, mode="sum")
 
 
@@ -248,7 +248,7 @@ class SubPixelUpsampleTest(TestCase):
             SubPixelUpsample(0)
         with pytest.raises(ValueError, match="ndim=4"):
             SubPixelUpsample(2)(np.zeros((1, 2, 8), "float32"))
-        with pytest.raises(ValueError, match="Unrecognized keyword"):
+        with pytest.raises(TypeError, match="unexpected keyword argument"):
             SubPixelUpsample(2, interpolation="nearest")
 
 
@@ -366,7 +366,7 @@ class DenselyAdjacentPredictionTest(TestCase):
             DenselyAdjacentPrediction(3.0)
         with pytest.raises(ValueError, match="ndim=4"):
             DenselyAdjacentPrediction(3)(np.zeros((1, 4, 9), "float32"))
-        with pytest.raises(ValueError, match="Unrecognized keyword"):
+        with pytest.raises(TypeError, match="unexpected keyword argument"):
             DenselyAdjacentPrediction(3, padding="same")
 
 
@@ -422,7 +422,7 @@ class SemanticSupervisionHeadTest(TestCase):
             SemanticSupervisionHead(3, filters=0)
         with pytest.raises(ValueError, match="ndim=4"):
             SemanticSupervisionHead(3)(np.zeros((2, 4, 3), "float32"))
-        with pytest.raises(ValueError, match="Unrecognized keyword"):
+        with pytest.raises(TypeError, match="unexpected keyword argument"):
             SemanticSupervisionHead(3, pooling="max")
 
 

@@ -5,7 +5,7 @@ import keras
 from keras import ops
 
 from kseg.backbones import resnext101_32x4d
-from kseg.layers.common import check_input_and_reference
+from kseg.layers.common import KsegLayer, check_input_and_reference
 from kseg.layers.exfuse import BoundaryRefinement, GlobalConvolution
 from kseg.models.segmenter import STAGE_NAMES, Segmenter, check_positive_int
 
@@ -21,7 +21,7 @@ UPSAMPLING_KERNEL_SIZE = 4
 
 
 @keras.saving.register_keras_serializable(package="kseg")
-class CropLike(keras.layers.Layer):
+class CropLike(KsegLayer):
     """Crops a tensor's bottom and right edges to a reference's spatial size.
 
     A ×2 upsampling of a feature of size `ceil(n / 32)` gives
