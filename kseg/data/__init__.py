@@ -1,5 +1,6 @@
 """Segmentation data: dataset readers, the synthetic shapes dataset, TFRecords,
-paired augmentation, label checks and palettes.
+paired augmentation, label checks and palettes; instance datasets (COCO,
+Cityscapes instances, synthetic instance scenes) and their `tf.data` pipelines.
 
 Every pipeline yields `(image uint8 (H, W, 3), label uint8 (H, W))` pairs whose
 labels are class indices with `IGNORE_LABEL` (255) for ignored pixels.
@@ -15,9 +16,33 @@ from kseg.data.augment import (
 )
 from kseg.data.dataset import (
     ArraySegmentationDataset,
+    DataError,
     SegmentationDataset,
+    data_error_message,
     decode_image,
+    load_image_file,
     read_label,
+)
+from kseg.data.instance_pipeline import (
+    augment_instances,
+    crop_masks_to_boxes,
+    instance_eval_pipeline,
+    instance_eval_transform,
+    instance_targets,
+    instance_train_pipeline,
+)
+from kseg.data.instances import (
+    CITYSCAPES_INSTANCE_CATEGORIES,
+    CityscapesInstanceDataset,
+    CocoInstanceDataset,
+    InstanceDataset,
+    boxes_from_masks,
+    decode_segmentation,
+    encode_mask,
+    format_instance_statistics,
+    instance_statistics,
+    read_cityscapes_instances,
+    read_coco,
 )
 from kseg.data.labels import (
     ADE20K_CLASSES,
@@ -56,41 +81,66 @@ from kseg.data.synthetic import (
     make_synthetic,
     synthetic_dataset,
 )
+from kseg.data.synthetic_instances import (
+    SYNTHETIC_INSTANCE_CLASSES,
+    SyntheticInstanceDataset,
+    make_synthetic_instances,
+)
 from kseg.data.tfrecord import convert_to_tfrecord, read_tfrecord, shard_paths
 
 __all__ = [
     "ADE20K_CLASSES",
     "ADE20K_PALETTE",
     "CITYSCAPES_CLASSES",
+    "CITYSCAPES_INSTANCE_CATEGORIES",
     "CITYSCAPES_LABEL_ID_TO_TRAIN_ID",
     "CITYSCAPES_PALETTE",
     "IGNORE_COLOR",
     "IGNORE_LABEL",
     "IMAGENET_MEAN",
     "SYNTHETIC_CLASSES",
+    "SYNTHETIC_INSTANCE_CLASSES",
     "SYNTHETIC_PALETTE",
     "VOC_CLASSES",
     "VOC_PALETTE",
     "ArraySegmentationDataset",
+    "CityscapesInstanceDataset",
+    "CocoInstanceDataset",
+    "InstanceDataset",
     "SegmentationDataset",
     "SyntheticDataset",
+    "SyntheticInstanceDataset",
     "ade20k_label_map",
     "augment",
     "augment_dataset",
+    "augment_instances",
+    "boxes_from_masks",
     "check_labels",
     "cityscapes_label_map",
     "class_histogram",
     "colorize",
     "convert_to_tfrecord",
+    "crop_masks_to_boxes",
     "decode_image",
     "decode_index_png",
+    "decode_segmentation",
     "encode_index_png",
+    "encode_mask",
     "eval_transform",
     "format_class_histogram",
+    "format_instance_statistics",
+    "instance_eval_pipeline",
+    "instance_eval_transform",
+    "instance_statistics",
+    "instance_targets",
+    "instance_train_pipeline",
     "make_synthetic",
+    "make_synthetic_instances",
     "preprocess_images",
     "read_ade20k",
     "read_cityscapes",
+    "read_cityscapes_instances",
+    "read_coco",
     "read_folder",
     "read_label",
     "read_tfrecord",
