@@ -4,6 +4,18 @@ Imports only keras and numpy: usable in any Keras 3 project, on any backend.
 """
 
 from kseg.layers.common import ConvBNReLU, ResizeLike, depth_to_space, resize
+from kseg.layers.detection import (
+    AnchorGenerator,
+    BatchedNMS,
+    BoxHead,
+    DetectionLayer,
+    FeaturePyramid,
+    MaskHead,
+    ProposalLayer,
+    PyramidLevelSelect,
+    PyramidRoIAlign,
+    RPNHead,
+)
 from kseg.layers.exfuse import (
     BoundaryRefinement,
     DenselyAdjacentPrediction,
@@ -27,4 +39,5 @@ GCN = GlobalConvolution
 SEB = SemanticEmbeddingBranch
 DAP = DenselyAdjacentPrediction
 FPA = FeaturePyramidAttention
+FPN = FeaturePyramid
 GAU = GlobalAttentionUpsample

@@ -12,6 +12,11 @@ from kseg.models.gcn import GCN as GCN
 from kseg.models.gcn import build_gcn_resnext101 as build_gcn_resnext101
 from kseg.models.pan import PAN as PAN
 from kseg.models.pan import build_pan_resnet101 as build_pan_resnet101
+from kseg.models.panet import PANet as PANet
+from kseg.models.panet import build_panet_resnet50_fpn as build_panet_resnet50_fpn
+from kseg.models.panet import (
+    build_panet_resnext101_fpn as build_panet_resnext101_fpn,
+)
 from kseg.models.saving import load_model as load_model
 from kseg.models.segmenter import Segmenter as Segmenter
 from kseg.models.segmodel import SegModel as SegModel

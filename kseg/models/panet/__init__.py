@@ -1,0 +1,19 @@
+"""PANet (Liu et al., CVPR 2018): Mask R-CNN + FPN with bottom-up path
+augmentation, adaptive feature pooling and fully-connected fusion, trained
+end to end with `model.fit`."""
+
+from kseg.models.panet.masks import crop_instance_mask
+from kseg.models.panet.panet import (
+    LOSS_NAMES,
+    PANet,
+    build_panet_resnet50_fpn,
+    build_panet_resnext101_fpn,
+)
+
+__all__ = [
+    "LOSS_NAMES",
+    "PANet",
+    "build_panet_resnet50_fpn",
+    "build_panet_resnext101_fpn",
+    "crop_instance_mask",
+]
