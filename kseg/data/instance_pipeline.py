@@ -268,8 +268,6 @@ def augment_instances(
     short_edge = None
     if short_edge_range is not None:
         short_edge = tf.random.stateless_uniform([], seeds[0], *short_edge_range)
-        if short_edge_range[0] == short_edge_range[1]:
-            short_edge = tf.constant(short_edge_range[0])
     scale = _resize_scale(shape[0], shape[1], short_edge, max_size)
     image, masks, size = _resize(image, masks, scale)
 

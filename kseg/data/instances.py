@@ -65,20 +65,15 @@ def encode_mask(mask):
     return rle
 
 
-def segmentation_to_rle(segmentation, height, width, where="<annotation>"):
-    """One compressed RLE for a COCO `segmentation` (polygons, RLE or compressed RLE).
+def check_segmentation(segmentation, height, width, where="<annotation>"):
+    """Checks the structure of a COCO `segmentation` without rasterising it.
 
-    Args:
-        segmentation: a list of polygons `[x1, y1, x2, y2, ...]` (merged into
-            one mask), an uncompressed RLE `{"size", "counts": [...]}` or a
-            compressed one `{"size", "counts": "..."}`.
-        height, width: int. Image size.
-        where: str. Named in errors (file and annotation id).
-
-    Returns:
-        Compressed RLE dict.
+    Raises:
+        ValueError: naming `where`, for an empty polygon list, a polygon of
+            fewer than 3 points, an odd or non-numeric coordinate list, an RLE
+            without `size` and `counts`, of another size than the image, or
+            whose uncompressed counts do not sum to the pixel count.
     """
-    api = mask_api()
     if isinstance(segmentation, list):
         if not segmentation:
             raise ValueError(f"{where}: empty polygon list")
@@ -93,8 +88,10 @@ def segmentation_to_rle(segmentation, height, width, where="<annotation>"):
                     f"{where}: a polygon must be a list of at least 3 (x, y) "
                     f"number pairs, got {str(polygon)[:80]}"
                 )
-        return api.merge(api.frPyObjects(segmentation, height, width))
-    if not isinstance(segmentation, dict) or set(segmentation) < {"size", "counts"}:
+        return
+    if not isinstance(segmentation, dict) or not {"size", "counts"} <= set(
+        segmentation
+    ):
         raise ValueError(
             f"{where}: segmentation must be polygons or an RLE dict with 'size' "
             f"and 'counts', got {str(segmentation)[:80]}"
@@ -105,11 +102,31 @@ def segmentation_to_rle(segmentation, height, width, where="<annotation>"):
             f"[{height}, {width}]"
         )
     counts = segmentation["counts"]
+    if isinstance(counts, list) and sum(counts) != height * width:
+        raise ValueError(
+            f"{where}: RLE counts sum to {sum(counts)}, expected {height * width}"
+        )
+
+
+def segmentation_to_rle(segmentation, height, width, where="<annotation>"):
+    """One compressed RLE for a COCO `segmentation` (polygons, RLE or compressed RLE).
+
+    Args:
+        segmentation: a list of polygons `[x1, y1, x2, y2, ...]` (merged into
+            one mask), an uncompressed RLE `{"size", "counts": [...]}` or a
+            compressed one `{"size", "counts": "..."}`.
+        height, width: int. Image size.
+        where: str. Named in errors (file and annotation id).
+
+    Returns:
+        Compressed RLE dict.
+    """
+    check_segmentation(segmentation, height, width, where)
+    api = mask_api()
+    if isinstance(segmentation, list):
+        return api.merge(api.frPyObjects(segmentation, height, width))
+    counts = segmentation["counts"]
     if isinstance(counts, list):
-        if sum(counts) != height * width:
-            raise ValueError(
-                f"{where}: RLE counts sum to {sum(counts)}, expected {height * width}"
-            )
         return api.frPyObjects(segmentation, height, width)
     if isinstance(counts, bytes):
         counts = counts.decode("ascii")
@@ -543,7 +560,7 @@ def read_coco(annotation_json, image_dir, *, name=None):
             )
         index = by_image[annotation["image_id"]]
         info = images[index]
-        segmentation_to_rle(
+        check_segmentation(
             annotation["segmentation"], info["height"], info["width"], where
         )
         per_image[index].append(

@@ -221,6 +221,22 @@ def test_multi_scale_resize_and_padding():
     np.testing.assert_allclose(targets["boxes"][0], [20 / 3, 40 / 3, 20, 40], atol=1)
 
 
+def test_image_without_instances():
+    image, targets = augment_instances(
+        np.full((50, 70, 3), 9, np.uint8),
+        np.zeros((0, 50, 70), np.uint8),
+        np.zeros((0,), np.int32),
+        64,
+        short_edge_range=(40, 80),
+        max_instances=5,
+        mask_size=7,
+        seed=tf.constant([0, 1]),
+    )
+    assert image.shape == (64, 64, 3) and image.numpy().max() == 9.0
+    assert targets["masks"].shape == (5, 7, 7) and not targets["masks"].numpy().any()
+    assert not targets["boxes"].numpy().any() and not targets["classes"].numpy().any()
+
+
 def test_bad_arguments():
     image, masks, classes = np.zeros((8, 8, 3)), np.zeros((0, 8, 8)), np.zeros(0)
     with pytest.raises(ValueError, match="multiples of 64"):
