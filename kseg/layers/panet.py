@@ -144,7 +144,13 @@ class RoIAlign(KsegLayer):
     is scaled by `1 / stride` (and shifted by −0.5 when `aligned`, because
     pixel centres lie at integer + 0.5), split into `oh × ow` bins, and each
     bin averages `sampling_ratio²` bilinear samples at
-    `y = y1 + (iy + (s + 0.5) / sampling_ratio) · bin_h`. A sample further
+    `y = y1 + (iy + (s + 0.5) / sampling_ratio) · bin_h`. With
+    `sampling_ratio=0` (Detectron2's adaptive ratio) each RoI uses
+    `ceil(roi_h / oh)` samples along y and `ceil(roi_w / ow)` along x (RoI
+    sizes in feature pixels; an empty RoI pools 0); static shapes need a
+    bound, so the grid holds `max_sampling_ratio` samples per bin and axis,
+    the unused ones weighted 0, and a larger adaptive count is capped at
+    `max_sampling_ratio` (then it differs from Detectron2). A sample further
     than one pixel outside the map (`y < −1` or `y > H`, same for `x`)
     contributes zero; others are clamped into the map. Written with
     `keras.ops` gathers (no `crop_and_resize`) so it compiles with XLA and
@@ -164,14 +170,16 @@ class RoIAlign(KsegLayer):
 
     Args:
         output_size: int or tuple of 2 ints. Pooled grid `(oh, ow)`.
-        sampling_ratio: int. Samples per bin along each axis (`≥ 1`).
-            Defaults to `2`.
+        sampling_ratio: int. Samples per bin along each axis (`≥ 1`), or
+            `0` for the adaptive `ceil(roi_size / bins)`. Defaults to `2`.
         strides: number, or list of numbers (one per level) when `features`
             is a list. Feature stride of each map relative to the image.
             Defaults to `1`.
         aligned: bool. Half-pixel correction (Detectron2 `aligned=True`);
             when `False` the original Mask R-CNN definition, which clamps RoI
             sizes to at least one feature pixel. Defaults to `True`.
+        max_sampling_ratio: int. With `sampling_ratio=0`, the most samples
+            per bin and axis (memory grows with its square). Defaults to `4`.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
     Input shape:
@@ -187,7 +195,13 @@ class RoIAlign(KsegLayer):
     """
 
     def __init__(
-        self, output_size, sampling_ratio=2, strides=1, aligned=True, **kwargs
+        self,
+        output_size,
+        sampling_ratio=2,
+        strides=1,
+        aligned=True,
+        max_sampling_ratio=4,
+        **kwargs,
     ):
         # Autocasting would turn the box coordinates into float16 under mixed
         # precision (1-pixel steps above 2048); `call` casts each input itself.
@@ -203,10 +217,15 @@ class RoIAlign(KsegLayer):
         if min(self.output_size) < 1:
             raise ValueError(f"output_size must be positive, got {output_size}")
         self.sampling_ratio = int(sampling_ratio)
-        if self.sampling_ratio < 1:
+        if self.sampling_ratio < 0:
             raise ValueError(
-                f"sampling_ratio must be an int >= 1 (the adaptive 0 of "
-                f"Detectron2 needs dynamic shapes), got {sampling_ratio}"
+                f"sampling_ratio must be an int >= 1, or 0 (adaptive), got "
+                f"{sampling_ratio}"
+            )
+        self.max_sampling_ratio = int(max_sampling_ratio)
+        if self.max_sampling_ratio < 1:
+            raise ValueError(
+                f"max_sampling_ratio must be an int >= 1, got {max_sampling_ratio}"
             )
         if isinstance(strides, (list, tuple)):
             self.strides = tuple(strides)
@@ -284,38 +303,51 @@ class RoIAlign(KsegLayer):
 
     def _sample_axis(self, start, end, bins, size):
         """Sample positions along one axis: flat `(R, bins·sr)` low/high
-        indices and their bilinear weights (zero for out-of-range samples)."""
-        sr = self.sampling_ratio
+        indices, their bilinear weights (zero for out-of-range and unused
+        samples) and the `(R,)` samples per bin (adaptive) or `None`."""
         length = end - start
         if not self.aligned:
             length = ops.maximum(length, 1.0)
         bin_size = length / bins
-        offsets = (
-            np.arange(bins, dtype="float32")[:, None]
-            + (np.arange(sr, dtype="float32")[None, :] + 0.5) / sr
-        ).reshape(-1)
-        coords = start[:, None] + offsets[None, :] * bin_size[:, None]
+        bin_index = np.arange(bins, dtype="float32")[:, None]
+        if self.sampling_ratio > 0:
+            sr = self.sampling_ratio
+            steps = (np.arange(sr, dtype="float32")[None, :] + 0.5) / sr
+            offsets = (bin_index + steps).reshape(-1)[None, :]
+            used, count = 1.0, None
+        else:
+            sr = self.max_sampling_ratio
+            count = ops.minimum(ops.ceil(length / bins), float(sr))
+            sample = np.arange(sr, dtype="float32")
+            steps = (sample[None, None, :] + 0.5) / ops.maximum(count, 1.0)[
+                :, None, None
+            ]
+            offsets = ops.reshape(bin_index[None] + steps, (-1, bins * sr))
+            used = ops.cast(sample[None, None, :] < count[:, None, None], "float32")
+            used = ops.reshape(ops.repeat(used, bins, axis=1), (-1, bins * sr))
+        coords = start[:, None] + offsets * bin_size[:, None]
         size_f = ops.cast(size, "float32")
         valid = ops.cast(ops.logical_and(coords >= -1.0, coords <= size_f), "float32")
+        valid = valid * used
         coords = ops.clip(coords, 0.0, size_f - 1.0)
         low = ops.floor(coords)
         frac = coords - low
         low = ops.cast(low, "int32")
         high = ops.minimum(low + 1, ops.cast(size, "int32") - 1)
-        return low, high, (1.0 - frac) * valid, frac * valid
+        return low, high, (1.0 - frac) * valid, frac * valid, count
 
     def _pool(self, features, boxes, box_indices, stride):
         oh, ow = self.output_size
-        sr = self.sampling_ratio
+        sr = self.sampling_ratio or self.max_sampling_ratio
         shape = ops.shape(features)
         height, width, channels = shape[1], shape[2], features.shape[-1]
         boxes = boxes * (1.0 / float(stride))
         if self.aligned:
             boxes = boxes - 0.5
-        y_low, y_high, wy_low, wy_high = self._sample_axis(
+        y_low, y_high, wy_low, wy_high, y_count = self._sample_axis(
             boxes[:, 0], boxes[:, 2], oh, height
         )
-        x_low, x_high, wx_low, wx_high = self._sample_axis(
+        x_low, x_high, wx_low, wx_high, x_count = self._sample_axis(
             boxes[:, 1], boxes[:, 3], ow, width
         )
         flat = ops.reshape(features, (-1, channels))
@@ -330,7 +362,12 @@ class RoIAlign(KsegLayer):
                 term = ops.take(flat, index, axis=0) * weight[..., None]
                 pooled = term if pooled is None else pooled + term
         pooled = ops.reshape(pooled, (-1, oh, sr, ow, sr, channels))
-        return ops.mean(pooled, axis=(2, 4))
+        if self.sampling_ratio > 0:
+            return ops.mean(pooled, axis=(2, 4))
+        count = ops.maximum(y_count * x_count, 1.0)
+        return (
+            ops.sum(pooled, axis=(2, 4)) / ops.cast(count, dtype)[:, None, None, None]
+        )
 
     def call(self, inputs):
         features, boxes, box_indices = inputs
@@ -359,6 +396,7 @@ class RoIAlign(KsegLayer):
             "sampling_ratio": self.sampling_ratio,
             "strides": self.strides,
             "aligned": self.aligned,
+            "max_sampling_ratio": self.max_sampling_ratio,
         }
 
 

@@ -262,7 +262,7 @@ class RoIAlignTest(TestCase):
 
     def test_rejects_bad_options(self):
         with pytest.raises(ValueError, match="sampling_ratio"):
-            RoIAlign(2, sampling_ratio=0)
+            RoIAlign(2, sampling_ratio=-1)
         with pytest.raises(ValueError, match="output_size"):
             RoIAlign((2, 2, 2))
         with pytest.raises(ValueError, match="output_size"):
