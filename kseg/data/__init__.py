@@ -2,8 +2,9 @@
 paired augmentation, label checks and palettes; instance datasets (COCO,
 Cityscapes instances, synthetic instance scenes) and their `tf.data` pipelines.
 
-Every pipeline yields `(image uint8 (H, W, 3), label uint8 (H, W))` pairs whose
-labels are class indices with `IGNORE_LABEL` (255) for ignored pixels.
+Every semantic pipeline yields `(image uint8 (H, W, 3), label uint8 (H, W))`
+pairs whose labels are class indices with `IGNORE_LABEL` (255) for ignored
+pixels; the instance pipelines are described in `kseg.data.instance_pipeline`.
 `preprocess_images` turns images into the model input (float32 RGB in 0–255),
 the one preprocessing step shared by training, inference and export.
 """
