@@ -6,9 +6,13 @@ from absl.testing import parameterized
 from kseg.backbones import build_resnet
 from kseg.layers.common import resize_like
 from kseg.layers.guided_filter import GuidanceCRF
-from kseg.layers.segmodel import ContextCRF, StructuredPatchPrediction
+from kseg.layers.segmodel import (
+    ContextCRF,
+    LearnableUpsampling,
+    StructuredPatchPrediction,
+)
 from kseg.models import SegModel, build_segmodel_resnet101
-from kseg.testing import TestCase
+from kseg.testing import TestCase, numpy_bilinear_resize, weight_gradients
 
 NUM_CLASSES = 3
 FEATURE_FILTERS = 8
@@ -85,7 +89,10 @@ def reference_logits(model, images):
         scores = model.get_layer("context_crf")([features, scores])
     if model.guidance_crf:
         guide = numpy_downsample_x4(images).astype("float32")
-        scores = resize_like(keras.ops.cast(scores, "float32"), guide)
+        scores = keras.ops.cast(scores, "float32")
+        if model.score_upsampling == "deconv":
+            scores = model.get_layer("score_upsampling")(scores)
+        scores = resize_like(scores, guide)
         scores = model.get_layer("guidance_crf")([scores, guide])
     return keras.ops.convert_to_numpy(resize_like(scores, images))
 
@@ -125,7 +132,12 @@ class SegModelTest(TestCase):
             self.assertEqual(crf.iterations, 2)
             crf_scores = probe(model, "context_crf")(images)
             self.assertEqual(crf_scores.shape, (2, size, size, NUM_CLASSES))
+        self.assertEqual("score_upsampling" in names, kwargs["guidance_crf"])
         if kwargs["guidance_crf"]:
+            upsampling = model.get_layer("score_upsampling")
+            self.assertIsInstance(upsampling, LearnableUpsampling)
+            # Stride-16 scores (8 after the 2×2 patches) to the ¼ guide.
+            self.assertEqual(upsampling.factor, 2 if kwargs["patch_prediction"] else 4)
             crf = model.get_layer("guidance_crf")
             self.assertIsInstance(crf, GuidanceCRF)
             self.assertEqual((crf.radius, crf.epsilon), (RADIUS, 1.0))
@@ -144,12 +156,12 @@ class SegModelTest(TestCase):
         )
         crf_weights = [
             weight
-            for name in ("context_crf", "guidance_crf")
+            for name in ("context_crf", "guidance_crf", "score_upsampling")
             if name in names
             for weight in model.get_layer(name).trainable_weights
         ]
         self.assertEqual(
-            len(crf_weights), 8 * kwargs["context_crf"] + 2 * kwargs["guidance_crf"]
+            len(crf_weights), 8 * kwargs["context_crf"] + 3 * kwargs["guidance_crf"]
         )
         for weight in crf_weights:
             self.assertTrue(np.any(grads[weight.path] != 0), weight.path)
@@ -169,15 +181,107 @@ class SegModelTest(TestCase):
             atol=1e-5,
         )
 
+    def _deconv_and_bilinear(self, **kwargs):
+        """An untrained "deconv" model and a "bilinear" one with its weights."""
+        deconv = tiny_segmodel(**kwargs)
+        bilinear = tiny_segmodel(**kwargs, score_upsampling="bilinear")
+        weights = {weight.path: weight for weight in bilinear.weights}
+        for weight in deconv.weights:
+            if weight.path in weights:
+                weights.pop(weight.path).assign(weight)
+        self.assertEqual(list(weights), [])
+        return deconv, bilinear
+
+    def test_score_upsampling_starts_as_the_bilinear_resize(self):
+        for row in ("guide", "unary_guide"):
+            kwargs = ALL_ON if row == "guide" else {"guidance_crf": True}
+            deconv, bilinear = self._deconv_and_bilinear(**kwargs)
+            self.assertNotIn("score_upsampling", {x.name for x in bilinear.layers})
+            self.assertEqual(
+                len(deconv.trainable_weights), len(bilinear.trainable_weights) + 1
+            )
+            # 64×48: the ×4 (×2) map is the guide's 16×12, borders included.
+            images = random_images((2, 64, 48, 3))
+            local = "patch_prediction" if row == "guide" else "unary_classifier"
+            local = "context_crf" if row == "guide" else local
+            scores = keras.ops.convert_to_numpy(probe(deconv, local)(images))
+            upsampled = probe(deconv, "guidance_scores_resize")(images)
+            np.testing.assert_allclose(
+                upsampled,
+                numpy_bilinear_resize(scores, (16, 12)),
+                rtol=1e-5,
+                atol=1e-5 * np.abs(scores).max(),
+            )
+            # The untrained logits in the hundreds: float32 rounding of that.
+            expected = bilinear(images)["logits"]
+            scale = np.abs(keras.ops.convert_to_numpy(expected)).max()
+            np.testing.assert_allclose(
+                deconv(images)["logits"], expected, rtol=1e-5, atol=1e-6 * scale
+            )
+        # Sides whose ×4 map is not the guide's size (5 → 20 rows against the
+        # 17-row guide) are resized twice: no longer the one bilinear resize.
+        deconv, bilinear = self._deconv_and_bilinear(guidance_crf=True)
+        images = random_images((1, 65, 64, 3))
+        self.assertFalse(
+            np.allclose(
+                probe(deconv, "guidance_scores_resize")(images),
+                probe(bilinear, "guidance_scores_resize")(images),
+                rtol=1e-3,
+            )
+        )
+
+    def test_score_upsampling_kernel_gradient_matches_finite_differences(self):
+        model = tiny_segmodel(guidance_crf=True)
+        kernel = model.get_layer("score_upsampling").kernel
+        # Small images keep the untrained logits of order 1, where the loss
+        # is smooth enough for a float32 central difference.
+        images = random_images((1, 64, 48, 3)) / 255.0
+        labels = random_labels((1, 64, 48))
+        valid = labels != 255
+        onehot = np.eye(NUM_CLASSES)[np.where(valid, labels, 0)] * valid[..., None]
+
+        def loss(outputs):
+            log_probs = keras.ops.log_softmax(outputs["logits"], axis=-1)
+            return -keras.ops.sum(log_probs * onehot.astype("float32"))
+
+        grad = weight_gradients(model, images, loss, training=False)[kernel.path]
+        direction = np.random.default_rng(3).normal(size=kernel.shape)
+        initial = keras.ops.convert_to_numpy(kernel)
+        eps = 1e-2
+        losses = []
+        for sign in (1, -1):
+            kernel.assign(initial + sign * eps * direction)
+            losses.append(float(loss(model(images, training=False))))
+        kernel.assign(initial)
+        numeric = (losses[0] - losses[1]) / (2 * eps)
+        analytic = float(np.sum(grad * direction))
+        self.assertGreater(abs(analytic), 1e-3)
+        np.testing.assert_allclose(analytic, numeric, rtol=2e-2)
+
     def test_keras_file_round_trip(self):
         model = tiny_segmodel(**ALL_ON, context_crf_iterations=1, guidance_epsilon=4.0)
+        # A trained kernel, not the bilinear one the constructor recreates.
+        kernel = model.get_layer("score_upsampling").kernel
+        kernel.assign(np.random.default_rng(4).uniform(0, 0.5, kernel.shape))
         restored = self.run_model_saving_test(
             model, random_images((2, 65, 47, 3)), atol=1e-5
         )
         self.assertIsInstance(restored, SegModel)
+        self.assertEqual(restored.score_upsampling, "deconv")
+        np.testing.assert_array_equal(
+            restored.get_layer("score_upsampling").kernel.numpy(), kernel.numpy()
+        )
         self.assertEqual(restored.get_layer("context_crf").iterations, 1)
         self.assertEqual(restored.get_layer("guidance_crf").epsilon, 4.0)
         self.assertEqual(restored.get_layer("guidance_crf").iterations, 2)
+
+    def test_configs_from_before_score_upsampling_load_bilinear(self):
+        model = tiny_segmodel(**ALL_ON, score_upsampling="bilinear")
+        config = model.get_config()
+        del config["score_upsampling"]
+        restored = SegModel.from_config(config)
+        self.assertEqual(restored.score_upsampling, "bilinear")
+        self.assertEqual(len(restored.weights), len(model.weights))
 
     def test_mixed_precision(self):
         keras.config.set_dtype_policy("mixed_float16")
@@ -241,6 +345,7 @@ class SegModelTest(TestCase):
             (dict(guidance_crf_iterations=0), "iterations"),
             (dict(guidance_radius=0), "radius"),
             (dict(guidance_epsilon=0.0), "epsilon"),
+            (dict(score_upsampling="nearest"), "score_upsampling"),
         ]
         for kwargs, message in cases:
             kwargs = {"num_classes": NUM_CLASSES, **kwargs}

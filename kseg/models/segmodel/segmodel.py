@@ -1,12 +1,18 @@
 """SegModel: unary FCN, structured patch prediction, context CRF, guidance CRF."""
 
+import math
+
 import keras
 import numpy as np
 
 from kseg.backbones import segmodel_resnet101
-from kseg.layers.common import ConvBNReLU, ResizeLike
+from kseg.layers.common import ConvBNReLU, ResizeLike, check_choice
 from kseg.layers.guided_filter import GuidanceCRF
-from kseg.layers.segmodel import ContextCRF, StructuredPatchPrediction
+from kseg.layers.segmodel import (
+    ContextCRF,
+    LearnableUpsampling,
+    StructuredPatchPrediction,
+)
 from kseg.models.segmenter import Segmenter, check_positive_int
 
 # Side `n` of the structured patch prediction (paper footnote 1: n = 2).
@@ -14,6 +20,10 @@ PATCH_SIZE = 2
 # The guidance CRF runs against the image downsampled by this factor (Sec. 5,
 # footnote 2: the ×4-downsampled image trained faster and more stably).
 GUIDANCE_DOWNSAMPLING = 4
+SCORE_UPSAMPLINGS = ("deconv", "bilinear")
+# Side of the symbolic probe image that reads the encoder's output stride
+# where its input size is not fixed.
+_PROBE_SIZE = 256
 
 
 @keras.saving.register_keras_serializable(package="kseg")
@@ -46,12 +56,24 @@ class SegModel(Segmenter):
        average-pooled ×4 (`guide_downsample`: 4×4 windows, "same" padding
        that leaves the padding out of the means, so `ceil(H / 4) ×
        ceil(W / 4)` pixels — the area downsampling, which the half-pixel
-       bilinear resize would alias at ×4), the scores are resized bilinearly
-       to the guide's size (`guidance_scores_resize`) and
-       `z = GuidanceCRF([z, guide])` (`guidance_crf`). The whole branch is
-       float32. `guidance_epsilon = 1` assumes the images the model receives
-       are 0–255 intensities (as `kseg.data` yields them; kseg encoders do
-       not normalise), ε being in squared guide units.
+       bilinear resize would alias at ×4), the scores are brought to ¼
+       resolution and `z = GuidanceCRF([z, guide])` (`guidance_crf`). With
+       `score_upsampling="deconv"` (the paper, Sec. 2 before Eq. 5: "up-sample
+       the segmentation score map by transposed convolution with learnable
+       parameters") a `LearnableUpsampling` (`score_upsampling`: one
+       transposed-conv kernel per class, stride 4, or 2 after the patch
+       prediction, initialised to bilinear) upsamples them, then
+       `guidance_scores_resize` resizes them bilinearly to the guide's size —
+       the identity when the two sizes agree (`4·ceil(H/16) = ceil(H/4)`,
+       e.g. image sides that are multiples of 16). With
+       `"bilinear"` `guidance_scores_resize` alone takes them there. An
+       untrained "deconv" model therefore equals the "bilinear" one (to
+       float rounding) wherever the sizes agree; elsewhere it resizes twice
+       (×4 by the kernel, then to the guide), which differs from one resize
+       where the interpolated scores bend. The whole branch is float32.
+       `guidance_epsilon = 1` assumes the images the model receives are 0–255
+       intensities (as `kseg.data` yields them; kseg encoders do not
+       normalise), ε being in squared guide units.
     5. `logits = resize(z)` to the image size (bilinear, half-pixel): ×4 after
        the guidance CRF, ×8 or ×16 without it.
 
@@ -61,7 +83,9 @@ class SegModel(Segmenter):
     `SegModel(b, n, context_crf=True)`; "Patch" (76.8) is
     `SegModel(b, n, context_crf=True, patch_prediction=True)`; "Guide"
     (77.7) is `SegModel(b, n, context_crf=True, patch_prediction=True,
-    guidance_crf=True)`. Any other combination is allowed. The guidance CRF
+    guidance_crf=True)`, whose score upsampling is the paper's learnable
+    transposed convolution (the default `score_upsampling="deconv"`). Any
+    other combination is allowed. The guidance CRF
     needs `2·guidance_radius + 1 <= ceil(min(H, W) / 4)`, i.e. images of at
     least `8·guidance_radius + 1` pixels per side.
 
@@ -94,6 +118,11 @@ class SegModel(Segmenter):
             (3 in the authors' released deploy settings). Defaults to `3`.
         guidance_epsilon: float. Guided-filter regularization in squared
             0–255 intensity units (1 in the paper). Defaults to `1.0`.
+        score_upsampling: str. How the guidance CRF's scores reach ¼
+            resolution: `"deconv"` (learnable per-class transposed
+            convolution initialised to bilinear, the paper) or `"bilinear"`
+            (fixed resize). Used only with `guidance_crf`. Defaults to
+            `"deconv"`.
         dtype: dtype or `DTypePolicy` of the head layers; `None` uses the
             global policy. The guidance branch and the logits are float32
             regardless. Defaults to `None`.
@@ -119,6 +148,7 @@ class SegModel(Segmenter):
         guidance_crf_iterations=3,
         guidance_radius=3,
         guidance_epsilon=1.0,
+        score_upsampling="deconv",
         dtype=None,
         **kwargs,
     ):
@@ -127,6 +157,7 @@ class SegModel(Segmenter):
         patch_prediction = _check_bool(patch_prediction, "patch_prediction")
         guidance_crf = _check_bool(guidance_crf, "guidance_crf")
         feature_filters = check_positive_int(feature_filters, "feature_filters")
+        check_choice(score_upsampling, SCORE_UPSAMPLINGS, "score_upsampling")
         policy = Segmenter.resolve_dtype(dtype)
 
         # === Layers ===
@@ -183,6 +214,15 @@ class SegModel(Segmenter):
         resize_dtype = policy
         if guidance_crf:
             guide = guide_downsample(images)
+            if score_upsampling == "deconv":
+                score_stride = _encoder_stride(backbone)
+                if patch_prediction:
+                    score_stride //= PATCH_SIZE
+                scores = LearnableUpsampling(
+                    _upsampling_factor(score_stride),
+                    dtype="float32",
+                    name="score_upsampling",
+                )(scores)
             scores = ResizeLike(dtype="float32", name="guidance_scores_resize")(
                 [scores, guide]
             )
@@ -207,6 +247,7 @@ class SegModel(Segmenter):
         self.guidance_crf_iterations = guidance_crf_layer.iterations
         self.guidance_radius = guidance_crf_layer.radius
         self.guidance_epsilon = guidance_crf_layer.epsilon
+        self.score_upsampling = score_upsampling
 
     def call(self, inputs, training=None, mask=None, **kwargs):
         # Input sizes unknown when the graph was built are concrete here
@@ -229,13 +270,44 @@ class SegModel(Segmenter):
             "guidance_crf_iterations": self.guidance_crf_iterations,
             "guidance_radius": self.guidance_radius,
             "guidance_epsilon": self.guidance_epsilon,
+            "score_upsampling": self.score_upsampling,
         }
+
+    @classmethod
+    def from_config(cls, config):
+        # Files saved before the option existed used the bilinear resize.
+        return super().from_config({"score_upsampling": "bilinear", **config})
 
 
 def _check_bool(value, what):
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{what} must be True or False, got {value!r}")
     return bool(value)
+
+
+def _encoder_stride(backbone):
+    """The stride of the backbone's res5 (16 for SegModel's encoder), read
+    from a symbolic call on its longer side: a power of two, as the ratio of
+    sizes is `side / ceil(side / stride)`."""
+    height, width, channels = backbone.input_shape[1:]
+    height, width = height or _PROBE_SIZE, width or _PROBE_SIZE
+    probe = keras.KerasTensor((1, height, width, channels))
+    res5 = backbone.compute_output_spec(probe)["res5"].shape
+    side, res5_side = max((height, res5[1]), (width, res5[2]))
+    return 2 ** round(math.log2(side / res5_side))
+
+
+def _upsampling_factor(score_stride):
+    """The transposed convolution's stride from the scores' stride to the
+    guide's ¼ resolution, or `ValueError`."""
+    if score_stride % GUIDANCE_DOWNSAMPLING:
+        raise ValueError(
+            f'score_upsampling="deconv" upsamples the scores by an integer '
+            f"factor to 1/{GUIDANCE_DOWNSAMPLING} resolution, but they have "
+            f"stride {score_stride}; use an encoder of output stride 16 or "
+            'score_upsampling="bilinear"'
+        )
+    return score_stride // GUIDANCE_DOWNSAMPLING
 
 
 def _check_guide_size(image_size, radius):
