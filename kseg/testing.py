@@ -15,6 +15,8 @@ import textwrap
 
 import keras
 import numpy as np
+
+# Private API: Keras <= 3.15 publishes no TestCase with run_layer_test.
 from keras.src import testing
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from kseg import layers, models
 from kseg.backbones import build_resnet
+from kseg.layers import detection
 from kseg.layers import segmodel as segmodel_layers
 from kseg.models.gcn.gcn import CropLike
 
@@ -25,6 +26,23 @@ def _segmenter(**kwargs):
 # The smallest valid constructor call of each class, as `lambda **kwargs:`.
 CONSTRUCTORS = {
     "AdaptiveFeaturePooling": lambda **kw: layers.AdaptiveFeaturePooling(4, **kw),
+    "AnchorGenerator": lambda **kw: detection.AnchorGenerator(**kw),
+    "BatchedNMS": lambda **kw: detection.BatchedNMS(**kw),
+    "BoxHead": lambda **kw: detection.BoxHead(2, **kw),
+    "DetectionLayer": lambda **kw: detection.DetectionLayer(2, **kw),
+    "FeaturePyramid": lambda **kw: detection.FeaturePyramid(**kw),
+    "MaskHead": lambda **kw: detection.MaskHead(2, **kw),
+    "PANet": lambda **kw: models.PANet(
+        build_resnet((1, 1, 1, 1), (4, 4, 4, 4), input_shape=(64, 64, 3)),
+        2,
+        filters=8,
+        fc_units=16,
+        **kw,
+    ),
+    "ProposalLayer": lambda **kw: detection.ProposalLayer(**kw),
+    "PyramidLevelSelect": lambda **kw: detection.PyramidLevelSelect(**kw),
+    "PyramidRoIAlign": lambda **kw: detection.PyramidRoIAlign(7, **kw),
+    "RPNHead": lambda **kw: detection.RPNHead(**kw),
     "BottomUpPathAugmentation": lambda **kw: layers.BottomUpPathAugmentation(4, **kw),
     "BoundaryRefinement": lambda **kw: layers.BoundaryRefinement(**kw),
     "ContextCRF": lambda **kw: layers.ContextCRF(3, **kw),

@@ -39,7 +39,10 @@ import tensorflow as tf
 # Private TensorFlow functions the converter itself runs: freezing first
 # lets the converter save a variable-free module (fast) that keeps the
 # signature's names; `mlir_quantize` takes a node denylist (`_quantize_except`).
+# Private API: TF <= 2.21's converter has no public per-node quantization denylist.
 from tensorflow.lite.python.convert import mlir_quantize
+
+# Private API: TF <= 2.21 has no public freezing of a function's variables.
 from tensorflow.python.framework.convert_to_constants import (
     convert_variables_to_constants_v2,
 )
@@ -230,6 +233,7 @@ def _quantize_except(converter, scopes):
     """
     from ai_edge_litert import schema_py_generated as schema
 
+    # Private API: TF <= 2.21's converter has no public calibrate-only mode.
     converter._experimental_calibrate_only = True
     calibrated = converter.convert()
     subgraph = schema.Model.GetRootAs(calibrated, 0).Subgraphs(0)
@@ -290,6 +294,7 @@ def convert_to_tflite(
         input_signature=[tf.TensorSpec([1, height, width, 3], tf.uint8, name=IMAGES)],
         autograph=False,
     )
+    # Private API: Keras <= 3.15 lists the sublayers built in `build` nowhere public.
     float_scopes = [
         layer.name
         for layer in model._flatten_layers()

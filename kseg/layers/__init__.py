@@ -1,6 +1,17 @@
 """Reusable Keras layers from ExFuse, PAN, PANet and SegModel.
 
-Imports only keras and numpy: usable in any Keras 3 project, on any backend.
+Written with `keras.ops` and NumPy, so they run on any Keras 3 backend. Besides
+the public `keras` and `numpy` (and the standard library), they import two
+private APIs, checked by tests/test_private_apis.py:
+
+- `keras.src.backend` (at import): `kseg.layers.common.resize` calls its
+  `image.resize` for a size only known when traced, which the public
+  `keras.ops.image.resize` rejects.
+- `tensorflow.python` (on the TensorFlow backend only, when a guided filter
+  is called): `kseg.layers.guided_filter` asks whether XLA is compiling the
+  graph to choose how it computes its cumulative sums.
+
+On JAX, importing and calling kseg.layers does not import TensorFlow.
 """
 
 from kseg.layers.common import ConvBNReLU, ResizeLike, depth_to_space, resize

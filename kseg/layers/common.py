@@ -8,6 +8,8 @@ import inspect
 import keras
 import numpy as np
 from keras import ops
+
+# Private API: Keras <= 3.15 has no public resize to a traced (dynamic) size.
 from keras.src import backend as keras_backend
 
 

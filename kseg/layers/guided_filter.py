@@ -83,6 +83,7 @@ def _matmul_scans():
         return False
     try:
         # Imported here: kseg.layers needs TensorFlow only on its own backend.
+        # Private API: TensorFlow <= 2.21 has no public "is XLA compiling" query.
         from tensorflow.python.framework import ops as tf_ops
         from tensorflow.python.ops import control_flow_util
     except ImportError:

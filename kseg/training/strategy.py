@@ -85,6 +85,7 @@ def set_synchronized_batch_norm(model, synchronized):
     count = 0
     # `_flatten_layers` also reaches the sublayers that custom layers (such as
     # `ConvBNReLU`) create in `build`, which `model.layers` does not list.
+    # Private API: Keras <= 3.15 lists the sublayers built in `build` nowhere public.
     for layer in model._flatten_layers(include_self=False, recursive=True):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = bool(synchronized)
@@ -101,6 +102,7 @@ _MULTI_WORKER_FIT_BROKEN_BEFORE = (3, 16)
 def is_multi_worker(strategy):
     """Whether `strategy` spans several worker processes, whose collective
     ops every worker must join in the same order."""
+    # Private API: TF <= 2.21 has no public "spans several workers" query.
     return (
         isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
         and strategy.extended._in_multi_worker_mode()
@@ -156,6 +158,7 @@ def multi_worker_fit(strategy):
     if not is_multi_worker(strategy) or version >= _MULTI_WORKER_FIT_BROKEN_BEFORE:
         yield
         return
+    # Private API: Keras < 3.16's trainer has no public hook for these reductions.
     from keras.src.backend.tensorflow import trainer as tf_trainer
 
     trainer_class = tf_trainer.TensorFlowTrainer
