@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from kseg.layers.common import ConvBNReLU, ResizeLike, depth_to_space, resize
-from kseg.testing import TestCase
+from kseg.testing import TestCase, numpy_bilinear_resize
 
 
 class ConvBNReLUTest(TestCase):
@@ -81,12 +81,33 @@ class ResizeLikeTest(TestCase):
         x = np.random.default_rng(0).normal(size=(1, 13, 9, 3)).astype("float32")
         out = model(x)
         self.assertEqual(tuple(out.shape), (1, 13, 9, 3))
-        np.testing.assert_allclose(out, resize(np.asarray(pool(x)), (13, 9)))
+        # 4×4 "same" windows: 13 rows pad 3 (1 above, 2 below), 9 columns 3
+        # (1 left, 2 right); the padding is left out of each mean.
+        pooled = np.zeros((1, 4, 3, 3))
+        for i in range(4):
+            for j in range(3):
+                rows = slice(max(4 * i - 1, 0), min(4 * i + 3, 13))
+                cols = slice(max(4 * j - 1, 0), min(4 * j + 3, 9))
+                pooled[:, i, j] = x[:, rows, cols].mean(axis=(1, 2))
+        np.testing.assert_allclose(
+            out, numpy_bilinear_resize(pooled, (13, 9)), atol=1e-5
+        )
 
     def test_nearest_keeps_values(self):
         x = np.array([[[[1.0], [2.0]], [[3.0], [4.0]]]], "float32")
         out = np.asarray(ResizeLike("nearest")([x, np.zeros((1, 4, 4, 1))]))
-        self.assertEqual(set(np.unique(out)), {1.0, 2.0, 3.0, 4.0})
+        # Each input pixel fills the 2×2 block it covers, in place.
+        np.testing.assert_array_equal(
+            out[0, :, :, 0],
+            [[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]],
+        )
+        # ×3 rows, ×1.5 columns (half-pixel centres): output pixel o reads
+        # input floor((o + 0.5) · in / out): columns 0, 1, 1.
+        out = np.asarray(ResizeLike("nearest")([x, np.zeros((1, 6, 3, 1))]))
+        np.testing.assert_array_equal(
+            out[0, :, :, 0],
+            [[1, 2, 2], [1, 2, 2], [1, 2, 2], [3, 4, 4], [3, 4, 4], [3, 4, 4]],
+        )
 
     def test_rejects_unknown_interpolation(self):
         with pytest.raises(ValueError, match="interpolation"):
@@ -105,5 +126,9 @@ def test_resize_to_a_traced_dynamic_size():
         shape = tf.shape(x)
         return resize(x, (shape[1] * 2, shape[2] * 2))
 
-    x = np.arange(6, dtype="float32").reshape(1, 2, 3, 1)
-    np.testing.assert_allclose(upsample(x), resize(x, (4, 6)), atol=1e-6)
+    x = np.random.default_rng(1).normal(size=(1, 2, 3, 1)).astype("float32")
+    np.testing.assert_allclose(upsample(x), numpy_bilinear_resize(x, (4, 6)), atol=1e-6)
+    x = np.random.default_rng(2).normal(size=(1, 3, 5, 1)).astype("float32")
+    np.testing.assert_allclose(
+        upsample(x), numpy_bilinear_resize(x, (6, 10)), atol=1e-6
+    )
