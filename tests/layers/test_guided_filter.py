@@ -354,18 +354,44 @@ class GuidanceCRFTest(TestCase):
         )
         np.testing.assert_allclose(np.asarray(out), expected, atol=1e-4)
 
-    def test_gradients_reach_every_weight(self):
-        logits, guide = self._inputs(seed=23)
-        layer = GuidanceCRF(3, iterations=2, radius=2)
-        target = np.random.default_rng(24).normal(size=logits.shape).astype("float32")
+    def test_weight_gradients_match_finite_differences(self):
+        # Every entry of the compatibility and λ, by central differences of
+        # the float64 NumPy mean field.
+        logits, guide = self._inputs(seed=23, batch=1, height=7, width=8)
+        rng = np.random.default_rng(24)
+        compatibility = rng.uniform(-1, 2, (3, 3))
+        lam = 0.7
+        target = rng.normal(size=logits.shape)
+        layer = GuidanceCRF(3, iterations=2, radius=2, epsilon=50.0)
+        layer.build([logits.shape, guide.shape])
+        layer.set_weights([compatibility.astype("float32"), np.float32(lam)])
         grads = weight_gradients(
-            layer, [logits, guide], lambda out: keras.ops.sum(out * target)
+            layer,
+            [logits, guide],
+            lambda out: keras.ops.sum(out * target.astype("float32")),
         )
-        self.assertEqual(len(grads), 2)
-        for path, grad in grads.items():
-            self.assertIsNotNone(grad, path)
-            self.assertTrue(np.all(np.isfinite(grad)), path)
-            self.assertTrue(np.any(grad != 0), path)
+        by_name = {path.split("/")[-1]: grad for path, grad in grads.items()}
+        self.assertEqual(sorted(by_name), ["compatibility", "lambda"])
+
+        def loss(compatibility, lam):
+            z = reference_guidance_crf(logits, guide, compatibility, lam, 2, 2, 50.0)
+            return np.sum(z * target)
+
+        eps = 1e-6
+        numeric = np.zeros((3, 3))
+        for index in np.ndindex(3, 3):
+            step = np.zeros((3, 3))
+            step[index] = eps
+            numeric[index] = (
+                loss(compatibility + step, lam) - loss(compatibility - step, lam)
+            ) / (2 * eps)
+        np.testing.assert_allclose(
+            by_name["compatibility"], numeric, rtol=1e-3, atol=1e-3
+        )
+        numeric_lam = (
+            loss(compatibility, lam + eps) - loss(compatibility, lam - eps)
+        ) / (2 * eps)
+        np.testing.assert_allclose(by_name["lambda"], numeric_lam, rtol=1e-3)
 
     def test_mixed_precision_outputs_float32(self):
         logits, guide = self._inputs(seed=25)
