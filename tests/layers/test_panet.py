@@ -252,13 +252,25 @@ class RoIAlignTest(TestCase):
         expected = roi_align_ref(features, boxes, indices, (2, 2), 2, 8, True)
         np.testing.assert_allclose(_np(out), expected, atol=1e-2)
 
-    def test_gradient_reaches_features(self):
+    @parameterized.parameters(True, False)
+    def test_feature_gradient_is_the_bilinear_weights(self, aligned):
+        # RoIAlign is linear in the features: d sum(out · w) / d f[b, y, x]
+        # is the reference pooled from a one-hot map at (b, y, x), times w —
+        # the sum of the bilinear weights of every sample that reads it.
         features, boxes, box_indices = _roi_inputs()
-        layer = RoIAlign(2, strides=2)
-        (grad,) = input_gradients(lambda f: layer([f, boxes, box_indices]), features)
-        # Each box's bins average weights that sum to one per in-range sample.
-        self.assertGreater(grad.sum(), 0.0)
-        self.assertEqual(grad.shape, features.shape)
+        layer = RoIAlign((3, 2), sampling_ratio=2, strides=2, aligned=aligned)
+        target = np.random.default_rng(5).normal(size=(7, 3, 2, 2))
+        (grad,) = input_gradients(
+            lambda f: layer([f, boxes, box_indices]) * target.astype("float32"),
+            features,
+        )
+        expected = np.zeros(features.shape)
+        for index in np.ndindex(*features.shape[:3]):
+            one_hot = np.zeros(features.shape)
+            one_hot[index] = 1.0
+            pooled = roi_align_ref(one_hot, boxes, box_indices, (3, 2), 2, 2, aligned)
+            expected[index] = np.sum(pooled * target, axis=(0, 1, 2))
+        np.testing.assert_allclose(grad, expected, atol=1e-5)
 
     def test_rejects_bad_options(self):
         with pytest.raises(ValueError, match="sampling_ratio"):
@@ -303,6 +315,18 @@ def _pyramid(seed=0, channels=2, sizes=((6, 5), (3, 3), (2, 2))):
     return [rng.normal(size=(2, h, w, channels)).astype("float32") for h, w in sizes]
 
 
+def _bottom_up_reference(layer, pyramid):
+    """[N2, N3, ...] in float64: N_{i+1} = ReLU(conv3×3(ReLU(conv3×3 stride
+    2(N_i)) + P_{i+1})), N2 = P2."""
+    n = pyramid[0].astype("float64")
+    outputs = [n]
+    for i in range(1, len(pyramid)):
+        down = relu(conv2d_same(n, *conv_weights(layer.downsample_convs[i - 1]), 2))
+        n = relu(conv2d_same(down + pyramid[i], *conv_weights(layer.fuse_convs[i - 1])))
+        outputs.append(n)
+    return outputs
+
+
 class BottomUpPathAugmentationTest(TestCase):
     def test_matches_reference(self):
         pyramid = _pyramid()
@@ -312,13 +336,9 @@ class BottomUpPathAugmentationTest(TestCase):
         out = layer(pyramid)
         self.assertLen(out, 3)
         np.testing.assert_array_equal(_np(out[0]), pyramid[0])
-        n = pyramid[0].astype("float64")
-        for i in range(1, 3):
-            down = relu(conv2d_same(n, *conv_weights(layer.downsample_convs[i - 1]), 2))
-            n = relu(
-                conv2d_same(down + pyramid[i], *conv_weights(layer.fuse_convs[i - 1]))
-            )
-            np.testing.assert_allclose(_np(out[i]), n, atol=1e-5)
+        expected = _bottom_up_reference(layer, pyramid)
+        for got, want in zip(out, expected, strict=True):
+            np.testing.assert_allclose(_np(got), want, atol=1e-5)
 
     def test_each_level_has_its_own_convs(self):
         pyramid = _pyramid(channels=3)
@@ -363,13 +383,21 @@ class BottomUpPathAugmentationTest(TestCase):
         self.run_serialization_round_trip(BottomUpPathAugmentation(2), _pyramid())
 
     def test_mixed_precision(self):
+        pyramid = _pyramid()
         layer = BottomUpPathAugmentation(2, dtype="mixed_float16")
-        out = layer(_pyramid())
+        layer.build([p.shape for p in pyramid])
+        _randomize(layer, 1)
+        out = layer(pyramid)
         for n in out[1:]:
             self.assertEqual(keras.backend.standardize_dtype(n.dtype), "float16")
         self.assertEqual(
             keras.backend.standardize_dtype(layer.weights[0].dtype), "float32"
         )
+        # float16 against the float64 reference: ~3 significant digits of
+        # values of order 1, over two chained levels.
+        expected = _bottom_up_reference(layer, pyramid)
+        for got, want in zip(out, expected, strict=True):
+            np.testing.assert_allclose(_np(got), want, atol=2e-2, rtol=1e-2)
 
     def test_rejects_bad_inputs(self):
         pyramid = _pyramid()
@@ -395,6 +423,19 @@ class BottomUpPathAugmentationTest(TestCase):
 def _grids(seed=0, levels=3, shape=(2, 3, 3, 2)):
     rng = np.random.default_rng(seed)
     return [rng.normal(size=shape).astype("float32") for _ in range(levels)]
+
+
+def _afp_reference(layer, grids):
+    """Adaptive feature pooling in float64: per-level conv/fc + ReLU, fused."""
+    per_level = []
+    for grid, sub in zip(grids, layer.level_layers, strict=True):
+        kernel, bias = _np(sub.kernel), _np(sub.bias)
+        grid = np.asarray(grid, "float64")
+        if layer.layer_type == "conv":
+            per_level.append(relu(conv2d_same(grid, kernel, bias)))
+        else:
+            per_level.append(relu(grid.reshape(len(grid), -1) @ kernel + bias))
+    return np.max(per_level, 0) if layer.fusion == "max" else np.sum(per_level, 0)
 
 
 class AdaptiveFeaturePoolingTest(TestCase):
@@ -444,16 +485,37 @@ class AdaptiveFeaturePoolingTest(TestCase):
         )
 
     def test_mixed_precision(self):
-        out = AdaptiveFeaturePooling(3, dtype="mixed_float16")(_grids())
+        grids = _grids()
+        layer = AdaptiveFeaturePooling(3, dtype="mixed_float16")
+        layer.build([g.shape for g in grids])
+        _randomize(layer, 2)
+        out = layer(grids)
         self.assertEqual(keras.backend.standardize_dtype(out.dtype), "float16")
+        # float16 against the float64 reference, values of order 1.
+        np.testing.assert_allclose(
+            _np(out), _afp_reference(layer, grids), atol=2e-2, rtol=1e-2
+        )
 
     def test_after_roi_align(self):
+        # RoIAlign of two levels, then max fusion, against the two NumPy
+        # references chained.
         features, boxes, box_indices = _roi_inputs()
-        pooled = RoIAlign(3, strides=(2, 4))(
-            [[features, features[:, ::2, ::2]], boxes, box_indices]
+        levels = [features, features[:, ::2, ::2]]
+        pooled = RoIAlign(3, sampling_ratio=2, strides=(2, 4))(
+            [levels, boxes, box_indices]
         )
-        out = AdaptiveFeaturePooling(4)(pooled)
-        self.assertEqual(tuple(out.shape), (7, 3, 3, 4))
+        layer = AdaptiveFeaturePooling(4)
+        layer.build([tuple(p.shape) for p in pooled])
+        _randomize(layer, 6)
+        out = _np(layer(pooled))
+        self.assertEqual(out.shape, (7, 3, 3, 4))
+        expected_pooled = [
+            roi_align_ref(level, boxes, box_indices, (3, 3), 2, stride, True)
+            for level, stride in zip(levels, (2, 4), strict=True)
+        ]
+        np.testing.assert_allclose(
+            out, _afp_reference(layer, expected_pooled), atol=1e-4
+        )
 
     def test_zero_rois(self):
         out = AdaptiveFeaturePooling(3, layer_type="fc")(
@@ -547,13 +609,20 @@ class FullyConnectedFusionMaskHeadTest(TestCase):
         )
 
     def test_mixed_precision(self):
-        x = np.zeros((2, 4, 4, 4), "float32")
+        x = np.random.default_rng(9).normal(size=(2, 4, 4, 4)).astype("float32")
         layer = FullyConnectedFusionMaskHead(2, 8, 4, dtype="mixed_float16")
+        layer.build(x.shape)
+        _randomize(layer, 10)
         out = layer(x)
         self.assertEqual(keras.backend.standardize_dtype(out.dtype), "float16")
         self.assertEqual(
             keras.backend.standardize_dtype(layer.fc.kernel.dtype), "float32"
         )
+        fcn, fc = ff_reference(layer, x)
+        expected = fcn + fc
+        # Seven float16 layers deep: relative to the output's scale.
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(_np(out), expected, atol=1e-2 * scale, rtol=1e-2)
 
     def test_rejects_bad_options_and_inputs(self):
         with pytest.raises(ValueError, match="even"):
