@@ -335,3 +335,25 @@ def weight_gradients(layer, inputs, loss_fn, training=True):
         w.path: (None if g is None else _to_numpy(g))
         for w, g in zip(weights, grads, strict=True)
     }
+
+
+def average_pooling_backbone(image_size, channels=1, output_stride=16):
+    """A weightless kseg backbone for hand-computable model tests: stage
+    `resN` is the image averaged over `stride × stride` blocks (strides 4, 8,
+    16 and 32, the last capped at `output_stride`).
+
+    With block-constant images the features are the block values, so a model
+    on it can be computed by hand or in a few lines of NumPy.
+
+    Args:
+        image_size: `(height, width)`, multiples of the largest stride.
+        channels: int. Image channels. Defaults to `1`.
+        output_stride: int. Stride of `"res5"` (16 or 32). Defaults to `16`.
+    """
+    images = keras.Input((*image_size, channels), name="images")
+    strides = {"res2": 4, "res3": 8, "res4": 16, "res5": min(32, output_stride)}
+    features = {
+        name: keras.layers.AveragePooling2D(stride, name=f"{name}_pool")(images)
+        for name, stride in strides.items()
+    }
+    return keras.Model(images, features, name="average_pooling_backbone")

@@ -117,3 +117,31 @@ class FCNResNet101Test(TestCase):
         model = build_fcn_resnet101(21)
         self.assertEqual(model.backbone.name, "pan_resnet101")
         self.run_model_test(model, (1, 64, 48, 3), {"logits": (1, 64, 48, 21)})
+
+
+def test_hand_computed_tiny_fcn():
+    # A 32×32 gray image of four constant 16×16 blocks: the stride-16
+    # average-pooling backbone's res5 is exactly [[1, 2], [3, 4]].
+    from kseg.testing import average_pooling_backbone, numpy_bilinear_resize
+
+    image = np.kron(np.array([[1.0, 2.0], [3.0, 4.0]]), np.ones((16, 16)))
+    images = image[None, :, :, None].astype("float32")
+    model = FCN(average_pooling_backbone((32, 32)), 2)
+    # logits_0 = 2·res5 + 0.5, logits_1 = -res5.
+    model.get_layer("classifier").set_weights(
+        [np.array([[[[2.0, -1.0]]]], "float32"), np.array([0.5, 0.0], "float32")]
+    )
+    scores = np.stack(
+        [[[2.5, 4.5], [6.5, 8.5]], [[-1.0, -2.0], [-3.0, -4.0]]], axis=-1
+    )[None]
+    logits = keras.ops.convert_to_numpy(model(images)["logits"])
+    np.testing.assert_allclose(
+        logits, numpy_bilinear_resize(scores, (32, 32)), rtol=1e-6, atol=1e-6
+    )
+    # By hand: corners keep the block's score (clamped sampling); row 16 of
+    # column 0 samples the 2×2 map at y = 16.5 / 16 - 0.5 = 0.53125.
+    np.testing.assert_allclose(logits[0, 0, 0], [2.5, -1.0], rtol=1e-6)
+    np.testing.assert_allclose(logits[0, 31, 31], [8.5, -4.0], rtol=1e-6)
+    np.testing.assert_allclose(
+        logits[0, 16, 0], [2.5 + 0.53125 * 4.0, -1.0 - 0.53125 * 2.0], rtol=1e-6
+    )

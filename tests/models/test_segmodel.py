@@ -376,3 +376,52 @@ class SegModelResNet101Test(TestCase):
         self.assertTrue(model.context_crf and model.patch_prediction)
         self.assertTrue(model.guidance_crf)
         self.run_model_test(model, (1, 64, 48, 3), {"logits": (1, 64, 48, 21)})
+
+
+def test_hand_computed_tiny_segmodel():
+    # 32×32 gray image of four constant 16×16 blocks: the stride-16
+    # average-pooling backbone's res5 is [[1, 2], [3, 4]].
+    from kseg.testing import average_pooling_backbone
+
+    image = np.kron(np.array([[1.0, 2.0], [3.0, 4.0]]), np.ones((16, 16)))
+    images = image[None, :, :, None].astype("float32")
+    model = SegModel(
+        average_pooling_backbone((32, 32)),
+        2,
+        guidance_crf=True,
+        feature_filters=1,
+        guidance_radius=1,
+    )
+    # f = ReLU(BN(3·res5)) with BN the identity up to 1/sqrt(1 + 1e-3).
+    feature_conv = model.get_layer("feature_conv")
+    feature_conv.conv.set_weights([np.full((1, 1, 1, 1), 3.0, "float32")])
+    # z_u = [f - 1, -f].
+    model.get_layer("unary_classifier").set_weights(
+        [np.array([[[[1.0, -1.0]]]], "float32"), np.array([-1.0, 0.0], "float32")]
+    )
+    # Every 8×8 tap 1/4: each ¼-resolution pixel is the mean of the four
+    # (edge-extended) score pixels around it.
+    upsampling = model.get_layer("score_upsampling")
+    upsampling.kernel.assign(np.full((8, 8, 2), 0.25, "float32"))
+    # λ = 0: the guidance CRF returns its unary, z = z_u.
+    compatibility, _ = model.get_layer("guidance_crf").get_weights()
+    model.get_layer("guidance_crf").set_weights([compatibility, np.float32(0.0)])
+
+    f = 3.0 * np.array([[1.0, 2.0], [3.0, 4.0]]) / np.sqrt(1.0 + 1e-3)
+    scores = np.stack([f - 1.0, -f], axis=-1)
+    extended = np.pad(scores, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    quarter = np.zeros((8, 8, 2))
+    for o in range(8):
+        for p in range(8):
+            # Inputs i with 0 <= o - 4·i + 2 < 8: i = (o + 2) // 4 - 1, +0.
+            i, j = (o + 2) // 4, (p + 2) // 4
+            quarter[o, p] = extended[i : i + 2, j : j + 2].sum(axis=(0, 1)) / 4
+    expected = numpy_bilinear_resize(quarter[None], (32, 32))
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(model(images)["logits"]),
+        expected,
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    # By hand at the top-left ¼ pixel: all four neighbours are score (0, 0).
+    np.testing.assert_allclose(quarter[0, 0], scores[0, 0])
