@@ -43,7 +43,11 @@ from kseg.layers.panet import (
     FullyConnectedFusionMaskHead,
     RoIAlign,
 )
-from kseg.layers.segmodel import ContextCRF, StructuredPatchPrediction
+from kseg.layers.segmodel import (
+    ContextCRF,
+    LearnableUpsampling,
+    StructuredPatchPrediction,
+)
 
 # Short aliases.
 GCN = GlobalConvolution
