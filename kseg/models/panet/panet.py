@@ -357,7 +357,6 @@ class PANet(Segmenter):
     ):
         """The five PANet losses (float32), summed; each is also tracked
         under its name in `LOSS_NAMES`."""
-        images = x["images"] if isinstance(x, dict) else x
         gt_boxes, gt_classes, gt_masks, gt_valid = self._ground_truth(y)
         anchors = ops.convert_to_tensor(
             self.anchor_generator.anchors(self.image_size), "float32"
@@ -411,7 +410,6 @@ class PANet(Segmenter):
             samples["foreground"][:, :fg_count],
             mask_targets,
         )
-        del images
         losses = (rpn_objectness, rpn_box, box_class, box_regression, mask)
         for tracker, value in zip(self.loss_trackers, losses, strict=True):
             tracker.update_state(value)
