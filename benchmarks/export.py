@@ -43,14 +43,14 @@ from kseg.export import (  # noqa: E402
     export_saved_model,
     export_tflite,
 )
-from kseg.models import PAN  # noqa: E402
+from kseg.models import (
+    PAN,  # noqa: E402
+    load_model,  # noqa: E402
+)
 from kseg.training import SegmentationMeanIoU  # noqa: E402
 from kseg.training.recipe import load_recipe  # noqa: E402
-from kseg.training.trainer import (  # noqa: E402
-    load_model,
-    train,
-    with_input_normalization,
-)
+from kseg.training.task import with_input_normalization  # noqa: E402
+from kseg.training.trainer import train  # noqa: E402
 
 CALIBRATION_IMAGES = 100
 

@@ -28,15 +28,15 @@ import tensorflow as tf  # noqa: E402
 
 from kseg.cli import add_set_option  # noqa: E402
 from kseg.training.recipe import apply_overrides, load_recipe  # noqa: E402
-from kseg.training.strategy import build_strategy  # noqa: E402
-from kseg.training.trainer import (  # noqa: E402
-    build_model,
+from kseg.training.semantic import (  # noqa: E402
     compile_model,
     dataset_info,
     output_names,
     read_split,
     train_pipeline,
 )
+from kseg.training.strategy import build_strategy  # noqa: E402
+from kseg.training.task import build_model  # noqa: E402
 
 
 def _median_rate(run, images_per_run, repeats):

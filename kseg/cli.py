@@ -269,11 +269,9 @@ def _evaluate(args):
             "evaluate needs --recipe (the dataset and eval settings) unless "
             "MODEL is a run directory"
         )
-    if not model.is_file():
-        raise FileNotFoundError(f"model file not found: {model}")
     result = evaluate(str(model), _load(recipe, args.overrides), args.data, args.split)
     print(result.table())
-    print(f"mean IoU {100.0 * result.mean_iou:.2f}%")
+    print(result.summary())
     return 0
 
 
@@ -316,7 +314,7 @@ def _data_source(args):
 
 def _convert(args):
     from kseg.data import convert_to_tfrecord
-    from kseg.training.trainer import read_kseg_dataset
+    from kseg.training.semantic import read_kseg_dataset
 
     recipe = _data_source(args)
     dataset = read_kseg_dataset(recipe.data, args.split, args.data, recipe.train.seed)
@@ -326,40 +324,30 @@ def _convert(args):
 
 
 def _inspect(args):
+    import keras
+
     from kseg.data import class_histogram, format_class_histogram
-    from kseg.training.trainer import read_kseg_dataset
+    from kseg.training.semantic import read_kseg_dataset
 
     recipe = _data_source(args)
     dataset = read_kseg_dataset(recipe.data, args.split, args.data, recipe.train.seed)
-    histogram = class_histogram(_LabelProgress(dataset))
-    print(f"{dataset.name} {args.split}: {len(dataset)} labels, all valid")
+    # Every image is decoded and every label checked (size, values).
+    bar = keras.utils.Progbar(len(dataset), unit_name="sample")
+    problems = dataset.validate(progress=lambda done, total: bar.update(done))
+    if problems:
+        for _, message in problems:
+            print(message, file=sys.stderr)
+        raise ValueError(
+            f"{len(problems)} of {len(dataset)} samples of {dataset.name} "
+            f"{args.split} are bad (listed above)"
+        )
+    histogram = class_histogram(dataset)
+    print(
+        f"{dataset.name} {args.split}: {len(dataset)} samples, every image "
+        "decodes and every label is valid"
+    )
     print(format_class_histogram(histogram, dataset.class_names))
     return 0
-
-
-class _LabelProgress:
-    """A kseg dataset whose `load_label` advances a progress bar, so
-    `class_histogram` shows its progress over a long split."""
-
-    def __init__(self, dataset):
-        import keras
-
-        self._dataset = dataset
-        self._bar = keras.utils.Progbar(len(dataset), unit_name="label")
-        self._done = 0
-        self.num_classes = dataset.num_classes
-
-    def __len__(self):
-        return len(self._dataset)
-
-    def describe(self, index):
-        return self._dataset.describe(index)
-
-    def load_label(self, index):
-        label = self._dataset.load_label(index)
-        self._done += 1
-        self._bar.update(self._done)
-        return label
 
 
 class _UsageError(Exception):

@@ -145,7 +145,8 @@ def test_data_inspect_and_convert_the_synthetic_split(tmp_path, capsys):
     ]
     assert main(["data", "inspect", *options]) == 0
     out = capsys.readouterr().out
-    assert "5 labels, all valid" in out and "background" in out and "total" in out
+    assert "5 samples, every image decodes and every label is valid" in out
+    assert "background" in out and "total" in out
 
     prefix = tmp_path / "records" / "val"
     assert (

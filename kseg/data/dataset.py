@@ -108,6 +108,21 @@ def _check_metadata(name, num_classes, class_names, palette, label_map):
         )
 
 
+def _validate_samples(self, progress=None):
+    """Loads and checks every sample (`load`); returns the list of
+    `(index, message)` of the bad ones. `progress(done, total)` is called
+    after each sample."""
+    problems = []
+    for index in range(len(self)):
+        try:
+            self.load(index)
+        except (OSError, ValueError) as error:
+            problems.append((index, str(error)))
+        if progress is not None:
+            progress(index + 1, len(self))
+    return problems
+
+
 @dataclasses.dataclass(eq=False)
 class SegmentationDataset:
     """A segmentation dataset on disk: image/label file pairs and class metadata.
@@ -176,19 +191,7 @@ class SegmentationDataset:
         check_labels(label, self.num_classes, label_path)
         return image, label
 
-    def validate(self, progress=None):
-        """Loads and checks every sample (`load`); returns the list of
-        `(index, message)` of the bad ones. `progress(done, total)` is called
-        after each sample."""
-        problems = []
-        for index in range(len(self)):
-            try:
-                self.load(index)
-            except (OSError, ValueError) as error:
-                problems.append((index, str(error)))
-            if progress is not None:
-                progress(index + 1, len(self))
-        return problems
+    validate = _validate_samples
 
     def encoded_image(self, index):
         """Sample `index`'s image as `(encoded bytes, "jpeg" | "png")`.
@@ -323,6 +326,8 @@ class ArraySegmentationDataset:
 
     def encoded_image(self, index):
         return encode_rgb_png(self.images[index]), "png"
+
+    validate = _validate_samples
 
     def as_dataset(self, shuffle=False, seed=None):
         """Streams the arrays as a `tf.data.Dataset` of `(image, label)` pairs."""

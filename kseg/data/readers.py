@@ -63,6 +63,14 @@ def _read_split_file(path, root, image_dir, label_dir, image_ext, label_ext):
         fields = line.split()
         if not fields or fields[0].startswith("#"):
             continue
+        for field in fields:
+            # Paths stay inside the dataset folder: DeepLab's leading "/" means
+            # the dataset root, but ".." or a path into another folder does not.
+            if ".." in Path(field).parts or (len(fields) == 1 and "/" in field):
+                raise ValueError(
+                    f"{path}:{number}: {field!r} points outside the dataset "
+                    f"folder {root}; split files name samples inside it"
+                )
         if len(fields) == 1:
             stem = fields[0]
             pairs.append(

@@ -225,7 +225,7 @@ def _folder_images(folder, count):
 
 def _recipe_images(recipe, data_dir, count):
     """A callable yielding `count` images spread over the recipe's train split."""
-    from kseg.training.trainer import read_split
+    from kseg.training.semantic import read_split
 
     pairs, length = read_split(recipe.data, "train", data_dir, recipe.train.seed)
     picked = set(_spread(length, count))

@@ -84,26 +84,34 @@ def check_request(images, max_pixels):
     """`images` once checked: rank 4 `(N, H, W, 3)` and at most `max_pixels`
     pixels in all (N·H·W); otherwise an `InvalidArgumentError` that says
     what was sent and what is allowed. In the graph, so TF Serving answers
-    a bad request with an error instead of running it (TF Serving does not
-    check shapes against the signature)."""
-    rank = tf.debugging.assert_rank(
-        images,
-        4,
-        message="images must be a batch (N, H, W, 3) of RGB images; send one "
-        "image (H, W, 3) as a batch of one, [image]",
+    a bad request with an error instead of running it: TF Serving does not
+    check request shapes against the signature.
+
+    The rank and shape come from `Rank` / `Shape` ops (`tf.raw_ops`): the
+    public `tf.rank` and `tf.debugging.assert_rank` answer from the traced
+    static shape, so the check would vanish from the graph.
+    """
+    rank = tf.debugging.Assert(
+        tf.equal(tf.raw_ops.Rank(input=images), 4),
+        [
+            "images must be a batch (N, H, W, 3) of RGB images; send one "
+            "image (H, W, 3) as a batch of one, [image]"
+        ],
     )
     with tf.control_dependencies([rank]):
-        shape = tf.shape(images, out_type=tf.int64)
-    channels = tf.debugging.assert_equal(
-        shape[3], tf.constant(3, tf.int64), message="images must have 3 (RGB) channels"
+        shape = tf.raw_ops.Shape(input=images, out_type=tf.int64)
+    channels = tf.debugging.Assert(
+        tf.equal(shape[3], 3), ["images must have 3 (RGB) channels"]
     )
     pixels = shape[0] * shape[1] * shape[2]
-    cap = tf.debugging.assert_less_equal(
-        pixels,
-        tf.constant(max_pixels, tf.int64),
-        message=f"the request holds more than the exported cap of {max_pixels} "
-        "pixels (N·H·W): send smaller images or fewer per request, or export "
-        "with a larger --max-pixels",
+    cap = tf.debugging.Assert(
+        tf.less_equal(pixels, max_pixels),
+        [
+            f"the request holds more than the exported cap of {max_pixels} "
+            "pixels (N·H·W): send smaller images or fewer per request, or "
+            "export with a larger --max-pixels; pixels sent:",
+            pixels,
+        ],
     )
     with tf.control_dependencies([channels, cap]):
         return tf.identity(images)

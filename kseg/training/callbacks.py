@@ -1,13 +1,17 @@
 """Keras callbacks of kseg's training runs."""
 
 import json
+import re
 import time
+from pathlib import Path
+from typing import NamedTuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from kseg.data import colorize
+from kseg.files import atomic_path, write_json, write_text
 
 
 class PredictedMasks(keras.callbacks.Callback):
@@ -118,3 +122,162 @@ class EpochSummary(keras.callbacks.Callback):
         }
         with open(self.path, "a") as file:
             file.write(json.dumps(record) + "\n")
+
+    @staticmethod
+    def truncate(path, epochs):
+        """Keeps the lines of the first `epochs` epochs of an epochs file (a
+        resumed run drops those of the epochs it trains again)."""
+        path = Path(path)
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["epoch"] <= epochs:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut off by a kill
+        write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+class Checkpoint(keras.callbacks.Callback):
+    """Saves the model as a `.keras` file at the end of each epoch, written
+    under a temporary name and renamed into place (a kill never leaves a
+    damaged checkpoint).
+
+    Args:
+        path: the `.keras` file.
+        monitor: optional validation log to maximise/minimise: the model is
+            saved only when it improves on `best` (epochs without that log,
+            e.g. without validation, are skipped). `None` saves every epoch.
+        mode: `"max"` or `"min"`. Defaults to `"max"`.
+
+    Attributes:
+        best: the best monitored value so far (`None` before the first); a
+            resumed run sets it from its backup.
+    """
+
+    def __init__(self, path, monitor=None, mode="max"):
+        super().__init__()
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.path = Path(path)
+        self.monitor = monitor
+        self.mode = mode
+        self.best = None
+
+    def _improves(self, value):
+        if self.best is None:
+            return True
+        return value > self.best if self.mode == "max" else value < self.best
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.monitor is not None:
+            value = (logs or {}).get(self.monitor)
+            if value is None or not self._improves(float(value)):
+                return
+            self.best = float(value)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path) as tmp:
+            self.model.save(tmp)
+
+
+class BackupState(NamedTuple):
+    """A backup `RunBackup.restore` loaded: the epochs completed, the
+    optimizer step, the best monitored value, the weights file, and the
+    messages about damaged newer backups it passed over."""
+
+    epoch: int
+    step: int
+    best: float | None
+    path: Path
+    messages: list
+
+
+class RunBackup(keras.callbacks.Callback):
+    """Backs up the training state at the end of every epoch, so a killed
+    run continues from its last completed epoch.
+
+    Each epoch `k` writes `epoch-k.weights.h5` (model weights with the
+    optimizer state, `model.save_weights`) and then `epoch-k.json` (epoch,
+    step, the best value of `best_checkpoint`), each under a temporary name
+    renamed into place; the JSON file, written last, marks the backup
+    complete. The two newest complete backups are kept (older ones are
+    deleted once a new one is complete), so a damaged newest backup falls
+    back to the one before.
+
+    Args:
+        directory: the backup folder.
+        best_checkpoint: optional `Checkpoint` whose `best` is saved too.
+    """
+
+    def __init__(self, directory, best_checkpoint=None):
+        super().__init__()
+        self.directory = Path(directory)
+        self.best_checkpoint = best_checkpoint
+
+    def _complete(self):
+        """`[(epoch, json path)]` of the complete backups, newest first."""
+        found = []
+        for path in self.directory.glob("epoch-*.json"):
+            match = re.fullmatch(r"epoch-(\d+)\.json", path.name)
+            if match:
+                found.append((int(match.group(1)), path))
+        return sorted(found, reverse=True)
+
+    def exists(self):
+        """Whether any complete backup is present (loadable or not)."""
+        return bool(self._complete())
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = f"epoch-{epoch + 1:04d}"
+        weights = self.directory / f"{name}.weights.h5"
+        with atomic_path(weights) as tmp:
+            self.model.save_weights(tmp)
+        best = None if self.best_checkpoint is None else self.best_checkpoint.best
+        write_json(
+            self.directory / f"{name}.json",
+            {
+                "epoch": epoch + 1,
+                "step": int(self.model.optimizer.iterations.numpy()),
+                "best": best,
+                "weights": weights.name,
+            },
+        )
+        # Two complete backups are kept: the newest and, should it turn out
+        # damaged (a disk that lost the last write), the one before.
+        for older, path in self._complete()[2:]:
+            path.unlink(missing_ok=True)
+            (self.directory / f"epoch-{older:04d}.weights.h5").unlink(missing_ok=True)
+
+    def restore(self, model):
+        """Loads the newest backup that loads into `model` (built and
+        compiled; its optimizer is built here) and returns its
+        `BackupState`, or `None` when no backup loads."""
+        messages = []
+        optimizer = model.optimizer
+        if optimizer is not None and not optimizer.built:
+            optimizer.build(model.trainable_variables)
+        for _, path in self._complete():
+            try:
+                state = json.loads(path.read_text())
+                weights = self.directory / state["weights"]
+                model.load_weights(weights)
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                reason = str(error).splitlines()[0] if str(error) else type(error)
+                messages.append(
+                    f"backup {path.name} is damaged ({reason}); trying the one "
+                    "before it"
+                )
+                continue
+            return BackupState(
+                int(state["epoch"]),
+                int(state["step"]),
+                state.get("best"),
+                weights,
+                messages,
+            )
+        for message in messages:
+            print(message, flush=True)
+        return None

@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from kseg.training.schedules import PolyWarmup
+
 
 @keras.saving.register_keras_serializable(package="kseg")
 class L2DecaySGD(keras.optimizers.SGD):
@@ -38,3 +40,35 @@ class L2DecaySGD(keras.optimizers.SGD):
                 ops.multiply(ops.cast(self.weight_decay, variable.dtype), variable),
             )
         super().update_step(gradient, variable, learning_rate)
+
+
+def build_optimizer(recipe, total_steps):
+    """The recipe's optimizer with its `PolyWarmup` schedule over
+    `total_steps`.
+
+    The warm-up is capped at `total_steps − 1` steps, so that a short trial
+    of a recipe (`--set train.epochs=1`) keeps its schedule valid.
+    """
+    schedule = PolyWarmup(
+        recipe.optimizer.learning_rate,
+        decay_steps=total_steps,
+        power=recipe.schedule.power,
+        end_learning_rate=recipe.schedule.end_learning_rate,
+        warmup_steps=min(recipe.schedule.warmup_steps, total_steps - 1),
+        warmup_start_factor=recipe.schedule.warmup_start_factor,
+    )
+    optimizer = recipe.optimizer
+    weight_decay = optimizer.weight_decay or None
+    if optimizer.name == "sgd":
+        return L2DecaySGD(
+            schedule,
+            momentum=optimizer.momentum,
+            nesterov=optimizer.nesterov,
+            weight_decay=weight_decay,
+            global_clipnorm=optimizer.global_clipnorm,
+        )
+    return keras.optimizers.AdamW(
+        schedule,
+        weight_decay=optimizer.weight_decay,
+        global_clipnorm=optimizer.global_clipnorm,
+    )

@@ -51,6 +51,11 @@ MODELS = {
 # "resnet" for `build_resnet` with the recipe's keyword arguments only.
 BACKBONE_BUILDERS = {"resnet": build_resnet, **BACKBONES}
 
+TASKS = ("semantic", "instance")
+# The task of each model that is not semantic.
+MODEL_TASKS = {}
+_RECIPE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
 DATASETS = ("synthetic", "voc", "voc_aug", "cityscapes", "ade20k", "folder")
 DATA_FORMATS = ("files", "tfrecord")
 STRATEGIES = ("one_device", "mirrored", "multi_worker")
@@ -129,6 +134,9 @@ class DataConfig:
         shuffle_buffer: training shuffle buffer, in images.
         cache: keep the decoded training images in memory after the first
             epoch.
+        skip_corrupt: leave out samples whose image does not decode or whose
+            label does not fit (size, values), with a warning naming each,
+            instead of stopping with an error naming the first.
     """
 
     dataset: str = "synthetic"
@@ -147,6 +155,7 @@ class DataConfig:
     color_jitter: tuple[float, float, float] | None = None
     shuffle_buffer: int = 1000
     cache: bool = False
+    skip_corrupt: bool = False
 
 
 @dataclasses.dataclass
@@ -284,12 +293,17 @@ class Recipe:
     training and evaluation settings.
 
     Attributes:
-        name: the recipe name (its file stem; names the run directory).
+        name: the recipe name (its file stem; names the run directory): one
+            folder name of letters, digits, `.`, `_` and `-`.
         description: what the recipe reproduces and the paper's figure.
+        task: `"semantic"` (a class per pixel) or `"instance"` (boxes, classes
+            and masks of objects); the trainer, `kseg evaluate`, `predict`
+            and `export` dispatch on it.
     """
 
     name: str = "recipe"
     description: str = ""
+    task: str = "semantic"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -485,7 +499,19 @@ def _check_range(pair, path, low_bound):
 
 def validate_recipe(recipe):
     """Checks the values of a typed recipe; raises `RecipeError` naming the key."""
+    if not _RECIPE_NAME.fullmatch(recipe.name) or recipe.name in (".", ".."):
+        raise RecipeError(
+            f"name: {recipe.name!r} names the run folder, so it must be one "
+            "folder name of letters, digits, '.', '_' and '-' (no '/', no '..')"
+        )
+    _check_choice(recipe.task, TASKS, "task")
     _check_choice(recipe.model.name, MODELS, "model.name")
+    model_task = MODEL_TASKS.get(recipe.model.name, "semantic")
+    if model_task != recipe.task:
+        raise RecipeError(
+            f"task: model {recipe.model.name!r} is a {model_task} model, the "
+            f"recipe's task is {recipe.task!r}; set task: {model_task}"
+        )
     _check_kwargs(
         recipe.model.kwargs,
         MODELS[recipe.model.name],
@@ -597,7 +623,22 @@ def validate_recipe(recipe):
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.2 numbers: PyYAML (YAML 1.1) reads `1e-4` as a string."""
+    """YAML 1.2 numbers (PyYAML, YAML 1.1, reads `1e-4` as a string), and a
+    key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -637,9 +678,11 @@ def dump_recipe(recipe):
 
 
 def save_recipe(recipe, path):
-    """Writes the recipe to `path` as YAML; never overwrites an existing file."""
-    with open(path, "x") as file:
-        file.write(dump_recipe(recipe))
+    """Writes the recipe to `path` as YAML (atomically); never overwrites an
+    existing file."""
+    from kseg.files import write_text
+
+    write_text(path, dump_recipe(recipe), overwrite=False)
 
 
 def recipe_dirs():
@@ -705,8 +748,13 @@ def load_recipe(name_or_path):
         values = parse_yaml(path.read_text())
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: invalid YAML: {error}") from None
+    if values is None:
+        raise RecipeError(
+            f"{path}: the recipe file is empty; write its sections (see "
+            "`kseg recipes quickstart` for a complete one)"
+        )
     try:
-        return recipe_from_dict(values or {}, name=path.stem)
+        return recipe_from_dict(values, name=path.stem)
     except RecipeError as error:
         raise RecipeError(f"{path}: {error}") from None
 

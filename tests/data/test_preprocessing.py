@@ -107,7 +107,7 @@ def _training_input(image):
     the augmentation switched to the identity (scale 1, no flip, no jitter,
     crop = image)."""
     from kseg.training.recipe import apply_overrides, load_recipe
-    from kseg.training.trainer import train_pipeline
+    from kseg.training.semantic import train_pipeline
 
     recipe = apply_overrides(
         load_recipe("quickstart"),

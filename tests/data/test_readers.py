@@ -311,8 +311,9 @@ def test_size_mismatch_is_reported_with_both_paths(tmp_path):
         ValueError, match=r"img/a.png is 4x5 but label .*lbl/a.png is 4x4"
     ):
         dataset.load(0)
+    # The pipeline stops with the same message, naming both files.
     with pytest.raises(
-        tf.errors.InvalidArgumentError, match="image and label sizes differ"
+        tf.errors.OpError, match=r"DataError: image .*img/a.png is 4x5 but label"
     ):
         _pairs(dataset)
 
@@ -324,3 +325,20 @@ def test_rgb_label_png_is_rejected_with_its_path(tmp_path):
     dataset = read_folder(tmp_path / "img", tmp_path / "lbl", 2)
     with pytest.raises(ValueError, match=f"{tmp_path}/lbl/a.png: a label PNG .* RGB"):
         dataset.load_label(0)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "../../etc/passwd",
+        "sub/2008_000002",
+        "/JPEGImages/../../x.jpg /SegmentationClassAug/x.png",
+        "/JPEGImages/x.jpg /../outside/x.png",
+    ],
+)
+def test_split_file_lines_cannot_leave_the_dataset_folder(tmp_path, line):
+    _fake_sbd(tmp_path, np.random.default_rng(1))
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{line}\n")
+    with pytest.raises(ValueError, match=r"list.txt:1: .* outside the dataset"):
+        read_voc_aug(tmp_path, split_file=listing)

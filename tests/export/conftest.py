@@ -30,7 +30,7 @@ def tiny_backbone(output_stride=16, input_shape=(None, None, 3)):
     """The quickstart recipe's encoder: a 4-block ResNet behind the trainer's
     input normalization, so models take RGB in 0–255 like trained ones."""
     from kseg.backbones import build_resnet
-    from kseg.training.trainer import with_input_normalization
+    from kseg.training.task import with_input_normalization
 
     backbone = build_resnet(
         block_counts=(1, 1, 1, 1),

@@ -428,3 +428,56 @@ def test_rejects_models_that_are_not_segmenters(tmp_path):
     with pytest.raises(ValueError, match="keras.Model"):
         export_saved_model(lambda x: x, tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_requests_over_the_pixel_cap_are_refused_naming_it(pan_model):
+    # Before: a 10000×10000 image aborted the server (std::bad_alloc).
+    module = build_serving_module(pan_model, max_pixels=1000)
+    small = module.serving_default(images=tf.constant(_images((1, 30, 30, 3))))
+    assert small[CLASS_MAP].shape == (1, 30, 30)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="cap of 1000 pixels"):
+        module.serving_default(images=tf.constant(_images((2, 30, 30, 3))))
+    png = tf.io.encode_png(_images((40, 40, 3))).numpy()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="cap of 1000 pixels"):
+        module.serving_bytes(image_bytes=tf.constant([png]))
+
+
+def test_a_single_image_without_its_batch_axis_is_refused(pan_saved_model):
+    # TF Serving feeds requests to the graph through the C API without
+    # checking them against the signature's shapes (before: an (H, W, 3)
+    # request returned a wrong-shaped result). The Python session checks
+    # feeds, so this test feeds through the same C call TF Serving makes
+    # (private `pywrap_tf_session`; only in this test).
+    from tensorflow.python.client import pywrap_tf_session
+
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as session:
+        meta = tf.compat.v1.saved_model.loader.load(
+            session, ["serve"], str(pan_saved_model[1])
+        )
+        signature = meta.signature_def[SERVING_SIGNATURE]
+        images = graph.get_tensor_by_name(signature.inputs[IMAGES].name)
+        class_map = graph.get_tensor_by_name(signature.outputs[CLASS_MAP].name)
+
+        def run(value):
+            return pywrap_tf_session.TF_SessionRun_wrapper(
+                session._session,
+                None,
+                {images._as_tf_output(): value},
+                [class_map._as_tf_output()],
+                [],
+                None,
+            )[0]
+
+        assert run(_images((1, 16, 16, 3))).shape == (1, 16, 16)
+        with pytest.raises(tf.errors.InvalidArgumentError, match="batch of one"):
+            run(_images((16, 16, 3)))
+        with pytest.raises(tf.errors.InvalidArgumentError, match="3 \\(RGB\\)"):
+            run(_images((1, 16, 16, 4)))
+
+
+def test_an_empty_bytes_request_is_refused(pan_loaded):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="holds no image"):
+        pan_loaded.signatures[BYTES_SIGNATURE](
+            **{IMAGE_BYTES: tf.constant([], tf.string)}
+        )

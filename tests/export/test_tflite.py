@@ -279,8 +279,9 @@ def test_int8_miou_on_the_quickstart_validation_set(tmp_path):
     maps agree with Keras on >= 99.5% of the validation pixels and int8 mIoU
     is within 2 points of Keras's."""
     from kseg.data import make_synthetic
+    from kseg.models import load_model
     from kseg.training.recipe import load_recipe
-    from kseg.training.trainer import load_model, train
+    from kseg.training.trainer import train
 
     recipe = load_recipe("quickstart")
     model = load_model(train(recipe, runs_dir=tmp_path, verbose=0).model_path)

@@ -10,13 +10,13 @@ import tensorflow as tf
 
 from kseg.data import VOC_CLASSES, eval_transform, read_voc
 from kseg.training.recipe import apply_overrides, load_recipe
-from kseg.training.trainer import (
-    build_model,
+from kseg.training.semantic import (
     compile_model,
     dataset_info,
     evaluate_model,
     output_names,
 )
+from kseg.training.task import build_model
 
 # Debian's labelme-examples ships three VOC 2011 photos with palette labels.
 LABELME_VOC = Path(

@@ -218,3 +218,24 @@ def test_recipe_defaults_dump_every_field():
     values = recipe_to_dict(Recipe())
     assert set(values) == {f.name for f in dataclasses.fields(Recipe)}
     assert values["train"]["strategy"] == "one_device"
+
+
+def test_a_key_given_twice_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  epochs: 2\n  epochs: 3\n")
+    with pytest.raises(RecipeError, match=r"twice.yaml: invalid YAML.*duplicate key"):
+        load_recipe(path)
+
+
+def test_an_empty_recipe_file_is_an_error_not_the_default_recipe(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing yet\n")
+    with pytest.raises(RecipeError, match=r"empty.yaml: the recipe file is empty"):
+        load_recipe(path)
+
+
+def test_the_task_must_fit_the_model():
+    recipe = load_recipe("quickstart")
+    assert recipe.task == "semantic"
+    with pytest.raises(RecipeError, match="task: model 'pan' is a semantic model"):
+        apply_overrides(recipe, ["task=instance"])

@@ -18,18 +18,16 @@ import tensorflow as tf
 
 from kseg.data import IGNORE_LABEL, make_synthetic
 from kseg.training.recipe import RecipeError, apply_overrides, load_recipe
-from kseg.training.trainer import (
-    MODEL_FILE,
-    RECIPE_FILE,
-    build_model,
+from kseg.training.semantic import (
     compile_model,
     dataset_info,
     eval_pipeline,
     evaluate_model,
-    new_run_dir,
     output_names,
     train_pipeline,
 )
+from kseg.training.task import build_model
+from kseg.training.trainer import MODEL_FILE, RECIPE_FILE, new_run_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -122,8 +120,9 @@ def test_input_normalization_keeps_the_recipe_encoder_as_model_backbone(tmp_path
         build_semantic_supervision_pretrainer,
         semantic_supervision_features,
     )
+    from kseg.models import load_model
     from kseg.training.recipe import BACKBONE_BUILDERS
-    from kseg.training.trainer import load_model, with_input_normalization
+    from kseg.training.task import with_input_normalization
 
     recipe = tiny_recipe(
         "model.name=exfuse",
@@ -283,17 +282,27 @@ def test_new_run_dirs_never_collide(tmp_path):
 
 
 def test_a_run_directory_is_never_reused(tmp_path):
-    from kseg.training.trainer import _claim_run_dir, _resumed_run_dir
+    from kseg.files import RunLockedError
+    from kseg.training.trainer import RESULT_FILE, _claim_run_dir, _resumed_run_dir
 
     recipe = tiny_recipe()
-    run = _claim_run_dir(recipe, tmp_path, tmp_path / "explicit")
+    run, lock = _claim_run_dir(recipe, tmp_path, tmp_path / "explicit")
     assert (run / RECIPE_FILE).is_file()
     before = (run / RECIPE_FILE).read_text()
     with pytest.raises(FileExistsError, match="--resume"):
         _claim_run_dir(recipe, tmp_path, run)
     assert (run / RECIPE_FILE).read_text() == before
-    assert _resumed_run_dir(run) == run
+    # Locked while the claiming process trains in it.
+    with pytest.raises(RunLockedError, match=f"process {os.getpid()}"):
+        _resumed_run_dir(run)
+    lock.release()
+    resumed, lock = _resumed_run_dir(run)
+    assert resumed == run
+    lock.release()
+    # A complete model alone is not the end of a run: its evaluation is.
     (run / MODEL_FILE).write_text("")
+    _resumed_run_dir(run)[1].release()
+    (run / RESULT_FILE).write_text("{}")
     with pytest.raises(FileExistsError, match="already finished"):
         _resumed_run_dir(run)
     with pytest.raises(FileNotFoundError, match="not a kseg run directory"):
@@ -315,7 +324,8 @@ tf.config.set_logical_device_configuration(
 import keras
 from kseg.training.recipe import apply_overrides, load_recipe
 from kseg.training.strategy import build_strategy, set_synchronized_batch_norm
-from kseg.training.trainer import build_model, compile_model, output_names
+from kseg.training.semantic import compile_model, output_names
+from kseg.training.task import build_model
 
 keras.utils.set_random_seed(0)
 recipe = apply_overrides(load_recipe("quickstart"), {overrides!r})
@@ -528,7 +538,7 @@ def test_killed_run_resumes_from_its_backup(tmp_path):
             assert process.poll() is None, process.stderr.read()[-3000:]
             assert time.monotonic() < deadline, "training never reached the hang"
             time.sleep(0.5)
-        metadata = json.loads((run / "backup" / "training_metadata.json").read_text())
+        metadata = json.loads((run / "backup" / "epoch-0001.json").read_text())
         assert metadata["epoch"] == 1
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)

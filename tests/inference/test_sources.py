@@ -1,0 +1,87 @@
+"""`kseg predict` runs every model `kseg train` writes, and large images in
+bounded memory."""
+
+import numpy as np
+import pytest
+
+from kseg.cli import main
+from kseg.inference import open_model, predict, predict_tiled
+from kseg.training.recipe import apply_overrides, load_recipe
+from kseg.training.semantic import compile_model
+from kseg.training.task import build_model
+
+TINY = [
+    "model.kwargs.filters=8",
+    "backbone.kwargs.widths=[4, 4, 4, 4]",
+    "backbone.kwargs.stem_width=4",
+]
+
+
+@pytest.fixture(scope="module")
+def trained_like(tmp_path_factory):
+    """A model saved as `kseg train` saves it: compiled with the recipe's
+    optimizer and its kseg `PolyWarmup` learning-rate schedule."""
+    recipe = apply_overrides(load_recipe("quickstart"), TINY)
+    model = compile_model(build_model(recipe, 6), recipe, 6, total_steps=10)
+    run = tmp_path_factory.mktemp("run")
+    model.save(run / "model.keras")
+    (run / "recipe.yaml").write_text("name: quickstart\n")
+    return run, model
+
+
+def test_predict_loads_a_model_saved_with_its_training_optimizer(
+    trained_like, tmp_path
+):
+    # Before: "Could not locate class 'PolyWarmup'" for every trained model.
+    run, model = trained_like
+    image = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    source = open_model(run / "model.keras")
+    assert source.kind == "keras" and source.input_size is None
+    expected = predict(model, image).class_map
+    np.testing.assert_array_equal(predict(source.model, image).class_map, expected)
+    # A run directory means its model.keras.
+    assert open_model(run).path == run / "model.keras"
+
+
+def test_unfinished_runs_and_damaged_files_get_clear_messages(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "recipe.yaml").write_text("name: x\n")
+    with pytest.raises(ValueError, match=r"has no model.keras yet .*best.keras"):
+        open_model(tmp_path / "run")
+    cut = tmp_path / "cut.keras"
+    cut.write_bytes(b"PK\x03\x04 cut off")
+    with pytest.raises(ValueError, match=r"cut.keras is not a complete .keras"):
+        open_model(cut)
+    with pytest.raises(FileNotFoundError, match="model file not found"):
+        open_model(tmp_path / "nope.keras")
+
+
+def test_tiled_prediction_equals_windowed_prediction(trained_like):
+    _, model = trained_like
+    image = np.random.default_rng(1).integers(0, 256, (50, 37, 3), dtype=np.uint8)
+    expected = predict(model, image, window=(16, 16), overlap=0.5).class_map
+    tiled = predict_tiled(model, image, (16, 16), overlap=0.5)
+    np.testing.assert_array_equal(tiled, expected)
+    # A side shorter than the window is padded as predict pads it.
+    narrow = image[:10]
+    np.testing.assert_array_equal(
+        predict_tiled(model, narrow, (16, 16)),
+        predict(model, narrow, window=(16, 16)).class_map,
+    )
+
+
+def test_predict_command_runs_large_images_by_windows(trained_like, tmp_path, capsys):
+    import cv2
+
+    from kseg.data import read_label
+
+    run, model = trained_like
+    image = np.random.default_rng(2).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "big.png"), image[..., ::-1])
+    status = main(
+        ["predict", str(run), str(tmp_path / "big.png"), "--out",
+         str(tmp_path / "out"), "--max-pixels", "500", "--window", "16", "16"]
+    )  # fmt: skip
+    assert status == 0, capsys.readouterr().err
+    expected = predict(model, image, window=(16, 16)).class_map
+    np.testing.assert_array_equal(read_label(tmp_path / "out" / "big.png"), expected)
