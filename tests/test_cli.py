@@ -161,3 +161,80 @@ def test_data_inspect_and_convert_the_synthetic_split(tmp_path, capsys):
         main(["data", "convert", *options, "--out", str(prefix), "--shards", "2"]) == 1
     )
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def _kseg_subprocess(*args, env=None):
+    import os
+    import subprocess
+    import sys
+
+    environment = {
+        key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"
+    }
+    environment.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "kseg.cli", *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+    )
+
+
+def test_help_answers_without_importing_tensorflow():
+    # Before: every --help took 7-13 s importing TensorFlow.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from kseg.cli import main\n"
+        "for argv in (['--help'], ['predict', '--help'], ['export', '--help'],"
+        " ['train', '--help'], ['data', 'inspect', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = [m for m in ('tensorflow', 'keras', 'jax') if m in sys.modules]\n"
+        "print('HEAVY', heavy, file=sys.stderr)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert "HEAVY []" in result.stderr, result.stderr[-2000:]
+
+
+def test_commands_do_not_print_tensorflow_start_up_lines():
+    # Before: every command began with cudart_stub / cuInit lines on a CPU.
+    result = _kseg_subprocess("recipes")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    # A level the user sets is respected: TensorFlow then prints what it
+    # allows (on a machine without a GPU, at least its CUDA probing lines).
+    loud = _kseg_subprocess("recipes", env={"TF_CPP_MIN_LOG_LEVEL": "0"})
+    assert loud.returncode == 0 and loud.stderr.strip() != ""
+
+
+def test_a_permission_error_is_one_clear_line(monkeypatch, capsys):
+    import errno
+
+    import kseg.training.trainer as trainer
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", "/runs/q")
+
+    monkeypatch.setattr(trainer, "train", refuse)
+    assert main(["train"]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "kseg train: error: cannot write or read /runs/q: permission denied (/runs/q)\n"
+    )
+
+
+def test_a_damaged_model_file_is_named_as_damaged(tmp_path, capsys):
+    # Before: a corrupt .keras was reported as "File not found".
+    damaged = tmp_path / "model.keras"
+    damaged.write_bytes(b"")
+    assert main(["evaluate", str(damaged), "--recipe", "quickstart"]) == 1
+    err = capsys.readouterr().err
+    assert "model.keras is not a complete .keras model file (0 bytes" in err
