@@ -176,3 +176,126 @@ class GCNResNeXt101Test(TestCase):
         self.assertEqual(model.backbone.name, "resnext101_32x4d")
         self.assertEqual(model.get_layer("gcn_res5").kernel_size, 15)
         self.run_model_test(model, (1, 64, 96, 3), {"logits": (1, 64, 96, 21)})
+
+
+def numpy_conv(x, kernel, bias=0.0):
+    """Zero-padded ("same") cross-correlation of `x` `(H, W, C_in)` with an
+    odd `kernel` `(kh, kw, C_in, C_out)`, float64."""
+    kh, kw = kernel.shape[:2]
+    height, width = x.shape[:2]
+    padded = np.pad(x, ((kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    out = np.zeros((height, width, kernel.shape[3])) + bias
+    for a in range(kh):
+        for b in range(kw):
+            out += padded[a : a + height, b : b + width] @ kernel[a, b]
+    return out
+
+
+def numpy_deconv_x2(x, kernel, bias=0.0):
+    """Transposed conv, 4×4 kernel `(4, 4, C_out, C_in)`, stride 2, "same":
+    input pixel `i` adds `x[i]·w[k]` to output pixel `2i + k - 1`."""
+    height, width = x.shape[:2]
+    full = np.zeros((2 * height + 2, 2 * width + 2, kernel.shape[2]))
+    for i in range(height):
+        for j in range(width):
+            full[2 * i : 2 * i + 4, 2 * j : 2 * j + 4] += kernel @ x[i, j]
+    return full[1:-1, 1:-1] + bias
+
+
+def test_hand_computed_tiny_gcn():
+    # A 64×64 gray image of 4×4 constant 16×16 blocks: the stride-32
+    # average-pooling backbone gives res4 = blocks, res5 their 2×2 quadrant
+    # means, res3 / res2 the blocks with every value repeated 2×2 / 4×4.
+    from kseg.testing import average_pooling_backbone, numpy_bilinear_resize
+
+    blocks = np.array(
+        [
+            [1.0, 3.0, 0.0, 2.0],
+            [4.0, 1.0, 2.0, 0.0],
+            [0.0, 2.0, 5.0, 1.0],
+            [3.0, 0.0, 1.0, 4.0],
+        ]
+    )
+    images = np.kron(blocks, np.ones((16, 16)))[None, :, :, None].astype("float32")
+    model = GCN(
+        average_pooling_backbone((64, 64), output_stride=32),
+        2,
+        kernel_size=3,
+        decoder_width=1,
+    )
+
+    def taps(*values, vertical):
+        shape = (3, 1, 1, 1) if vertical else (1, 3, 1, 1)
+        return np.reshape(values, shape).astype("float32")
+
+    # Global convolution: branch a = (3×1 [1, 0, 0.5]ᵀ + 0.1) then
+    # (1×3 [0, 1, -0.5] - 0.2); branch b = (1×3 [0.5, 1, 0]) then
+    # (3×1 [-0.5, 1, 0]ᵀ + 0.3).
+    gc_weights = {
+        "conv_a1": (taps(1.0, 0.0, 0.5, vertical=True), 0.1),
+        "conv_a2": (taps(0.0, 1.0, -0.5, vertical=False), -0.2),
+        "conv_b1": (taps(0.5, 1.0, 0.0, vertical=False), 0.0),
+        "conv_b2": (taps(-0.5, 1.0, 0.0, vertical=True), 0.3),
+    }
+    # Boundary refinement: conv1 = x - (pixel above), so its ReLU zeroes
+    # every downward step; conv2 = centre + 0.5·(pixel to the right) - 0.1.
+    br_conv1 = np.zeros((3, 3, 1, 1), "float32")
+    br_conv1[1, 1], br_conv1[0, 1] = 1.0, -1.0
+    br_conv2 = np.zeros((3, 3, 1, 1), "float32")
+    br_conv2[1, 1], br_conv2[1, 2] = 1.0, 0.5
+    br_weights = {"conv1": (br_conv1, 0.0), "conv2": (br_conv2, -0.1)}
+    # ×2 transposed conv: the asymmetric 4×4 kernel k/32, k = 0..15 row-major.
+    deconv = (np.arange(16.0).reshape(4, 4, 1, 1) / 32).astype("float32")
+    # Classifier: logits = [x, 0.5 - x].
+    classifier = [
+        np.array([[[[1.0, -1.0]]]], "float32"),
+        np.array([0.0, 0.5], "float32"),
+    ]
+
+    def set_conv(layer, kernel, bias):
+        layer.set_weights([kernel, np.full(layer.bias.shape, bias, "float32")])
+
+    br_names = [f"gcn_br_{s}" for s in STAGES] + ["final_br"]
+    br_names += [f"fuse_br_{s}" for s in STAGES[:-1]]
+    for stage in STAGES:
+        gc = model.get_layer(f"gcn_{stage}")
+        for name, weights in gc_weights.items():
+            set_conv(getattr(gc, name), *weights)
+    for name in br_names:
+        br = model.get_layer(name)
+        set_conv(br.conv1, *br_weights["conv1"])
+        set_conv(br.conv2, *br_weights["conv2"])
+    for stage in STAGES[:-1]:
+        set_conv(model.get_layer(f"up_{stage}"), deconv, 0.0)
+    model.get_layer("classifier").set_weights(classifier)
+
+    # The same graph in NumPy, from the definitions (SPEC.md, ExFuse baseline).
+    def gc(x):
+        (a1, ba1), (a2, ba2), (b1, bb1), (b2, bb2) = gc_weights.values()
+        branch_a = numpy_conv(numpy_conv(x, a1, ba1), a2, ba2)
+        branch_b = numpy_conv(numpy_conv(x, b1, bb1), b2, bb2)
+        return branch_a + branch_b
+
+    def br(x):
+        hidden = np.maximum(numpy_conv(x, br_conv1), 0.0)
+        return x + numpy_conv(hidden, br_conv2, -0.1)
+
+    quadrants = blocks.reshape(2, 2, 2, 2).mean(axis=(1, 3))
+    features = {
+        "res2": np.kron(blocks, np.ones((4, 4))),
+        "res3": np.kron(blocks, np.ones((2, 2))),
+        "res4": blocks,
+        "res5": quadrants,
+    }
+    levels = {stage: br(gc(f[:, :, None])) for stage, f in features.items()}
+    x = levels["res5"]
+    for stage in ("res4", "res3", "res2"):
+        x = br(numpy_deconv_x2(x, deconv) + levels[stage])
+    scores = br(x) @ classifier[0][0, 0] + classifier[1]
+    expected = numpy_bilinear_resize(scores[None], (64, 64))
+
+    logits = to_numpy(model(images)["logits"])
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-4)
+    # By hand: the classifier's two logits sum to 0.5 at every pixel (the
+    # resize interpolates both alike).
+    np.testing.assert_allclose(logits.sum(axis=-1), 0.5, atol=1e-3)
