@@ -402,3 +402,173 @@ class ExFuseResNeXt101Test(TestCase):
         self.assertEqual(model.get_layer("up_res3").filters, 189)
         expected = {"logits": (1, 64, 96, 21), "ecre_logits": (1, 4, 6, 21)}
         self.run_model_test(model, (1, 64, 96, 3), expected)
+
+
+def numpy_conv(x, kernel, bias=0.0):
+    """Zero-padded ("same") cross-correlation of `x` `(H, W, C_in)` with an
+    odd `kernel` `(kh, kw, C_in, C_out)`, float64."""
+    kh, kw = kernel.shape[:2]
+    height, width = x.shape[:2]
+    padded = np.pad(x, ((kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    out = np.zeros((height, width, kernel.shape[3])) + bias
+    for a in range(kh):
+        for b in range(kw):
+            out += padded[a : a + height, b : b + width] @ kernel[a, b]
+    return out
+
+
+def numpy_deconv_x2(x, kernel, bias=0.0):
+    """Transposed conv, 4×4 kernel `(4, 4, C_out, C_in)`, stride 2, "same":
+    input pixel `i` adds `x[i]·w[k]` to output pixel `2i + k - 1`."""
+    height, width = x.shape[:2]
+    full = np.zeros((2 * height + 2, 2 * width + 2, kernel.shape[2]))
+    for i in range(height):
+        for j in range(width):
+            full[2 * i : 2 * i + 4, 2 * j : 2 * j + 4] += kernel @ x[i, j]
+    return full[1:-1, 1:-1] + bias
+
+
+def numpy_subpixel_x2(x):
+    """Depth-to-space ×2 (DCR): `out[2i + a, 2j + b, c] = x[i, j, (2a + b)·C + c]`."""
+    height, width, channels = x.shape
+    c = channels // 4
+    out = np.zeros((2 * height, 2 * width, c))
+    for a in range(2):
+        for b in range(2):
+            out[a::2, b::2] = x[:, :, (2 * a + b) * c : (2 * a + b + 1) * c]
+    return out
+
+
+def numpy_dap(x, k=3):
+    """DAP from its formula: `r[i, j, c] = (1/k²) Σ_{l,m<k} x[i + l - k//2,
+    j + m - k//2, c·k² + l·k + m]`, positions outside the image adding 0."""
+    height, width, channels = x.shape
+    out = np.zeros((height, width, channels // k**2))
+    for i, j, c, l, m in np.ndindex(*out.shape, k, k):
+        y, z = i + l - k // 2, j + m - k // 2
+        if 0 <= y < height and 0 <= z < width:
+            out[i, j, c] += x[y, z, c * k * k + l * k + m] / k**2
+    return out
+
+
+def test_hand_computed_tiny_exfuse():
+    # Table 3 #7 (SS, SEB, ECRE, DAP) on a 64×64 gray image of 4×4 constant
+    # 16×16 blocks: the stride-32 average-pooling backbone gives res4 =
+    # blocks, res5 their 2×2 quadrant means, res3 / res2 the blocks with
+    # every value repeated 2×2 / 4×4. 2 classes, DAP k = 3: the decoder
+    # carries 18 channels (class c's window position g in channel 9c + g),
+    # res5 72 for the sub-pixel ×2.
+    from kseg.testing import average_pooling_backbone, numpy_bilinear_resize
+
+    blocks = np.array(
+        [
+            [1.0, 3.0, 0.0, 2.0],
+            [4.0, 1.0, 2.0, 0.0],
+            [0.0, 2.0, 5.0, 1.0],
+            [3.0, 0.0, 1.0, 4.0],
+        ]
+    )
+    images = np.kron(blocks, np.ones((16, 16)))[None, :, :, None].astype("float32")
+    model = ExFuse(
+        average_pooling_backbone((64, 64), output_stride=32),
+        2,
+        semantic_supervision=True,
+        ecre=True,
+        seb=True,
+        dap=True,
+        kernel_size=3,
+    )
+    # The decoder holds the DAP maps: no 1×1 classifier before either DAP.
+    names = {layer.name for layer in model.layers}
+    assert "classifier" not in names and "ecre_classifier" not in names
+
+    # Known weights: variable number n (in model order) gets the
+    # non-repeating pattern p_n = cos(0.9·index + n) over its flattened
+    # entries; kernels p / fan-in (a ×2 transposed conv pixel sees 2×2
+    # taps), plus 1 at the centre tap of the 1-channel SS and SEB convs so
+    # that they pass the image on; biases p / 2, BN gamma 1 + p / 4,
+    # beta p / 2, mean p / 4, variance 1 + |p| / 2.
+    w = {}
+    for n, variable in enumerate(model.weights):
+        shape = tuple(variable.shape)
+        p = np.cos(0.9 * np.arange(np.prod(shape)) + n).reshape(shape)
+        kind = variable.path.rsplit("/", 1)[1]
+        if kind == "kernel":
+            fan_in = 4 * shape[3] if variable.path.startswith("up_") else p[..., 0].size
+            value = p / fan_in
+            if shape == (3, 3, 1, 1):
+                value[1, 1] += 1.0
+        else:
+            value = {
+                "bias": p / 2,
+                "gamma": 1 + p / 4,
+                "beta": p / 2,
+                "moving_mean": p / 4,
+                "moving_variance": 1 + np.abs(p) / 2,
+            }[kind]
+        w[variable.path] = value.astype("float32").astype("float64")
+        variable.assign(w[variable.path].astype("float32"))
+
+    # The same graph in NumPy, from SPEC.md's definitions.
+    def conv(x, name):
+        return numpy_conv(x, w[f"{name}/kernel"], w[f"{name}/bias"])
+
+    def conv_bn_relu(x, name):
+        y = numpy_conv(x, w[f"{name}/conv/kernel"])
+        y = (y - w[f"{name}/bn/moving_mean"]) / np.sqrt(
+            w[f"{name}/bn/moving_variance"] + 1e-3
+        )
+        return np.maximum(y * w[f"{name}/bn/gamma"] + w[f"{name}/bn/beta"], 0.0)
+
+    def global_conv(x, name):
+        a = conv(conv(x, f"{name}/conv_a1"), f"{name}/conv_a2")
+        b = conv(conv(x, f"{name}/conv_b1"), f"{name}/conv_b2")
+        return a + b
+
+    def boundary_refinement(x, name):
+        return x + conv(np.maximum(conv(x, f"{name}/conv1"), 0.0), f"{name}/conv2")
+
+    def seb(levels, name):
+        out = conv(levels[0], f"{name}/conv_0")
+        for m, high in enumerate(levels[1:], start=1):
+            high = conv(high, f"{name}/conv_{m}")
+            out = out * numpy_bilinear_resize(high[None], out.shape[:2])[0]
+        return out
+
+    backbone = {
+        "res2": np.kron(blocks, np.ones((4, 4))),
+        "res3": np.kron(blocks, np.ones((2, 2))),
+        "res4": blocks,
+        "res5": blocks.reshape(2, 2, 2, 2).mean(axis=(1, 3)),
+    }
+    # SS: each stage's feature is its head's second conv–BN–ReLU.
+    features = {
+        s: conv_bn_relu(conv_bn_relu(f[:, :, None], f"ss_{s}_conv1"), f"ss_{s}_conv2")
+        for s, f in backbone.items()
+    }
+    # SEB on res2..res4 with every higher level.
+    inputs = dict(features)
+    for index, stage in enumerate(STAGES[:-1]):
+        inputs[stage] = seb([features[s] for s in STAGES[index:]], f"seb_{stage}")
+    levels = {
+        s: boundary_refinement(global_conv(x, f"gcn_{s}"), f"gcn_br_{s}")
+        for s, x in inputs.items()
+    }
+    # ECRE: res5 → res4 by sub-pixel ×2 (72 → 18 channels), then deconvs.
+    ecre = numpy_subpixel_x2(levels["res5"])
+    x = boundary_refinement(ecre + levels["res4"], "fuse_br_res4")
+    for stage in ("res3", "res2"):
+        up = numpy_deconv_x2(x, w[f"up_{stage}/kernel"], w[f"up_{stage}/bias"])
+        x = boundary_refinement(up + levels[stage], f"fuse_br_{stage}")
+    x = boundary_refinement(x, "final_br")
+    expected = {
+        "logits": numpy_bilinear_resize(numpy_dap(x)[None], (64, 64)),
+        "ecre_logits": numpy_dap(ecre)[None],
+    }
+
+    outputs = model(images)
+    assert sorted(outputs) == sorted(expected)
+    for name in ("ecre_logits", "logits"):  # the auxiliary one is nearer ECRE
+        np.testing.assert_allclose(
+            to_numpy(outputs[name]), expected[name], rtol=1e-4, atol=1e-5, err_msg=name
+        )
