@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from kseg.backbones import BACKBONES, build_resnet
-from kseg.models import FCN, GCN, PAN, ExFuse, SegModel
+from kseg.models import FCN, GCN, PAN, ExFuse, PANet, SegModel
 
 # The one model registry: recipe `model.name` → constructor
 # `(backbone, num_classes, **kwargs)`. A plain dict, filled here and nowhere
@@ -44,6 +44,7 @@ MODELS = {
     "fcn": FCN,
     "gcn": GCN,
     "pan": PAN,
+    "panet": PANet,
     "segmodel": SegModel,
 }
 
@@ -53,10 +54,15 @@ BACKBONE_BUILDERS = {"resnet": build_resnet, **BACKBONES}
 
 TASKS = ("semantic", "instance")
 # The task of each model that is not semantic.
-MODEL_TASKS = {}
+MODEL_TASKS = {"panet": "instance"}
 _RECIPE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
-DATASETS = ("synthetic", "voc", "voc_aug", "cityscapes", "ade20k", "folder")
+DATASETS = ("synthetic", "voc", "voc_aug", "cityscapes", "ade20k", "folder", "coco")
+# The datasets of each task (synthetic: shapes, or shape instances).
+TASK_DATASETS = {
+    "semantic": ("synthetic", "voc", "voc_aug", "cityscapes", "ade20k", "folder"),
+    "instance": ("synthetic", "coco", "cityscapes"),
+}
 DATA_FORMATS = ("files", "tfrecord")
 STRATEGIES = ("one_device", "mirrored", "multi_worker")
 DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -134,6 +140,15 @@ class DataConfig:
         shuffle_buffer: training shuffle buffer, in images.
         cache: keep the decoded training images in memory after the first
             epoch.
+        short_edge_range: instance task: the shorter image edge is drawn
+            from this range for each training image (multi-scale training,
+            MST), or `None` to fit the image into `crop_size`.
+        max_size: instance task: cap of the longer edge after resizing, or
+            `None` for `crop_size`.
+        max_instances: instance task: ground-truth instances kept per image
+            (more are dropped with a warning).
+        mask_size: instance task: side of the box-relative mask crops the
+            mask targets are taken from.
         skip_corrupt: leave out samples whose image does not decode or whose
             label does not fit (size, values), with a warning naming each,
             instead of stopping with an error naming the first.
@@ -155,6 +170,10 @@ class DataConfig:
     color_jitter: tuple[float, float, float] | None = None
     shuffle_buffer: int = 1000
     cache: bool = False
+    short_edge_range: tuple[int, int] | None = None
+    max_size: int | None = None
+    max_instances: int = 100
+    mask_size: int = 112
     skip_corrupt: bool = False
 
 
@@ -274,6 +293,9 @@ class EvalConfig:
         window: `(height, width)` of sliding-window inference in the final
             evaluation (usually the training crop), or `None` for whole
             images.
+        short_edge: instance task: the shorter edge of evaluated images
+            (capped by `data.max_size` and the model's input size), or
+            `None` to fit each image into the model's input.
 
     With several scales, a flip or a window the final evaluation runs image by
     image through `kseg.inference.predict`; validation during training is
@@ -285,6 +307,7 @@ class EvalConfig:
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     window: tuple[int, int] | None = None
+    short_edge: int | None = None
 
 
 @dataclasses.dataclass
@@ -516,7 +539,16 @@ def validate_recipe(recipe):
         recipe.model.kwargs,
         MODELS[recipe.model.name],
         "model.kwargs",
-        reserved=("self", "backbone", "num_classes", "dtype"),
+        # The instance task sets the input size and the instance count from
+        # data.crop_size and data.max_instances.
+        reserved=(
+            "self",
+            "backbone",
+            "num_classes",
+            "dtype",
+            "image_size",
+            "max_instances",
+        ),
     )
     _check_choice(recipe.backbone.name, BACKBONE_BUILDERS, "backbone.name")
     _check_kwargs(
@@ -527,7 +559,7 @@ def validate_recipe(recipe):
     )
 
     data = recipe.data
-    _check_choice(data.dataset, DATASETS, "data.dataset")
+    _check_choice(data.dataset, TASK_DATASETS[recipe.task], "data.dataset")
     _check_choice(data.format, DATA_FORMATS, "data.format")
     if data.dataset == "synthetic" and data.format != "files":
         raise RecipeError("data.format: synthetic data is drawn in memory, use 'files'")
@@ -552,6 +584,19 @@ def validate_recipe(recipe):
         for i, strength in enumerate(data.color_jitter):
             _check_positive(strength, f"data.color_jitter[{i}]", allow_zero=True)
     _check_positive(data.shuffle_buffer, "data.shuffle_buffer")
+    if data.short_edge_range is not None:
+        _check_range(data.short_edge_range, "data.short_edge_range", 0)
+    if data.max_size is not None:
+        _check_positive(data.max_size, "data.max_size")
+    _check_positive(data.max_instances, "data.max_instances")
+    _check_positive(data.mask_size, "data.mask_size")
+    if recipe.task == "instance":
+        for i, side in enumerate(data.crop_size):
+            if side % 64:
+                raise RecipeError(
+                    f"data.crop_size[{i}]: the instance model's input must be a "
+                    f"multiple of 64, got {side}"
+                )
 
     loss = recipe.loss
     if "logits" in loss.aux_weights:
@@ -617,6 +662,8 @@ def validate_recipe(recipe):
     if evaluation.window is not None:
         for i, side in enumerate(evaluation.window):
             _check_positive(side, f"eval.window[{i}]")
+    if evaluation.short_edge is not None:
+        _check_positive(evaluation.short_edge, "eval.short_edge")
 
 
 # === YAML ===

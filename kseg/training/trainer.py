@@ -279,6 +279,9 @@ def _run(recipe, task, strategy, setup, path, description, extra, verbose, clock
         with strategy.scope():
             initial_epoch = _restore(model, backup, best, path)
         callbacks = [
+            # First: a task's validation adds its metrics to the epoch's logs
+            # before the checkpoints and summaries read them.
+            *task.callbacks(path, chief),
             backup,
             Checkpoint(path / "checkpoints" / "last.keras"),
             best,
@@ -286,7 +289,6 @@ def _run(recipe, task, strategy, setup, path, description, extra, verbose, clock
                 str(path / "logs"), write_graph=False, profile_batch=0
             ),
             EpochSummary(path / "epochs.jsonl"),
-            *task.callbacks(path, chief),
             *extra,
         ]
         if initial_epoch < train_config.epochs:

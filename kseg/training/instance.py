@@ -1,0 +1,232 @@
+"""The instance segmentation task: COCO-format data, PANet, COCO AP.
+
+`InstanceTask` is what `kseg.training.trainer` asks of an instance recipe
+(`task: instance`, model `panet`): the instance datasets (synthetic shape
+scenes, COCO-format folders, Cityscapes instances), the `tf.data` pipelines
+of `kseg.data.instance_pipeline`, the model built at the recipe's fixed input
+size and compiled with its five in-model losses, validation by COCO mask AP
+each epoch (`val_mask_ap`, which `best.keras` maximises), and the COCO table.
+"""
+
+import math
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from kseg.data import (
+    instance_eval_pipeline,
+    instance_train_pipeline,
+    make_synthetic_instances,
+    read_cityscapes_instances,
+    read_coco,
+)
+from kseg.models import PANet
+from kseg.training.coco_evaluation import CocoEvaluator, format_coco_table
+from kseg.training.optimizers import build_optimizer
+from kseg.training.recipe import BACKBONE_BUILDERS, RecipeError
+from kseg.training.task import Task, with_input_normalization
+
+
+def read_instances(data, split, data_dir=None, seed=0):
+    """Reads one split of an instance recipe's dataset (`InstanceDataset`).
+
+    - `synthetic`: `kseg.data.make_synthetic_instances` (drawn in memory);
+    - `coco`: COCO's layout, `ROOT/annotations/instances_<split>.json` and
+      the images in `ROOT/<split>/` (e.g. split `val2017`); a labelme COCO
+      export is read with `read_coco` directly;
+    - `cityscapes`: `kseg.data.read_cityscapes_instances(ROOT, split)`.
+    """
+    if data.dataset == "synthetic":
+        if data_dir is not None:
+            raise RecipeError("--data: the synthetic dataset is drawn, not read")
+        if split not in ("train", "val"):
+            raise RecipeError(f"data.{split!r}: synthetic splits are 'train' and 'val'")
+        count = data.num_train_images if split == "train" else data.num_val_images
+        return make_synthetic_instances(split, count, data.image_size, seed)
+    root = data_dir if data_dir is not None else data.root
+    if root is None:
+        raise RecipeError(
+            f"data.root: dataset {data.dataset!r} is read from disk; pass "
+            "--data DIR or set data.root"
+        )
+    root = Path(root).expanduser()
+    if data.dataset == "coco":
+        return read_coco(root / "annotations" / f"instances_{split}.json", root / split)
+    return read_cityscapes_instances(root, split)
+
+
+class InstanceEvaluation:
+    """COCO box and mask AP of a model on a split.
+
+    Attributes:
+        results: `CocoEvaluator.result()`: `{"bbox" | "segm": {"AP", "AP50",
+            "AP75", "APs", "APm", "APl", "per_class": {name: AP}}}`, values
+            in [0, 1] (NaN or −1 where the split has no such objects).
+    """
+
+    def __init__(self, results):
+        self.results = results
+
+    @property
+    def mask_ap(self):
+        return _number(self.results["segm"]["AP"])
+
+    def table(self):
+        return format_coco_table(self.results)
+
+    def summary(self):
+        segm, bbox = self.results["segm"], self.results["bbox"]
+        return (
+            f"mask AP {100 * _number(segm['AP']):.1f} (AP50 "
+            f"{100 * _number(segm['AP50']):.1f}), box AP "
+            f"{100 * _number(bbox['AP']):.1f}"
+        )
+
+    def as_json(self):
+        def plain(value):
+            if isinstance(value, dict):
+                return {str(k): plain(v) for k, v in value.items()}
+            value = float(value)
+            return None if math.isnan(value) or value < 0 else value
+
+        return {"coco": plain(self.results), "mask_ap": self.mask_ap}
+
+
+def _number(value):
+    value = float(value)
+    return 0.0 if math.isnan(value) or value < 0 else value
+
+
+def evaluate_instances(model, dataset, recipe, progress=True):
+    """COCO-evaluates `model` on an `InstanceDataset` with the recipe's eval
+    settings; returns `InstanceEvaluation`."""
+    size = tuple(recipe.data.crop_size)
+    batches, ground_truth = instance_eval_pipeline(
+        dataset,
+        recipe.eval.batch_size,
+        size,
+        short_edge=recipe.eval.short_edge,
+        max_size=recipe.data.max_size,
+    )
+    evaluator = CocoEvaluator(ground_truth, dataset.category_ids, dataset.class_names)
+    bar = None
+    if progress:
+        bar = keras.utils.Progbar(
+            math.ceil(len(dataset) / recipe.eval.batch_size), unit_name="batch"
+        )
+    for step, (x, meta) in enumerate(batches, start=1):
+        outputs = model.predict_on_batch(x)
+        evaluator.update(
+            {key: np.asarray(value) for key, value in outputs.items()},
+            {key: value.numpy() for key, value in meta.items()},
+        )
+        if bar is not None:
+            bar.update(step)
+    return InstanceEvaluation(evaluator.result())
+
+
+class CocoValidation(keras.callbacks.Callback):
+    """COCO-evaluates the model on the validation split every `every` epochs
+    and adds `val_mask_ap`, `val_mask_ap50` and `val_box_ap` to the epoch's
+    logs (so checkpoints, the epochs file and TensorBoard see them); list it
+    before the callbacks that read them.
+
+    Args:
+        evaluate: callable `model -> InstanceEvaluation`.
+        every: int. Epoch interval. Defaults to `1`.
+    """
+
+    def __init__(self, evaluate, every=1):
+        super().__init__()
+        self.evaluate = evaluate
+        self.every = int(every)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or (epoch + 1) % self.every:
+            return
+        results = self.evaluate(self.model).results
+        logs["val_mask_ap"] = _number(results["segm"]["AP"])
+        logs["val_mask_ap50"] = _number(results["segm"]["AP50"])
+        logs["val_box_ap"] = _number(results["bbox"]["AP"])
+
+
+class InstanceTask(Task):
+    """Instance segmentation: boxes, classes and masks, scored by COCO AP."""
+
+    monitor = "val_mask_ap"
+
+    def prepare(self):
+        data, seed = self.recipe.data, self.recipe.train.seed
+        self.train_set = read_instances(data, data.train_split, self.data_dir, seed)
+        self.val_set = read_instances(data, data.val_split, self.data_dir, seed)
+        self.num_train = len(self.train_set)
+        return (
+            f"{self.train_set.name} ({len(self.train_set)} train / "
+            f"{len(self.val_set)} val images, {self.train_set.num_classes} classes)"
+        )
+
+    def build_model(self):
+        recipe = self.recipe
+        size = tuple(recipe.data.crop_size)
+        kwargs = dict(recipe.backbone.kwargs)
+        kwargs.setdefault("input_shape", (*size, 3))
+        backbone = BACKBONE_BUILDERS[recipe.backbone.name](**kwargs)
+        if recipe.backbone.weights is not None:
+            backbone.load_weights(recipe.backbone.weights)
+        return PANet(
+            with_input_normalization(backbone),
+            self.train_set.num_classes,
+            image_size=size,
+            max_instances=recipe.data.max_instances,
+            seed=recipe.train.seed,
+            **recipe.model.kwargs,
+        )
+
+    def compile(self, model, total_steps):
+        train = self.recipe.train
+        model.compile(
+            optimizer=build_optimizer(self.recipe, total_steps),
+            jit_compile=train.jit_compile,
+            steps_per_execution=train.steps_per_execution,
+        )
+
+    def train_dataset(self, model):
+        data, train = self.recipe.data, self.recipe.train
+        return instance_train_pipeline(
+            self.train_set,
+            train.batch_size,
+            tuple(data.crop_size),
+            short_edge_range=data.short_edge_range,
+            max_size=data.max_size,
+            flip=data.flip,
+            max_instances=data.max_instances,
+            mask_size=data.mask_size,
+            seed=train.seed,
+        )
+
+    def val_dataset(self, model):
+        # Validation is COCO AP (`CocoValidation`), not the training losses.
+        return None
+
+    def callbacks(self, run_dir, chief):
+        return [
+            CocoValidation(
+                lambda model: evaluate_instances(
+                    model, self.val_set, self.recipe, progress=False
+                ),
+                every=self.recipe.train.validation_freq,
+            )
+        ]
+
+    def evaluate(self, model, split=None, progress=True):
+        data = self.recipe.data
+        if split is None or split == data.val_split:
+            dataset = getattr(self, "val_set", None)
+        else:
+            dataset = None
+        if dataset is None:
+            dataset = read_instances(
+                data, split or data.val_split, self.data_dir, self.recipe.train.seed
+            )
+        return evaluate_instances(model, dataset, self.recipe, progress)
