@@ -187,9 +187,18 @@ def _build_parser():
         )
         source.add_argument(
             "--dataset",
-            choices=("synthetic", "voc", "voc_aug", "cityscapes", "ade20k", "folder"),
+            choices=(
+                "synthetic",
+                "voc",
+                "voc_aug",
+                "cityscapes",
+                "ade20k",
+                "folder",
+                "coco",
+            ),
             help="a dataset by name (folder: DIR/<split>/images and "
-            "DIR/<split>/labels, with --set data.num_classes=N)",
+            "DIR/<split>/labels, with --set data.num_classes=N; coco: "
+            "DIR/annotations/instances_<split>.json and DIR/<split>/)",
         )
         add_set_option(sub)
         sub.add_argument("--data", metavar="DIR", help="dataset directory")
@@ -293,15 +302,26 @@ def _recipes(args):
 
 
 def _data_source(args):
-    from kseg.training.recipe import DataConfig, apply_overrides, load_recipe
+    from kseg.training.recipe import (
+        DataConfig,
+        ModelConfig,
+        apply_overrides,
+        load_recipe,
+    )
 
     if args.recipe is not None:
         recipe = load_recipe(args.recipe)
     else:
         from kseg.training.recipe import Recipe
 
+        # COCO is an instance dataset; the others are read as semantic ones
+        # (an instance recipe, e.g. --recipe panet_quickstart, reads the
+        # synthetic instance scenes or Cityscapes instances).
         recipe = Recipe(
-            name="data", data=DataConfig(dataset=args.dataset or "synthetic")
+            name="data",
+            task="instance" if args.dataset == "coco" else "semantic",
+            model=ModelConfig(name="panet" if args.dataset == "coco" else "pan"),
+            data=DataConfig(dataset=args.dataset or "synthetic"),
         )
         if args.dataset == "folder" and not any(
             o.startswith("data.num_classes=") for o in args.overrides
@@ -317,6 +337,11 @@ def _convert(args):
     from kseg.training.semantic import read_kseg_dataset
 
     recipe = _data_source(args)
+    if recipe.task == "instance":
+        raise _UsageError(
+            "data convert writes semantic datasets; instance datasets train "
+            "from their own files (COCO JSON, Cityscapes PNGs)"
+        )
     dataset = read_kseg_dataset(recipe.data, args.split, args.data, recipe.train.seed)
     paths = convert_to_tfrecord(dataset, args.out, args.shards, progress=True)
     print(f"wrote {len(dataset)} examples to {len(paths)} shard(s): {paths[0]} ...")
@@ -330,6 +355,8 @@ def _inspect(args):
     from kseg.training.semantic import read_kseg_dataset
 
     recipe = _data_source(args)
+    if recipe.task == "instance":
+        return _inspect_instances(recipe, args)
     dataset = read_kseg_dataset(recipe.data, args.split, args.data, recipe.train.seed)
     # Every image is decoded and every label checked (size, values).
     bar = keras.utils.Progbar(len(dataset), unit_name="sample")
@@ -347,6 +374,39 @@ def _inspect(args):
         "decodes and every label is valid"
     )
     print(format_class_histogram(histogram, dataset.class_names))
+    return 0
+
+
+def _inspect_instances(recipe, args):
+    """`kseg data inspect` of an instance dataset: every annotation read
+    (and every image decoded), then instances per class and per image."""
+    import keras
+
+    from kseg.data import format_instance_statistics, instance_statistics
+    from kseg.training.instance import read_instances
+
+    dataset = read_instances(recipe.data, args.split, args.data, recipe.train.seed)
+    bar = keras.utils.Progbar(len(dataset), unit_name="image")
+    problems = []
+    for index in range(len(dataset)):
+        try:
+            dataset.load(index)
+        except (OSError, ValueError) as error:
+            problems.append(str(error))
+        bar.update(index + 1)
+    if problems:
+        for message in problems:
+            print(message, file=sys.stderr)
+        raise ValueError(
+            f"{len(problems)} of {len(dataset)} images of {dataset.name} "
+            f"{args.split} are bad (listed above)"
+        )
+    statistics = instance_statistics(dataset)
+    print(
+        f"{dataset.name} {args.split}: {len(dataset)} images, "
+        f"{int(statistics['per_class'].sum())} instances, every image decodes"
+    )
+    print(format_instance_statistics(statistics, dataset.class_names))
     return 0
 
 

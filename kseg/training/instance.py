@@ -33,8 +33,9 @@ def read_instances(data, split, data_dir=None, seed=0):
 
     - `synthetic`: `kseg.data.make_synthetic_instances` (drawn in memory);
     - `coco`: COCO's layout, `ROOT/annotations/instances_<split>.json` and
-      the images in `ROOT/<split>/` (e.g. split `val2017`); a labelme COCO
-      export is read with `read_coco` directly;
+      the images in `ROOT/<split>/` (e.g. split `val2017`); or a folder
+      holding one `annotations.json` whose image paths are relative to it
+      (a labelme COCO export), which is every split;
     - `cityscapes`: `kseg.data.read_cityscapes_instances(ROOT, split)`.
     """
     if data.dataset == "synthetic":
@@ -52,7 +53,10 @@ def read_instances(data, split, data_dir=None, seed=0):
         )
     root = Path(root).expanduser()
     if data.dataset == "coco":
-        return read_coco(root / "annotations" / f"instances_{split}.json", root / split)
+        annotations = root / "annotations" / f"instances_{split}.json"
+        if not annotations.is_file() and (root / "annotations.json").is_file():
+            return read_coco(root / "annotations.json", root)
+        return read_coco(annotations, root / split)
     return read_cityscapes_instances(root, split)
 
 
@@ -116,7 +120,7 @@ def evaluate_instances(model, dataset, recipe, progress=True):
             math.ceil(len(dataset) / recipe.eval.batch_size), unit_name="batch"
         )
     for step, (x, meta) in enumerate(batches, start=1):
-        outputs = model.predict_on_batch(x)
+        outputs = model.predict_on_batch(x["images"])
         evaluator.update(
             {key: np.asarray(value) for key, value in outputs.items()},
             {key: value.numpy() for key, value in meta.items()},
@@ -149,6 +153,12 @@ class CocoValidation(keras.callbacks.Callback):
         logs["val_mask_ap"] = _number(results["segm"]["AP"])
         logs["val_mask_ap50"] = _number(results["segm"]["AP50"])
         logs["val_box_ap"] = _number(results["bbox"]["AP"])
+
+
+def _images_only(x, y):
+    # The model's one input is the image tensor; a dict {"images": ...}
+    # feeds it too, but Keras warns on every trace that the structures differ.
+    return x["images"], y
 
 
 class InstanceTask(Task):
@@ -203,7 +213,7 @@ class InstanceTask(Task):
             max_instances=data.max_instances,
             mask_size=data.mask_size,
             seed=train.seed,
-        )
+        ).map(_images_only)
 
     def val_dataset(self, model):
         # Validation is COCO AP (`CocoValidation`), not the training losses.

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from kseg.training.schedules import PolyWarmup
+from kseg.training.schedules import PolyWarmup, StepWarmup
 
 
 @keras.saving.register_keras_serializable(package="kseg")
@@ -43,20 +43,31 @@ class L2DecaySGD(keras.optimizers.SGD):
 
 
 def build_optimizer(recipe, total_steps):
-    """The recipe's optimizer with its `PolyWarmup` schedule over
-    `total_steps`.
+    """The recipe's optimizer with its schedule (`PolyWarmup` or
+    `StepWarmup`) over `total_steps`.
 
     The warm-up is capped at `total_steps − 1` steps, so that a short trial
     of a recipe (`--set train.epochs=1`) keeps its schedule valid.
     """
-    schedule = PolyWarmup(
-        recipe.optimizer.learning_rate,
-        decay_steps=total_steps,
-        power=recipe.schedule.power,
-        end_learning_rate=recipe.schedule.end_learning_rate,
-        warmup_steps=min(recipe.schedule.warmup_steps, total_steps - 1),
-        warmup_start_factor=recipe.schedule.warmup_start_factor,
-    )
+    config = recipe.schedule
+    warmup = min(config.warmup_steps, total_steps - 1)
+    if config.name == "step":
+        schedule = StepWarmup(
+            recipe.optimizer.learning_rate,
+            boundaries=[max(1, round(f * total_steps)) for f in config.step_fractions],
+            gamma=config.gamma,
+            warmup_steps=warmup,
+            warmup_start_factor=config.warmup_start_factor,
+        )
+    else:
+        schedule = PolyWarmup(
+            recipe.optimizer.learning_rate,
+            decay_steps=total_steps,
+            power=config.power,
+            end_learning_rate=config.end_learning_rate,
+            warmup_steps=warmup,
+            warmup_start_factor=config.warmup_start_factor,
+        )
     optimizer = recipe.optimizer
     weight_decay = optimizer.weight_decay or None
     if optimizer.name == "sgd":

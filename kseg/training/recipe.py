@@ -67,6 +67,7 @@ DATA_FORMATS = ("files", "tfrecord")
 STRATEGIES = ("one_device", "mirrored", "multi_worker")
 DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("poly", "step")
 
 RECIPES_ENV = "KSEG_RECIPES"
 RECIPE_SUFFIX = ".yaml"
@@ -222,21 +223,30 @@ class OptimizerConfig:
 
 @dataclasses.dataclass
 class ScheduleConfig:
-    """Poly learning-rate decay with linear warm-up (`PolyWarmup`).
+    """The learning-rate schedule, with linear warm-up.
 
     Attributes:
+        name: `"poly"` (`PolyWarmup`: DeepLab, PAN, SegModel) or `"step"`
+            (`StepWarmup`: ×`gamma` at `step_fractions` of the training,
+            Detectron / Mask R-CNN / PANet).
         power: poly exponent.
         end_learning_rate: learning rate at the last step.
         warmup_steps: steps of linear warm-up (capped at the total number of
             steps minus one).
         warmup_start_factor: learning rate at step 0, as a fraction of the
             schedule's value at the end of the warm-up.
+        step_fractions: `"step"`: the fractions of the total steps at which
+            the rate drops (Detectron's 1x schedule: 60k and 80k of 90k).
+        gamma: `"step"`: the factor of each drop.
     """
 
+    name: str = "poly"
     power: float = 0.9
     end_learning_rate: float = 0.0
     warmup_steps: int = 0
     warmup_start_factor: float = 0.1
+    step_fractions: tuple[float, ...] = (2 / 3, 8 / 9)
+    gamma: float = 0.1
 
 
 @dataclasses.dataclass
@@ -627,6 +637,15 @@ def validate_recipe(recipe):
         _check_positive(optimizer.global_clipnorm, "optimizer.global_clipnorm")
 
     schedule = recipe.schedule
+    _check_choice(schedule.name, SCHEDULES, "schedule.name")
+    fractions = list(schedule.step_fractions)
+    if fractions != sorted(fractions) or not all(0 < f < 1 for f in fractions):
+        raise RecipeError(
+            "schedule.step_fractions: ascending fractions in (0, 1), got "
+            f"{fractions}"
+        )
+    if not 0.0 < schedule.gamma <= 1.0:
+        raise RecipeError(f"schedule.gamma: must be in (0, 1], got {schedule.gamma}")
     _check_positive(schedule.power, "schedule.power", allow_zero=True)
     _check_positive(
         schedule.end_learning_rate, "schedule.end_learning_rate", allow_zero=True
