@@ -68,6 +68,11 @@ def check_segmentation_model(model):
             f"its input shape is {shape}"
         )
     outputs = model.output
+    if isinstance(outputs, dict) and "masks" in outputs and "logits" not in outputs:
+        raise ValueError(
+            "This is an instance segmentation model (PANet); kseg export "
+            "writes semantic segmentation models only for now"
+        )
     if not isinstance(outputs, dict) or "logits" not in outputs:
         raise ValueError(
             "The model must return a dict with a 'logits' entry (as every kseg "

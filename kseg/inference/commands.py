@@ -149,6 +149,13 @@ def run_predict(args):
         _error(str(error))
         return 1
 
+    if _is_instance_model(source.model):
+        _error(
+            f"{args.model} is an instance segmentation model (PANet); kseg "
+            "predict writes semantic label maps only for now: run it with "
+            "model.predict (see the README's PANet section)"
+        )
+        return 1
     window = tuple(args.window) if args.window else source.input_size
     options = {
         "scales": PAN_TTA_SCALES if args.tta else tuple(args.scales),
@@ -205,6 +212,11 @@ def _claim(output, image_path, claimed):
             f"its output {output} would replace the output of {claimed[output]}"
         )
     claimed[output] = image_path
+
+
+def _is_instance_model(model):
+    outputs = getattr(model, "output", None)
+    return isinstance(outputs, dict) and "masks" in outputs and "logits" not in outputs
 
 
 def _num_classes(model, image):
