@@ -488,9 +488,17 @@ def test_hand_computed_tiny_exfuse():
     # taps), plus 1 at the centre tap of the 1-channel SS and SEB convs so
     # that they pass the image on; biases p / 2, BN gamma 1 + p / 4,
     # beta p / 2, mean p / 4, variance 1 + |p| / 2.
+    # Kernel sizes from the definitions, not read from the model: GC k×1
+    # then 1×k (branch a) and 1×k then k×1 (b), 4×4 transposed convs, 3×3
+    # SS, SEB and BR convs.
+    sizes = {"conv_a1": (3, 1), "conv_a2": (1, 3), "conv_b1": (1, 3)}
+    sizes.update(conv_b2=(3, 1), up_res3=(4, 4), up_res2=(4, 4))
     w = {}
     for n, variable in enumerate(model.weights):
         shape = tuple(variable.shape)
+        if variable.path.endswith("kernel"):
+            size = sizes.get(variable.path.split("/")[-2], (3, 3))
+            assert shape[:2] == size, (variable.path, shape)
         p = np.cos(0.9 * np.arange(np.prod(shape)) + n).reshape(shape)
         kind = variable.path.rsplit("/", 1)[1]
         if kind == "kernel":

@@ -234,3 +234,117 @@ class PANResNet101Test(TestCase):
         self.assertEqual(model.backbone.name, "pan_resnet101")
         self.assertIn("stem3_conv", {layer.name for layer in model.backbone.layers})
         self.run_model_test(model, (1, 64, 48, 3), {"logits": (1, 64, 48, 21)})
+
+
+def numpy_conv(x, kernel):
+    """Zero-padded ("same") cross-correlation of `x` `(H, W, C_in)` with an
+    odd `kernel` `(kh, kw, C_in, C_out)`, float64."""
+    kh, kw = kernel.shape[:2]
+    height, width = x.shape[:2]
+    padded = np.pad(x, ((kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    out = np.zeros((height, width, kernel.shape[3]))
+    for a in range(kh):
+        for b in range(kw):
+            out += padded[a : a + height, b : b + width] @ kernel[a, b]
+    return out
+
+
+def test_hand_computed_tiny_pan():
+    # A 128×128 gray image of 8×8 constant 16×16 blocks: with output stride
+    # 16 the average-pooling backbone gives res5 = res4 = blocks (8×8), res3
+    # / res2 the blocks with every value repeated 2×2 / 4×4. One channel
+    # throughout (filters=1), 2 classes; FPA's pyramid is 4×4, 2×2, 1×1.
+    from kseg.testing import average_pooling_backbone, numpy_bilinear_resize
+
+    i, j = np.indices((8, 8))
+    blocks = ((3 * i + 5 * j) % 7 - 2) / 2.0  # values -1, -0.5, ..., 2
+    images = np.kron(blocks, np.ones((16, 16)))[None, :, :, None].astype("float32")
+    model = PAN(average_pooling_backbone((128, 128)), 2, filters=1)
+
+    # Known weights: variable number n (in model order) gets the
+    # non-repeating pattern p_n = cos(0.9·index + n) over its flattened
+    # entries; kernels p / fan-in, plus 1 at the centre tap of the 1→1
+    # convs (all but the classifier) so that they pass their input on; the
+    # classifier's bias p / 2; BN gamma 1 + p / 4, beta p / 2, mean p / 4,
+    # variance 1 + |p| / 2. Kernel sizes are from the definitions (C357
+    # from the largest level, GAU's 3×3 low conv, 1×1 elsewhere), not read
+    # from the model.
+    sizes = {"conv1": 7, "conv2": 5, "conv3": 3, "low_conv": 3}
+    w = {}
+    for n, variable in enumerate(model.weights):
+        shape = tuple(variable.shape)
+        if variable.path.endswith("kernel"):
+            name = variable.path.split("/")[1]  # down_conv1, low_conv, kernel...
+            size = sizes.get(name.removeprefix("down_").removeprefix("level_"), 1)
+            assert shape[:2] == (size, size), (variable.path, shape)
+        p = np.cos(0.9 * np.arange(np.prod(shape)) + n).reshape(shape)
+        kind = variable.path.rsplit("/", 1)[1]
+        if kind == "kernel":
+            value = p / p[..., 0].size
+            if shape[2:] == (1, 1):
+                value[shape[0] // 2, shape[1] // 2] += 1.0
+        else:
+            value = {
+                "bias": p / 2,
+                "gamma": 1 + p / 4,
+                "beta": p / 2,
+                "moving_mean": p / 4,
+                "moving_variance": 1 + np.abs(p) / 2,
+            }[kind]
+        w[variable.path] = value.astype("float32").astype("float64")
+        variable.assign(w[variable.path].astype("float32"))
+
+    # The same graph in NumPy, from SPEC.md's definitions.
+    def conv_bn(x, name, relu=True):
+        y = numpy_conv(x, w[f"{name}/conv/kernel"])
+        y = (y - w[f"{name}/bn/moving_mean"]) / np.sqrt(
+            w[f"{name}/bn/moving_variance"] + 1e-3
+        )
+        y = y * w[f"{name}/bn/gamma"] + w[f"{name}/bn/beta"]
+        return np.maximum(y, 0.0) if relu else y
+
+    def down(x):  # 2×2 average pooling, stride 2 (even sizes here)
+        height, width, channels = x.shape
+        return x.reshape(height // 2, 2, width // 2, 2, channels).mean(axis=(1, 3))
+
+    def up(x, like):
+        return numpy_bilinear_resize(x[None], like.shape[:2])[0]
+
+    def gap(x):
+        return x.mean(axis=(0, 1), keepdims=True)
+
+    def fpa(x):
+        d1 = conv_bn(down(x), "fpa/down_conv1")  # 7×7 on 4×4
+        d2 = conv_bn(down(d1), "fpa/down_conv2")  # 5×5 on 2×2
+        d3 = conv_bn(down(d2), "fpa/down_conv3")  # 3×3 on 1×1
+        e1, e2, e3 = (
+            conv_bn(d, f"fpa/level_conv{level}")
+            for level, d in enumerate((d1, d2, d3), start=1)
+        )
+        u2 = up(e3, e2) + e2
+        u1 = up(u2, e1) + e1
+        att = up(u1, x)
+        return conv_bn(x, "fpa/main") * att + conv_bn(gap(x), "fpa/global_branch")
+
+    def gau(low, high, name):
+        g = conv_bn(gap(high), f"{name}/context")
+        low = conv_bn(low, f"{name}/low_conv", relu=False)
+        return low * g + up(high, low)
+
+    features = {
+        "res2": np.kron(blocks, np.ones((4, 4)))[:, :, None],
+        "res3": np.kron(blocks, np.ones((2, 2)))[:, :, None],
+        "res4": blocks[:, :, None],
+    }
+    x = fpa(blocks[:, :, None])
+    for stage in ("res4", "res3", "res2"):
+        x = gau(features[stage], x, f"gau_{stage}")
+    scores = x @ w["classifier/kernel"][0, 0] + w["classifier/bias"]
+    expected = numpy_bilinear_resize(scores[None], (128, 128))
+
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(model(images)["logits"]),
+        expected,
+        rtol=1e-4,
+        atol=1e-5,
+    )
