@@ -444,8 +444,30 @@ def quiet_tensorflow():
             os.close(saved)
 
 
+def _reexec_with_allocator_settings():
+    """Starts this command again with kseg's glibc `MALLOC_*` settings
+    (`kseg.allocator`), which act only from a process's first allocation;
+    once set (or with `KSEG_MALLOC=off`) it returns at once."""
+    from kseg.allocator import tuned_environment
+
+    environ = tuned_environment()
+    if environ is None or not sys.executable:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(
+        sys.executable, [sys.executable, "-m", "kseg.cli", *sys.argv[1:]], environ
+    )
+
+
 def main(argv=None):
-    """Runs the `kseg` command line; returns the exit status."""
+    """Runs the `kseg` command line; returns the exit status.
+
+    With `argv=None` (the `kseg` command itself) the process first
+    re-executes itself once with kseg's allocator settings
+    (`kseg.allocator`; `KSEG_MALLOC=off` skips it)."""
+    if argv is None:
+        _reexec_with_allocator_settings()
     parser = _build_parser()
     args = parser.parse_args(argv)
     quiet_tensorflow()
