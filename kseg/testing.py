@@ -5,6 +5,7 @@ Everything here is backend-agnostic: the same tests run under
 """
 
 import copy
+import inspect
 import json
 import math
 import os
@@ -319,10 +320,17 @@ def weight_gradients(layer, inputs, loss_fn, training=True):
         import jax
 
         non_trainable = [v.value for v in layer.non_trainable_variables]
+        # `stateless_call` hands every keyword to `call`: pass `training`, as
+        # `layer(...)` does, only to a `call` that takes it.
+        parameters = inspect.signature(layer.call).parameters.values()
+        takes_training = any(
+            p.name == "training" or p.kind is p.VAR_KEYWORD for p in parameters
+        )
+        call_kwargs = {"training": training} if takes_training else {}
 
         def compute(trainable):
             out, _ = layer.stateless_call(
-                trainable, non_trainable, inputs, training=training
+                trainable, non_trainable, inputs, **call_kwargs
             )
             return loss_fn(out)
 
