@@ -19,7 +19,6 @@ libtcmalloc-minimal4 / libjemalloc2 are installed, those allocators through
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -52,20 +51,24 @@ def _run(env_changes, steps, overrides, workdir):
         "--set", "train.log_images=0", "--set", "data.num_val_images=20",
         *[item for override in overrides for item in ("--set", override)],
     ]  # fmt: skip
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    subprocess.run(command, env=env, check=True, capture_output=True)
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=errors
+        )
+        # wait4: this child's own CPU times and peak RSS.
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - started
+        if status != 0:
+            errors.seek(0)
+            raise RuntimeError(errors.read().decode()[-2000:])
     epoch = json.loads((run_dir / "epochs.jsonl").read_text().splitlines()[0])
     return {
         "ms_per_step": 1000 * epoch["seconds"] / steps,
-        "user": after.ru_utime - before.ru_utime,
-        "sys": after.ru_stime - before.ru_stime,
+        "user": usage.ru_utime,
+        "sys": usage.ru_stime,
         "wall": wall,
-        # ru_maxrss of children is the largest child so far: run settings in
-        # separate processes of this script for exact peaks (--only).
-        "maxrss_mib": after.ru_maxrss / 1024,
+        "maxrss_mib": usage.ru_maxrss / 1024,
     }
 
 
@@ -74,7 +77,7 @@ def main():
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--only", help="measure one setting (for its peak RSS)")
+    parser.add_argument("--only", help="measure one setting")
     args = parser.parse_args()
     settings = _settings()
     if args.only:
