@@ -9,7 +9,7 @@ from kseg.layers.common import resize_like
 from kseg.layers.exfuse import BoundaryRefinement, GlobalConvolution
 from kseg.models import GCN, build_gcn_resnext101
 from kseg.models.gcn import CropLike
-from kseg.testing import TestCase
+from kseg.testing import TestCase, numpy_conv, numpy_deconv_x2
 
 NUM_CLASSES = 3
 KERNEL_SIZE = 3
@@ -176,30 +176,6 @@ class GCNResNeXt101Test(TestCase):
         self.assertEqual(model.backbone.name, "resnext101_32x4d")
         self.assertEqual(model.get_layer("gcn_res5").kernel_size, 15)
         self.run_model_test(model, (1, 64, 96, 3), {"logits": (1, 64, 96, 21)})
-
-
-def numpy_conv(x, kernel, bias=0.0):
-    """Zero-padded ("same") cross-correlation of `x` `(H, W, C_in)` with an
-    odd `kernel` `(kh, kw, C_in, C_out)`, float64."""
-    kh, kw = kernel.shape[:2]
-    height, width = x.shape[:2]
-    padded = np.pad(x, ((kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-    out = np.zeros((height, width, kernel.shape[3])) + bias
-    for a in range(kh):
-        for b in range(kw):
-            out += padded[a : a + height, b : b + width] @ kernel[a, b]
-    return out
-
-
-def numpy_deconv_x2(x, kernel, bias=0.0):
-    """Transposed conv, 4×4 kernel `(4, 4, C_out, C_in)`, stride 2, "same":
-    input pixel `i` adds `x[i]·w[k]` to output pixel `2i + k - 1`."""
-    height, width = x.shape[:2]
-    full = np.zeros((2 * height + 2, 2 * width + 2, kernel.shape[2]))
-    for i in range(height):
-        for j in range(width):
-            full[2 * i : 2 * i + 4, 2 * j : 2 * j + 4] += kernel @ x[i, j]
-    return full[1:-1, 1:-1] + bias
 
 
 def test_hand_computed_tiny_gcn():

@@ -9,7 +9,7 @@ from kseg.backbones import build_resnet
 from kseg.layers.common import resize_like
 from kseg.layers.pan import FeaturePyramidAttention, GlobalAttentionUpsample
 from kseg.models import PAN, build_pan_resnet101
-from kseg.testing import TestCase
+from kseg.testing import TestCase, numpy_conv
 
 NUM_CLASSES = 3
 FILTERS = 8
@@ -234,19 +234,6 @@ class PANResNet101Test(TestCase):
         self.assertEqual(model.backbone.name, "pan_resnet101")
         self.assertIn("stem3_conv", {layer.name for layer in model.backbone.layers})
         self.run_model_test(model, (1, 64, 48, 3), {"logits": (1, 64, 48, 21)})
-
-
-def numpy_conv(x, kernel):
-    """Zero-padded ("same") cross-correlation of `x` `(H, W, C_in)` with an
-    odd `kernel` `(kh, kw, C_in, C_out)`, float64."""
-    kh, kw = kernel.shape[:2]
-    height, width = x.shape[:2]
-    padded = np.pad(x, ((kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-    out = np.zeros((height, width, kernel.shape[3]))
-    for a in range(kh):
-        for b in range(kw):
-            out += padded[a : a + height, b : b + width] @ kernel[a, b]
-    return out
 
 
 def test_hand_computed_tiny_pan():
