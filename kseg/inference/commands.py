@@ -26,7 +26,7 @@ from pathlib import Path
 
 # TensorFlow and Keras load only when the command runs: `kseg --help` and
 # argument errors answer at once.
-from kseg.inference.defaults import PAN_TTA_SCALES
+from kseg.inference.defaults import DEFAULT_SCORE_THRESHOLD, PAN_TTA_SCALES
 
 # The names of `kseg.inference.visualize.PALETTES` (a test keeps them equal).
 PALETTE_NAMES = ("ade20k", "cityscapes", "voc")
@@ -125,6 +125,28 @@ def register(subparsers):
     parser.add_argument(
         "--overwrite", action="store_true", help="replace existing output files"
     )
+    instance = parser.add_argument_group(
+        "instance models (PANet)",
+        "An instance model writes per image NAME_overlay.png (masks, boxes, "
+        "class names and scores) and NAME_instances.png (16-bit: 0 = none, "
+        "i = the i-th detection), and for the call detections.json (COCO "
+        "results, RLE masks, the dataset's category ids) and images.json "
+        "(their COCO images and categories). --tta, --scales, --flip, "
+        "--window, --palette and --overlay are for semantic models.",
+    )
+    instance.add_argument(
+        "--score-threshold",
+        type=_unit_float,
+        default=DEFAULT_SCORE_THRESHOLD,
+        help="leave out detections scoring less (default: "
+        f"{DEFAULT_SCORE_THRESHOLD}; 0 for COCO evaluation)",
+    )
+    instance.add_argument(
+        "--max-detections",
+        type=_positive_int,
+        help="keep at most this many detections per image, best first "
+        "(default: all the model returns)",
+    )
     parser.set_defaults(func=run_predict)
     return parser
 
@@ -150,12 +172,7 @@ def run_predict(args):
         return 1
 
     if _is_instance_model(source.model):
-        _error(
-            f"{args.model} is an instance segmentation model (PANet); kseg "
-            "predict writes semantic label maps only for now: run it with "
-            "model.predict (see the README's PANet section)"
-        )
-        return 1
+        return _run_instances(args, source)
     window = tuple(args.window) if args.window else source.input_size
     options = {
         "scales": PAN_TTA_SCALES if args.tta else tuple(args.scales),
@@ -215,8 +232,126 @@ def _claim(output, image_path, claimed):
 
 
 def _is_instance_model(model):
-    outputs = getattr(model, "output", None)
-    return isinstance(outputs, dict) and "masks" in outputs and "logits" not in outputs
+    from kseg.inference.instance_predict import is_instance_model
+
+    return is_instance_model(model)
+
+
+def _run_instances(args, source):
+    """`kseg predict` on an instance model (see `kseg.inference.instance_outputs`)."""
+    import json
+
+    from kseg.inference import instance_outputs as outputs
+    from kseg.inference.instance_predict import InstanceSavedModel, predict_instances
+
+    model = source.model
+    exported = isinstance(model, InstanceSavedModel)
+    num_classes = None if exported else getattr(model, "num_classes", None)
+    category_ids, class_names, where = outputs.find_categories(
+        args.model, source.path, num_classes
+    )
+    category_ids, class_names = list(category_ids), list(class_names)
+    if where is not None:
+        print(f"classes: {where}")
+    resize = {}
+    recipe_path = outputs.find_recipe_path(args.model) or outputs.find_recipe_path(
+        source.path
+    )
+    if recipe_path is not None and not exported:
+        resize = _recipe_resize(recipe_path)
+    call_outputs = [args.out / outputs.DETECTIONS_FILE, args.out / outputs.IMAGES_FILE]
+    if not args.overwrite:
+        for path in call_outputs:
+            if path.exists():
+                _error(f"{path} already exists (pass --overwrite to replace it)")
+                return 1
+    claimed = {}
+    results, images_info = [], []
+    failures = 0
+    for image_id, image_path in enumerate(args.images, start=1):
+        paths = [
+            args.out / f"{image_path.stem}_overlay.png",
+            args.out / f"{image_path.stem}_instances.png",
+        ]
+        try:
+            _claim(paths[0], image_path, claimed)
+            if not args.overwrite:
+                for path in paths:
+                    if path.exists():
+                        raise ValueError(
+                            f"{path} already exists (pass --overwrite to replace it)"
+                        )
+            image = _read_image(image_path)
+            (instances,) = predict_instances(
+                model,
+                [image],
+                score_threshold=args.score_threshold,
+                max_detections=args.max_detections,
+                **resize,
+            )
+            if where is None and len(instances.classes):
+                # Unknown categories: class k is id k, named class_<k>.
+                for k in range(len(category_ids) + 1, int(instances.classes.max()) + 1):
+                    category_ids.append(k)
+                    class_names.append(f"class_{k}")
+            overlay = outputs.draw_instances(image, instances, class_names)
+            _write(paths[0], outputs.encode_rgb(overlay), args.overwrite)
+            instance_png = outputs.encode_instance_png(instances.instance_map())
+            _write(paths[1], instance_png, args.overwrite)
+        except (OSError, ValueError) as error:
+            failures += 1
+            _error(f"{image_path}: {error}")
+            continue
+        results.extend(outputs.coco_results(instances, image_id, category_ids))
+        height, width = image.shape[:2]
+        images_info.append(
+            {
+                "id": image_id,
+                "file_name": str(image_path),
+                "height": int(height),
+                "width": int(width),
+            }
+        )
+        print(
+            f"{image_path} -> {len(instances.scores)} instances: "
+            f"{', '.join(map(str, paths))}"
+        )
+    categories = [
+        {"id": int(c), "name": name}
+        for c, name in zip(category_ids, class_names, strict=True)
+    ]
+    try:
+        _write(
+            call_outputs[1],
+            (
+                json.dumps({"images": images_info, "categories": categories}, indent=1)
+                + "\n"
+            ).encode(),
+            args.overwrite,
+        )
+        _write(call_outputs[0], (json.dumps(results) + "\n").encode(), args.overwrite)
+    except ValueError as error:
+        _error(str(error))
+        return 1
+    print(f"COCO results: {call_outputs[0]} ({len(results)} detections)")
+    if failures:
+        _error(f"{failures} of {len(args.images)} images failed")
+        return 1
+    return 0
+
+
+def _recipe_resize(recipe_path):
+    """The evaluation resize of a run's recipe (`eval.short_edge`,
+    `data.max_size`), as `predict_instances` keywords."""
+    from kseg.training.recipe import load_recipe
+
+    try:
+        recipe = load_recipe(recipe_path)
+    except (OSError, ValueError):
+        return {}
+    if recipe.task != "instance":
+        return {}
+    return {"short_edge": recipe.eval.short_edge, "max_size": recipe.data.max_size}
 
 
 def _num_classes(model, image):
@@ -310,3 +445,4 @@ _positive_int = _number(int, lambda v: v >= 1, "a positive int")
 _positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")
 _overlap = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 _alpha = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+_unit_float = _alpha

@@ -11,6 +11,9 @@
 kseg Keras model on float32 RGB batches in 0–255 and returns `{"logits"}`
 (for exports: the log of their probabilities, whose softmax is the
 probabilities), so `kseg.inference.predict` runs all of them the same way.
+An exported instance model (PANet SavedModel, whose signature returns an
+`instance_map`) comes as a `kseg.inference.instance_predict.InstanceSavedModel`,
+which `predict_instances` runs like the Keras PANet.
 """
 
 from pathlib import Path
@@ -105,7 +108,13 @@ class _SavedModelRunner:
 
 
 def _saved_model(path):
-    return ModelSource(_SavedModelRunner(path), "saved_model", path, None)
+    runner = _SavedModelRunner(path)
+    if "instance_map" in runner._signature.structured_outputs:
+        from kseg.inference.instance_predict import InstanceSavedModel
+
+        # An exported instance model (PANet): `predict_instances` runs it.
+        runner = InstanceSavedModel(runner._loaded, runner._signature)
+    return ModelSource(runner, "saved_model", path, None)
 
 
 class _TFLiteRunner:

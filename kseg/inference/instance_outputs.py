@@ -1,0 +1,241 @@
+"""What `kseg predict` writes for an instance model (PANet).
+
+Per image `DIR/name.ext`:
+
+- `OUT/name_overlay.png`: RGB PNG, each instance's mask blended in its own
+  colour, its box, and a label `class score` (drawn with OpenCV);
+- `OUT/name_instances.png`: 16-bit grayscale PNG, 0 where no instance is,
+  i where the i-th detection (1-based, best score first) is — the
+  best-scoring one where masks overlap.
+
+For the whole call:
+
+- `OUT/detections.json`: COCO results (a list of `{"image_id",
+  "category_id", "bbox" [x, y, w, h], "score", "segmentation"}` with
+  compressed-RLE masks), loadable by the COCO API's `loadRes`;
+- `OUT/images.json`: the COCO `images` (`id`, `file_name`, `height`,
+  `width`: image i of the call has id i, from 1) and `categories` (`id`,
+  `name`) the results refer to.
+
+Category ids and class names come from the run's recipe (the model is a run
+directory, or a `.keras` file in one), from an export's
+`assets.extra/categories.json`, else class k is id k named `class_<k>`.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from kseg.data.instances import mask_api
+
+DETECTIONS_FILE = "detections.json"
+IMAGES_FILE = "images.json"
+CATEGORIES_FILE = "categories.json"  # in a SavedModel's assets.extra/
+
+_FONT_SCALE = 0.4
+
+
+def instance_colors(count):
+    """`count` distinct RGB colours (uint8), the i-th instance's at i."""
+    if count == 0:
+        return np.zeros((0, 3), np.uint8)
+    hues = (np.arange(count) * 0.618033988749895) % 1.0
+    hsv = np.stack(
+        [hues * 180, np.full(count, 200), np.full(count, 255)], axis=-1
+    ).astype(np.uint8)
+    import cv2
+
+    return cv2.cvtColor(hsv[None], cv2.COLOR_HSV2RGB)[0]
+
+
+def draw_instances(image, instances, class_names, alpha=0.5):
+    """The overlay: uint8 RGB `(H, W, 3)` with each instance's mask blended
+    in its colour (`alpha` its weight), its box and its `name score` label."""
+    import cv2
+
+    result = np.asarray(image, np.float32).copy()
+    colors = instance_colors(len(instances.scores))
+    # Worst first, so the best-scoring instance is on top where they overlap.
+    for index in range(len(instances.scores) - 1, -1, -1):
+        mask = instances.masks[index]
+        result[mask] = (1 - alpha) * result[mask] + alpha * colors[index]
+    canvas = np.ascontiguousarray(np.round(result).astype(np.uint8))
+    for index in range(len(instances.scores) - 1, -1, -1):
+        color = tuple(int(c) for c in colors[index])
+        y1, x1, y2, x2 = instances.boxes[index]
+        top_left = (int(np.floor(x1)), int(np.floor(y1)))
+        bottom_right = (max(int(np.ceil(x2)) - 1, 0), max(int(np.ceil(y2)) - 1, 0))
+        cv2.rectangle(canvas, top_left, bottom_right, color, 1)
+        label = (
+            f"{class_names[instances.classes[index] - 1]} {instances.scores[index]:.2f}"
+        )
+        (text_width, text_height), baseline = cv2.getTextSize(
+            label, cv2.FONT_HERSHEY_SIMPLEX, _FONT_SCALE, 1
+        )
+        x = min(max(top_left[0], 0), max(canvas.shape[1] - text_width, 0))
+        y = top_left[1] - baseline
+        if y - text_height < 0:
+            y = top_left[1] + text_height + 1
+        cv2.putText(
+            canvas,
+            label,
+            (x, y),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            _FONT_SCALE,
+            color,
+            1,
+            cv2.LINE_AA,
+        )
+    return canvas
+
+
+def encode_instance_png(instance_map):
+    """16-bit grayscale PNG bytes of a uint16 instance map (read back
+    exactly by `cv2.imread(path, cv2.IMREAD_UNCHANGED)`)."""
+    import cv2
+
+    instance_map = np.asarray(instance_map)
+    if instance_map.dtype != np.uint16 or instance_map.ndim != 2:
+        raise ValueError(
+            f"an instance map is uint16 (H, W), got {instance_map.dtype} "
+            f"{instance_map.shape}"
+        )
+    ok, data = cv2.imencode(".png", instance_map)
+    if not ok:
+        raise ValueError("OpenCV could not encode the instance map")
+    decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if decoded is None or not np.array_equal(decoded, instance_map):
+        raise ValueError("the 16-bit instance PNG does not read back exactly")
+    return data.tobytes()
+
+
+def encode_rgb(image):
+    import cv2
+
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))
+    if not ok:
+        raise ValueError("OpenCV could not encode the overlay")
+    return data.tobytes()
+
+
+def coco_results(instances, image_id, category_ids):
+    """COCO result dicts of one image's `Instances` (compressed RLE)."""
+    if not len(instances.scores):
+        return []
+    masks = np.asfortranarray(instances.masks.transpose(1, 2, 0).astype(np.uint8))
+    rles = mask_api().encode(masks)
+    height, width = instances.masks.shape[1:]
+    results = []
+    for index, rle in enumerate(rles):
+        y1, x1, y2, x2 = (float(v) for v in instances.boxes[index])
+        results.append(
+            {
+                "image_id": int(image_id),
+                "category_id": int(category_ids[instances.classes[index] - 1]),
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "score": float(instances.scores[index]),
+                "segmentation": {
+                    "size": [int(height), int(width)],
+                    "counts": rle["counts"].decode("ascii"),
+                },
+            }
+        )
+    return results
+
+
+def default_categories(num_classes):
+    """Ids 1..C named `class_<k>`."""
+    return tuple(range(1, num_classes + 1)), tuple(
+        f"class_{k}" for k in range(1, num_classes + 1)
+    )
+
+
+def find_recipe_path(model_path):
+    """The `recipe.yaml` of the run `model_path` is (or lies in), or None."""
+    model_path = Path(model_path)
+    candidates = [model_path / "recipe.yaml"] if model_path.is_dir() else []
+    if model_path.is_file():
+        candidates.append(model_path.parent / "recipe.yaml")
+        if model_path.parent.name == "checkpoints":
+            candidates.append(model_path.parent.parent / "recipe.yaml")
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def _coco_categories(root, split):
+    from kseg.data.instances import NON_OBJECT_CATEGORIES
+
+    root = Path(root).expanduser()
+    for path in (root / "annotations" / f"instances_{split}.json",
+                 root / "annotations.json"):  # fmt: skip
+        if path.is_file():
+            categories = {
+                int(c["id"]): str(c["name"])
+                for c in json.loads(path.read_text())["categories"]
+                if c["name"] not in NON_OBJECT_CATEGORIES
+            }
+            ids = tuple(sorted(categories))
+            return ids, tuple(categories[c] for c in ids)
+    raise FileNotFoundError(f"no COCO annotations for split {split!r} under {root}")
+
+
+def recipe_categories(recipe):
+    """`(category_ids, class_names)` of an instance recipe's dataset."""
+    dataset = recipe.data.dataset
+    if dataset == "synthetic":
+        from kseg.data.synthetic_instances import SYNTHETIC_INSTANCE_CLASSES
+
+        count = len(SYNTHETIC_INSTANCE_CLASSES)
+        return tuple(range(1, count + 1)), tuple(SYNTHETIC_INSTANCE_CLASSES)
+    if dataset == "cityscapes":
+        from kseg.data.instances import CITYSCAPES_INSTANCE_CATEGORIES
+
+        return (
+            tuple(c for c, _ in CITYSCAPES_INSTANCE_CATEGORIES),
+            tuple(n for _, n in CITYSCAPES_INSTANCE_CATEGORIES),
+        )
+    if recipe.data.root is None:
+        raise FileNotFoundError("data.root is not set")
+    return _coco_categories(recipe.data.root, recipe.data.train_split)
+
+
+def find_categories(model_path, source_path, num_classes):
+    """`(category_ids, class_names, where)` for the model at `model_path`
+    (what the user passed; `source_path` what was loaded). `num_classes`
+    None: unknown (an export), any count is taken."""
+    found, where = None, None
+    recipe_path = find_recipe_path(model_path) or find_recipe_path(source_path)
+    export_file = Path(source_path) / "assets.extra" / CATEGORIES_FILE
+    if recipe_path is not None:
+        from kseg.training.recipe import load_recipe
+
+        try:
+            recipe = load_recipe(recipe_path)
+            if recipe.task == "instance":
+                found, where = recipe_categories(recipe), f"the run's {recipe_path}"
+        except (OSError, ValueError, KeyError) as error:
+            _warn(f"class names: cannot read them from {recipe_path} ({error})")
+    elif export_file.is_file():
+        try:
+            value = json.loads(export_file.read_text())
+            found = (
+                tuple(int(c["id"]) for c in value),
+                tuple(str(c["name"]) for c in value),
+            )
+            where = str(export_file)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            _warn(f"class names: cannot read {export_file} ({error})")
+    if found is not None and num_classes is not None and len(found[0]) != num_classes:
+        _warn(
+            f"class names: {where} names {len(found[0])} classes, the model "
+            f"predicts {num_classes}; using ids 1..{num_classes}"
+        )
+        found = None
+    if found is None:
+        return (*default_categories(num_classes or 0), None)
+    return (*found, where)
+
+
+def _warn(message):
+    print(f"kseg predict: warning: {message}", file=sys.stderr)

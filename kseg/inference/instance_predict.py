@@ -1,0 +1,216 @@
+"""Instance segmentation on images of any size: `predict_instances`.
+
+An instance model (PANet) takes a fixed input size. Each image is fitted into
+it as the evaluation pipeline fits it (`kseg.data.instance_eval_transform`:
+resize so the whole image fits, optionally to a given shorter edge, then zero
+padding below and right), the model runs, and its detections go back to the
+image: boxes divided by the resize scale and clipped to the image, the 28 × 28
+mask probabilities pasted inside the boxes at image resolution
+(`kseg.inference.instances.paste_masks`) — what `detections_to_coco` does for
+the COCO evaluation.
+
+An exported PANet SavedModel (`kseg.export`) does the fitting and the box
+mapping in its graph; `open_model` wraps it as an `InstanceSavedModel`, which
+`predict_instances` runs the same way.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from kseg.inference.defaults import DEFAULT_SCORE_THRESHOLD
+from kseg.inference.instances import paste_masks
+
+DEFAULT_BATCH_SIZE = 4
+
+
+class Instances(NamedTuple):
+    """The detections of one image, best score first.
+
+    Attributes:
+        boxes: float32 `(D, 4)` `[y1, x1, y2, x2]` in image pixels (pixel
+            (i, j) covers `[i, i + 1) × [j, j + 1)`), clipped to the image.
+        scores: float32 `(D,)`, descending.
+        classes: int32 `(D,)` classes in 1..C.
+        masks: bool `(D, H, W)` at the image's size.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    classes: np.ndarray
+    masks: np.ndarray
+
+    def instance_map(self):
+        """uint16 `(H, W)`: 0 where no instance is, else i for the i-th
+        detection (1-based) — the best-scoring one where masks overlap."""
+        height, width = self.masks.shape[1:]
+        result = np.zeros((height, width), np.uint16)
+        for index in range(len(self.masks) - 1, -1, -1):
+            result[self.masks[index]] = index + 1
+        return result
+
+
+def is_instance_model(model):
+    """Whether `model` is an instance segmentation model: a Keras model
+    returning `masks` (and no `logits`), or an exported one."""
+    if isinstance(model, InstanceSavedModel):
+        return True
+    outputs = getattr(model, "output", None)
+    return isinstance(outputs, dict) and "masks" in outputs and "logits" not in outputs
+
+
+def model_input_size(model):
+    """The fixed `(H, W)` of an instance model's input."""
+    size = tuple(model.input_shape[1:3])
+    if None in size:
+        raise ValueError(
+            f"an instance model takes a fixed input size, this one takes {size}"
+        )
+    return size
+
+
+class InstanceSavedModel:
+    """An exported PANet SavedModel's `serving_default` as a detector:
+    `detect(image)` returns its detections in image pixels."""
+
+    def __init__(self, loaded, signature):
+        self._loaded = loaded
+        self._signature = signature
+
+    def detect(self, image):
+        """`{"boxes", "scores", "classes", "masks"}` of the first
+        `num_detections` detections of one uint8 `(H, W, 3)` image."""
+        import tensorflow as tf
+
+        outputs = self._signature(images=tf.constant(np.asarray(image)[None]))
+        count = int(outputs["num_detections"][0])
+        return {
+            key: np.asarray(outputs[key][0, :count])
+            for key in ("boxes", "scores", "classes", "masks")
+        }
+
+
+def _fitted(model, images, short_edge, max_size, batch_size):
+    """The model's raw detections of each image, boxes in image pixels."""
+    import tensorflow as tf
+
+    from kseg.data import instance_eval_transform
+
+    size = model_input_size(model)
+    results = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        inputs, scales = zip(
+            *(
+                instance_eval_transform(
+                    tf.constant(image), size, short_edge=short_edge, max_size=max_size
+                )
+                for image in chunk
+            ),
+            strict=True,
+        )
+        outputs = model(np.stack([np.asarray(x) for x in inputs]), training=False)
+        outputs = {key: np.asarray(value) for key, value in outputs.items()}
+        for b, (image, scale) in enumerate(zip(chunk, scales, strict=True)):
+            count = int(outputs["num_detections"][b])
+            height, width = image.shape[:2]
+            boxes = outputs["boxes"][b, :count].astype(np.float64)
+            boxes = boxes / np.tile(np.asarray(scale, np.float64), 2)
+            boxes = np.clip(boxes, 0.0, [height, width, height, width])
+            results.append(
+                {
+                    "boxes": boxes,
+                    "scores": outputs["scores"][b, :count],
+                    "classes": outputs["classes"][b, :count],
+                    "masks": outputs["masks"][b, :count],
+                }
+            )
+    return results
+
+
+def _select(detections, image_shape, score_threshold, max_detections, mask_threshold):
+    height, width = image_shape
+    scores = np.asarray(detections["scores"], np.float32)
+    classes = np.asarray(detections["classes"], np.int32)
+    keep = np.flatnonzero((classes >= 1) & (scores >= score_threshold))
+    keep = keep[np.argsort(-scores[keep], kind="stable")]
+    if max_detections is not None:
+        keep = keep[:max_detections]
+    boxes = np.asarray(detections["boxes"], np.float64)[keep]
+    masks = np.asarray(detections["masks"], np.float32)[keep]
+    return Instances(
+        boxes=boxes.astype(np.float32),
+        scores=scores[keep],
+        classes=classes[keep],
+        masks=paste_masks(masks, boxes.reshape(-1, 4), height, width, mask_threshold),
+    )
+
+
+def predict_instances(
+    model,
+    images,
+    score_threshold=DEFAULT_SCORE_THRESHOLD,
+    max_detections=None,
+    *,
+    short_edge=None,
+    max_size=None,
+    mask_threshold=0.5,
+    batch_size=DEFAULT_BATCH_SIZE,
+):
+    """Detects and segments the instances of images of any size.
+
+    Example:
+
+    >>> results = predict_instances(model, [image])  # doctest: +SKIP
+    >>> results[0].masks.shape  # (D, H, W) bool, H, W = image.shape[:2]
+
+    Args:
+        model: a Keras instance model (PANet: fixed input size, RGB 0–255,
+            returns `boxes`, `scores`, `classes`, `masks`, `num_detections`)
+            or an `InstanceSavedModel` (`open_model` of an exported PANet).
+        images: uint8 RGB images `(H, W, 3)` (a list; sizes may differ) or
+            an array `(N, H, W, 3)`.
+        score_threshold: float. Detections scoring less are left out.
+            Defaults to 0.5, a threshold for showing detections; pass 0 (the
+            model's own threshold, 0.05 for PANet, then applies) for COCO
+            evaluation, whose AP counts low-scoring detections too.
+        max_detections: int or None. The most detections kept per image,
+            best first; None keeps all the model returns. Defaults to None.
+        short_edge, max_size: the evaluation resize (`eval.short_edge`,
+            `data.max_size` of a recipe); None fits each image into the
+            model's input without enlarging it. Keras models only (an export
+            holds its own). Default to None.
+        mask_threshold: float. Threshold of the pasted mask probabilities.
+            Defaults to 0.5.
+        batch_size: int. Images per model call. Defaults to 4.
+
+    Returns:
+        list of `Instances`, one per image (empty arrays where nothing was
+        found).
+    """
+    if max_detections is not None and max_detections < 1:
+        raise ValueError(f"max_detections must be positive, got {max_detections}")
+    images = [_check_image(image) for image in images]
+    if isinstance(model, InstanceSavedModel):
+        raw = [model.detect(image) for image in images]
+    else:
+        if not is_instance_model(model):
+            raise ValueError(
+                "predict_instances needs an instance segmentation model (one "
+                "returning 'masks', such as PANet)"
+            )
+        raw = _fitted(model, images, short_edge, max_size, batch_size)
+    return [
+        _select(detections, image.shape[:2], score_threshold, max_detections,
+                mask_threshold)
+        for detections, image in zip(raw, images, strict=True)
+    ]  # fmt: skip
+
+
+def _check_image(image):
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"images must be RGB (H, W, 3), got shape {image.shape}")
+    if image.dtype != np.uint8:
+        image = np.clip(np.round(image), 0, 255).astype(np.uint8)
+    return image
