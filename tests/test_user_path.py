@@ -59,12 +59,15 @@ import concurrent.futures
 import functools
 import json
 import os
+import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -738,3 +741,300 @@ def test_voc_commands(tmp_path):
     result_json = json.loads((runs[0] / "result.json").read_text())
     assert result_json["steps"] == 1
     assert "person" in result.stdout
+
+
+# === Kills: a run survives SIGKILL at any instant ===
+
+KILL_EPOCHS, KILL_STEPS, KILLS = 6, 2, 20
+KILL_SEED = 20250101
+# Temporary files kseg writes before renaming them into place
+# (`kseg.files.temporary_path`): `.tmp-<pid>-<name>`.
+WRITES = ["weights.h5", "weights.h5", "last.keras", "best.keras", "model.keras"]
+
+
+def _kill_plan(rng):
+    """The 20 kill instants: a few while the process starts, a third while a
+    file is written (the moment its temporary file appears, plus up to 50 ms),
+    the rest at a random time after the run directory is locked."""
+    plan = [{"mode": "startup", "after": rng.uniform(0, 8)} for _ in range(2)]
+    for target in [*WRITES, "model.keras", ""]:  # "": any file
+        plan.append({"mode": "write", "file": target, "after": rng.uniform(0, 0.05)})
+    while len(plan) < KILLS:
+        plan.append({"mode": "training", "after": rng.uniform(0, 12)})
+    rng.shuffle(plan)
+    return plan
+
+
+def _epoch_numbers(path):
+    numbers = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                numbers.append(json.loads(line)["epoch"])
+            except (ValueError, KeyError, TypeError):
+                continue  # cut off by the kill: dropped on resume
+    return numbers
+
+
+def _run_state(run):
+    """What a killed process left, every file checked whole: the newest
+    complete backup, the epochs logged, whether model.keras and result.json
+    exist."""
+    import h5py
+
+    backups = []
+    for path in (run / "backup").glob("epoch-*.json"):
+        match = re.fullmatch(r"epoch-(\d+)\.json", path.name)
+        if match:
+            state = json.loads(path.read_text())  # complete: renamed into place
+            with h5py.File(run / "backup" / state["weights"], "r"):
+                pass
+            backups.append(int(match.group(1)))
+    checkpoints = [p for p in (run / "checkpoints").glob("*.keras")]
+    for path in [run / "model.keras", *checkpoints]:
+        # pathlib's glob also yields the hidden temporary files of killed
+        # processes (`.tmp-<pid>-last.keras`): never taken for a model.
+        if path.exists() and not path.name.startswith("."):
+            with zipfile.ZipFile(path) as archive:
+                assert archive.testzip() is None, f"{path} is damaged"
+    finished = (run / "result.json").exists()
+    if finished:
+        json.loads((run / "result.json").read_text())
+    return {
+        "backup": max(backups, default=0),
+        "logged": max(_epoch_numbers(run / "epochs.jsonl"), default=0),
+        "model": (run / "model.keras").exists(),
+        "finished": finished,
+        "started": (run / "recipe.yaml").exists(),
+    }
+
+
+def _check_finished(run):
+    """Problems of a finished run: its step count, its model, its epoch log."""
+    from kseg.models import load_model
+
+    problems = []
+    result = json.loads((run / "result.json").read_text())
+    if result["steps"] != KILL_EPOCHS * KILL_STEPS:
+        problems.append(f"{run}: result.json steps {result['steps']}")
+    if (run / "backup").exists():
+        problems.append(f"{run}: finished, but backup/ is left")
+    model = load_model(run / "model.keras")
+    logits = model(np.zeros((1, 32, 32, 3), "float32"), training=False)["logits"]
+    if tuple(logits.shape) != (1, 32, 32, NUM_CLASSES):
+        problems.append(f"{run}: model.keras gives logits {logits.shape}")
+    records = [json.loads(line) for line in (run / "epochs.jsonl").open()]
+    epochs = [r["epoch"] for r in records]
+    if epochs != list(range(1, KILL_EPOCHS + 1)):
+        problems.append(
+            f"{run}: epochs.jsonl holds epochs {epochs}, not 1-{KILL_EPOCHS} "
+            "(a kill after an epoch's backup and before its epochs.jsonl line "
+            "loses the line: the resume continues after that epoch)"
+        )
+    elif [r["step"] for r in records] != [KILL_STEPS * e for e in epochs]:
+        problems.append(f"{run}: epochs.jsonl steps {[r['step'] for r in records]}")
+    return problems
+
+
+def _check_resumed(log, before):
+    """Problems of a resumed process: it must continue from the newest
+    complete backup (or evaluate the complete model) and never silently
+    start over."""
+    problems = []
+    if "damaged" in log:
+        problems.append(f"a backup was damaged: {log[-2000:]}")
+    resumed = re.search(r"resuming after epoch (\d+) \(step (\d+)\)", log)
+    epochs = [int(e) for e in re.findall(r"^Epoch (\d+)/", log, flags=re.M)]
+    if before["model"]:
+        if resumed or epochs:
+            problems.append(f"trained again after model.keras was complete: {log}")
+        return problems
+    if resumed and (
+        int(resumed.group(1)) != before["backup"]
+        or int(resumed.group(2)) != KILL_STEPS * before["backup"]
+    ):
+        problems.append(f"resumed from {resumed.group(0)!r}, the backup: {before}")
+    elif not resumed and epochs and before["backup"]:
+        problems.append(f"restarted from scratch with a backup: {before}\n{log}")
+    if epochs and epochs[0] != before["backup"] + 1:
+        problems.append(f"trained epoch {epochs[0]} first after {before}")
+    return problems
+
+
+def _watch(process, run, log_path, item, on_lock=None):
+    """Waits for `process` and kills it at `item`'s instant; `on_lock` is
+    called with the process, stopped, once it holds the run's lock. Returns
+    whether it was killed."""
+    prefix = f".tmp-{process.pid}-"
+    folders = [run, run / "backup", run / "checkpoints"]
+    start = time.monotonic()
+    locked_at = fire_at = None
+    last_read = 0.0
+    while process.poll() is None:
+        now = time.monotonic()
+        if locked_at is None and now - last_read > 0.1:
+            last_read = now
+            if re.search(r"^run ", log_path.read_text(), flags=re.M):
+                locked_at = now
+                if on_lock is not None:
+                    process.send_signal(signal.SIGSTOP)
+                    try:
+                        on_lock(process)
+                    finally:
+                        process.send_signal(signal.SIGCONT)
+                    stopped = time.monotonic() - now
+                    start += stopped
+                    locked_at += stopped
+                    now = time.monotonic()
+        if item is not None and fire_at is None:
+            mode = item["mode"]
+            if mode == "startup":
+                fire_at = start + item["after"]
+            elif mode == "training" and locked_at is not None:
+                fire_at = locked_at + item["after"]
+            elif mode == "write":
+                for folder in folders:
+                    try:
+                        names = os.listdir(folder)
+                    except FileNotFoundError:
+                        continue
+                    if any(
+                        n.startswith(prefix) and n.endswith(item["file"]) for n in names
+                    ):
+                        fire_at = now + item["after"]
+                        break
+        if fire_at is not None and now >= fire_at:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def _kill_chain(folder, plan, lock_check=None):
+    """Kills a tiny `kseg train` run at each instant of `plan`, resuming it
+    after each kill; a run that finishes is checked and a new one started,
+    until every instant was used and the last run finished. With
+    `lock_check` (a dict), a second `--resume` is started once while a
+    resumed process holds the run. Returns `(finished runs, problems,
+    events)`."""
+    folder.mkdir()
+    plan = list(plan)
+    new_run = [
+        f"--set={o}"
+        for o in (
+            *TINY,
+            f"train.epochs={KILL_EPOCHS}",
+            f"train.steps_per_epoch={KILL_STEPS}",
+        )
+    ]
+    finished, problems, events = [], [], []
+    runs = 0
+    run = before = None
+    deadline = time.monotonic() + 20 * 60
+    while plan or run is not None:
+        assert time.monotonic() < deadline, f"out of time; events: {events}"
+        if run is None:
+            runs += 1
+            run = folder / f"run-{runs}"
+            args = [*new_run, "--run-dir", run]
+        else:
+            args = ["--resume", run]
+        item = plan[0] if plan else None
+        log_path = folder / f"cycle-{len(events)}.log"
+        on_lock = None
+        if lock_check is not None and not lock_check and args[0] == "--resume":
+
+            def on_lock(holder, run=run):
+                lock_check["holder"] = holder.pid
+                listing = sorted((p, p.stat().st_mtime_ns) for p in run.rglob("*"))
+                lock_check["second"] = kseg(
+                    "train", "--resume", run, cwd=folder, expect=None
+                )
+                after = sorted((p, p.stat().st_mtime_ns) for p in run.rglob("*"))
+                lock_check["untouched"] = listing == after
+
+        with log_path.open("w") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "kseg.cli", "train", *map(str, args), "--quiet"],
+                cwd=folder,
+                env=_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                killed = _watch(process, run, log_path, item, on_lock)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+        text = log_path.read_text()
+        if not killed and process.returncode != 0:
+            problems.append(f"{log_path}: exit status {process.returncode}\n{text}")
+            return finished, problems, events
+        if before is not None:
+            problems += [f"{log_path}: {p}" for p in _check_resumed(text, before)]
+        if killed:
+            plan.pop(0)
+        state = _run_state(run)
+        events.append((log_path.name, args[0], item if killed else None, state))
+        # A kill loses at most the current epoch.
+        if killed and not state["finished"] and state["backup"] < state["logged"]:
+            problems.append(f"{log_path}: epochs logged past the backup: {state}")
+        if state["finished"]:
+            finished.append(run)
+            run = before = None
+        elif not state["started"]:
+            run = before = None  # killed before the run existed: start anew
+        else:
+            before = state
+    return finished, problems, events
+
+
+@pytest.fixture(scope="module")
+def kill_chains(tmp_path_factory):
+    """Two chains of kills side by side (each process mostly waits on its
+    imports), the 20 instants shared between them; the first also starts a
+    second `--resume` while a resumed process holds its run."""
+    folder = tmp_path_factory.mktemp("kills")
+    plan = _kill_plan(random.Random(KILL_SEED))
+    lock_check = {}
+    started = time.perf_counter()
+    chains = run_parallel(
+        {
+            "a": functools.partial(_kill_chain, folder / "a", plan[::2], lock_check),
+            "b": functools.partial(_kill_chain, folder / "b", plan[1::2]),
+        }
+    )
+    return {
+        "chains": chains,
+        "lock_check": lock_check,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def test_killed_run_always_completes(kill_chains):
+    """SIGKILL at 20 seeded random instants (a third of them while a file is
+    written), `kseg train --resume` after each: every run ends with the full
+    step count, a loadable model and its whole epoch log."""
+    problems, kills = [], 0
+    for finished, chain_problems, events in kill_chains["chains"].values():
+        problems += chain_problems
+        kills += sum(1 for event in events if event[2] is not None)
+        assert finished, events
+        for run in finished:
+            problems += _check_finished(run)
+    assert not problems, "\n\n".join(problems)
+    assert kills == KILLS
+
+
+def test_second_resume_of_a_run_is_refused(kill_chains):
+    """Two `--resume` of one run at once: the second is refused with a
+    message naming the process that holds the run, and changes nothing."""
+    lock_check = kill_chains["lock_check"]
+    assert lock_check, "no resumed process held a run long enough to check"
+    second = lock_check["second"]
+    assert second.returncode != 0, _show(second)
+    assert "Traceback" not in second.stderr, _show(second)
+    assert f"process {lock_check['holder']}" in second.stderr, _show(second)
+    assert lock_check["untouched"], "the refused --resume changed the run"
