@@ -2,13 +2,18 @@
 optionally, TFLite files.
 
     kseg export MODEL --name NAME [--version N] [--out saved_models]
-                [--tflite float32|float16|int8 ...] [--input-size H W]
+                [--tflite float32|float16|int8 ...] [--input-size H W] [--onnx]
                 [--recipe NAME|FILE [--data DIR] | --calibration-dir DIR]
 
-MODEL is a .keras file or a `kseg train` run directory. The SavedModel goes
+MODEL is a .keras file or a `kseg train` run directory. An instance model
+(PANet) exports its SavedModel only (TFLite: not yet), whose signatures return
+detections, masks and an instance map (`kseg.export.instance_saved_model`),
+with the run's evaluation resize and category ids. The SavedModel goes
 to OUT/NAME/VERSION/ (VERSION defaults to the next free integer; TF Serving's
 --model_base_path is OUT/NAME), each TFLite file to
-OUT/NAME/tflite/NAME_vVERSION_QUANTIZATION_HxW.tflite. TFLite files have a
+OUT/NAME/tflite/NAME_vVERSION_QUANTIZATION_HxW.tflite, the ONNX file (--onnx:
+uint8 images of any batch and size, like the SavedModel) to
+OUT/NAME/onnx/NAME_vVERSION.onnx. TFLite files have a
 fixed input size: --input-size, else the model's own fixed size, else the
 training crop (data.crop_size) of the run's recipe.yaml. int8 calibrates on
 training images: the train split of --recipe (read from --data as for
@@ -69,6 +74,12 @@ def register(subparsers):
         default=(),
         metavar="QUANTIZATION",
         help="also write TFLite files: any of float32, float16, int8",
+    )
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also write an ONNX file, OUT/NAME/onnx/NAME_vVERSION.onnx: uint8 "
+        "images of any batch and size (needs the onnx extra)",
     )
     parser.add_argument(
         "--input-size",
@@ -152,6 +163,8 @@ def run_export(args):
     refuse_existing(model_dir / str(version), "SavedModel version")
     model = load_model(model_path)
     check_segmentation_model(model)
+    if _is_instance_model(model):
+        return _export_instance_model(args, model, model_dir, version, run_recipe)
 
     tflite_paths = {}
     if args.tflite:
@@ -160,6 +173,9 @@ def run_export(args):
             name = f"{args.name}_v{version}_{quantization}_{size[0]}x{size[1]}.tflite"
             refuse_existing(model_dir / "tflite" / name, "TFLite file")
             tflite_paths[quantization] = model_dir / "tflite" / name
+    onnx_path = model_dir / "onnx" / f"{args.name}_v{version}.onnx"
+    if args.onnx:
+        refuse_existing(onnx_path, "ONNX file")
     calibration = None
     if "int8" in tflite_paths:
         if args.calibration_dir is not None:
@@ -182,6 +198,52 @@ def run_export(args):
         )
         kib = tflite_path.stat().st_size / 1024
         print(f"TFLite {quantization}: {tflite_path} ({kib:.0f} KiB)")
+    if args.onnx:
+        from kseg.export.onnx import export_onnx
+
+        print(f"ONNX: {export_onnx(model, onnx_path)}")
+    return 0
+
+
+def _is_instance_model(model):
+    from kseg.export.instance_saved_model import is_instance_model
+
+    return is_instance_model(model)
+
+
+def _export_instance_model(args, model, model_dir, version, run_recipe):
+    """`kseg export` of an instance model (PANet): the SavedModel, with the
+    run's evaluation resize and category ids when its recipe is known."""
+    from kseg.export.saved_model import export_saved_model
+
+    if args.tflite:
+        raise ValueError(
+            "TFLite export of instance models (PANet) is not yet supported: "
+            "export the SavedModel alone (leave out --tflite)"
+        )
+    settings = {}
+    if run_recipe is not None:
+        from kseg.inference.instance_outputs import recipe_categories
+        from kseg.training.recipe import load_recipe
+
+        recipe = load_recipe(run_recipe)
+        if recipe.task == "instance":
+            settings = {
+                "short_edge": recipe.eval.short_edge,
+                "max_size": recipe.data.max_size,
+            }
+            try:
+                settings["categories"] = recipe_categories(recipe)
+                print(f"categories: the dataset of {run_recipe}")
+            except (OSError, ValueError) as error:
+                print(f"categories: ids 1..C ({run_recipe}: {error})")
+    path = export_saved_model(
+        model, model_dir, version, max_pixels=args.max_pixels, **settings
+    )
+    print(
+        f"SavedModel: {path} (instance model; signatures serving_default, "
+        "serving_bytes)"
+    )
     return 0
 
 

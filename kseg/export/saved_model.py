@@ -26,6 +26,7 @@ The SavedModel holds only TensorFlow ops: it loads without kseg (or Keras) in
 TF Serving, `saved_model_cli` and `tf.saved_model.load`.
 """
 
+import json
 import re
 import shutil
 import uuid
@@ -52,7 +53,9 @@ def check_segmentation_model(model):
     """Raises `ValueError` unless `model` is a kseg-style segmentation model.
 
     That is: a `keras.Model` on the TensorFlow backend with one image input
-    `(batch, height, width, 3)` whose output is a dict holding 4D `"logits"`.
+    `(batch, height, width, 3)` whose output is a dict holding 4D `"logits"`
+    (semantic), or `boxes`, `scores`, `classes`, `masks`, `num_detections`
+    with a fixed input size (instance: PANet).
     """
     if keras.backend.backend() != "tensorflow":
         raise ValueError(
@@ -69,10 +72,11 @@ def check_segmentation_model(model):
         )
     outputs = model.output
     if isinstance(outputs, dict) and "masks" in outputs and "logits" not in outputs:
-        raise ValueError(
-            "This is an instance segmentation model (PANet); kseg export "
-            "writes semantic segmentation models only for now"
-        )
+        from kseg.export.instance_saved_model import check_instance_model
+
+        # An instance model (PANet): `kseg.export.instance_saved_model`.
+        check_instance_model(model)
+        return
     if not isinstance(outputs, dict) or "logits" not in outputs:
         raise ValueError(
             "The model must return a dict with a 'logits' entry (as every kseg "
@@ -177,9 +181,14 @@ def decode_images(image_bytes):
     )
 
 
-def build_serving_module(model, max_pixels=DEFAULT_MAX_PIXELS):
+def build_serving_module(
+    model, max_pixels=DEFAULT_MAX_PIXELS, short_edge=None, max_size=None
+):
     """A `tf.Module` whose `serving_default` and `serving_bytes` tf.functions
-    are the two signatures (callable in-process too).
+    are the two signatures (callable in-process too). An instance model
+    (PANet) gets `kseg.export.instance_saved_model`'s, whose fitting into
+    the model's input takes `short_edge` and `max_size` (the evaluation
+    resize, `instance_eval_transform`; semantic models ignore them).
 
     It holds the TensorFlow variables the functions read, each once
     (`keras.export.ExportArchive` in Keras 3.15 saves every weight twice,
@@ -189,6 +198,13 @@ def build_serving_module(model, max_pixels=DEFAULT_MAX_PIXELS):
     """
     check_segmentation_model(model)
     max_pixels = _check_max_pixels(max_pixels)
+    from kseg.export.instance_saved_model import (
+        build_instance_serving_module,
+        is_instance_model,
+    )
+
+    if is_instance_model(model):
+        return build_instance_serving_module(model, max_pixels, short_edge, max_size)
     module = tf.Module()
     module.serving_default = tf.function(
         lambda images: predict_images(model, check_request(images, max_pixels)),
@@ -253,6 +269,26 @@ def refuse_existing(path, what):
         )
 
 
+def _write_categories(model, path, categories):
+    """An instance model's `assets.extra/categories.json`."""
+    from kseg.export.instance_saved_model import is_instance_model
+
+    if not is_instance_model(model):
+        return
+    if categories is None:
+        count = getattr(model, "num_classes", None)
+        if count is None:
+            return  # `kseg predict` numbers the classes it sees
+        categories = (range(1, count + 1), [f"class_{k}" for k in range(1, count + 1)])
+    ids, names = (list(values) for values in categories)
+    if len(ids) != len(names):
+        raise ValueError(f"categories: {len(ids)} ids for {len(names)} names")
+    folder = path / "assets.extra"
+    folder.mkdir(exist_ok=True)
+    entries = [{"id": int(c), "name": str(n)} for c, n in zip(ids, names, strict=True)]
+    (folder / "categories.json").write_text(json.dumps(entries, indent=1) + "\n")
+
+
 def _check_max_pixels(max_pixels):
     if (
         isinstance(max_pixels, bool)
@@ -263,7 +299,16 @@ def _check_max_pixels(max_pixels):
     return max_pixels
 
 
-def export_saved_model(model, model_dir, version=None, max_pixels=DEFAULT_MAX_PIXELS):
+def export_saved_model(
+    model,
+    model_dir,
+    version=None,
+    max_pixels=DEFAULT_MAX_PIXELS,
+    *,
+    short_edge=None,
+    max_size=None,
+    categories=None,
+):
     """Exports `model` as version `version` of the TF Serving model `model_dir`.
 
     The SavedModel is written to a hidden staging directory beside the
@@ -284,6 +329,13 @@ def export_saved_model(model, model_dir, version=None, max_pixels=DEFAULT_MAX_PI
         max_pixels: int. The most pixels (N·H·W) one request may hold; a
             larger one gets an `InvalidArgument` error naming the cap.
             Defaults to `DEFAULT_MAX_PIXELS` (16 megapixels).
+        short_edge, max_size: instance models: the evaluation resize in the
+            graph (`instance_eval_transform`); None fits each image into the
+            model's input without enlarging it. Default to None.
+        categories: instance models: `(category_ids, class_names)` of
+            classes 1..C, written to `assets.extra/categories.json` (a list
+            of `{"id", "name"}`; TF Serving ignores `assets.extra`) for
+            `kseg predict`; None: ids 1..C named `class_<k>`.
 
     Returns:
         The `Path` of the version directory.
@@ -297,13 +349,14 @@ def export_saved_model(model, model_dir, version=None, max_pixels=DEFAULT_MAX_PI
     version = next_version(model_dir) if version is None else check_version(version)
     path = model_dir / str(version)
     refuse_existing(path, "SavedModel version")
-    module = build_serving_module(model, max_pixels)
+    module = build_serving_module(model, max_pixels, short_edge, max_size)
     model_dir.mkdir(parents=True, exist_ok=True)
     # Hidden, not an integer: TF Serving ignores it while it is written.
     staging = model_dir / f".{version}-staging-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
         tf.saved_model.save(module, str(staging), signatures=serving_signatures(module))
+        _write_categories(model, staging, categories)
         refuse_existing(path, "SavedModel version")
         staging.rename(path)
     except BaseException:

@@ -1,0 +1,202 @@
+"""The TF Serving SavedModel of an instance segmentation model (PANet).
+
+`kseg.export.export_saved_model` dispatches here for a model returning
+`masks` (and no `logits`). The signatures, traced with dynamic batch, height
+and width:
+
+- `serving_default`: input `images`, uint8 `(N, H, W, 3)` RGB of any size
+  (at most `max_pixels` pixels per request; rank and channels checked in the
+  graph, as for the semantic export);
+- `serving_bytes`: input `image_bytes`, string `(N,)` of encoded images of
+  one size (decoded by `kseg.data.decode_image`).
+
+Both return, for D = the model's `max_detections`:
+
+- `num_detections` int32 `(N,)`: the rows of each image that hold a detection;
+- `boxes` float32 `(N, D, 4)`: `[y1, x1, y2, x2]` in image pixels (pixel
+  (i, j) covers `[i, i + 1) × [j, j + 1)`), clipped to the image;
+- `scores` float32 `(N, D)`, `classes` int32 `(N, D)` (1..C, 0 = padding);
+- `masks` float32 `(N, D, 28, 28)`: each detection's mask probabilities
+  inside its box;
+- `instance_map` int32 `(N, H, W)`: the row of the best-scoring detection
+  whose pasted mask (probability ≥ 0.5) covers the pixel, −1 for none.
+
+In the graph each image is fitted into the model's fixed input as the
+evaluation pipeline fits it (`kseg.data.instance_eval_transform`: resize so
+it fits, optionally to a shorter edge, zero padding), the boxes are divided by
+the resize scale, and the masks are pasted with the sampling of
+`kseg.inference.instances.paste_masks` (bilinear, mask pixel centres spread
+evenly over the box, edge values held) as two small matrix products per
+detection, one detection at a time, so memory stays O(N·H·W).
+"""
+
+import tensorflow as tf
+
+from kseg.data import instance_eval_transform
+from kseg.export.saved_model import check_request, decode_images
+
+NUM_DETECTIONS = "num_detections"
+BOXES = "boxes"
+SCORES = "scores"
+CLASSES = "classes"
+MASKS = "masks"
+INSTANCE_MAP = "instance_map"
+INSTANCE_OUTPUTS = (NUM_DETECTIONS, BOXES, SCORES, CLASSES, MASKS, INSTANCE_MAP)
+_MODEL_OUTPUTS = ("boxes", "scores", "classes", "masks", "num_detections")
+
+
+def is_instance_model(model):
+    """Whether `model` returns instance detections (`masks`, no `logits`)."""
+    outputs = getattr(model, "output", None)
+    return isinstance(outputs, dict) and "masks" in outputs and "logits" not in outputs
+
+
+def check_instance_model(model):
+    """Raises `ValueError` unless `model` is an exportable instance model: one
+    RGB input of a fixed size, a dict of `boxes`, `scores`, `classes`,
+    `masks`, `num_detections`."""
+    shape = model.input_shape
+    if (
+        not isinstance(shape, tuple)
+        or len(shape) != 4
+        or shape[-1] != 3
+        or None in shape[1:3]
+    ):
+        raise ValueError(
+            "An instance model must take one RGB image input of a fixed size "
+            f"(batch, height, width, 3), its input shape is {shape}"
+        )
+    missing = [key for key in _MODEL_OUTPUTS if key not in model.output]
+    if missing:
+        raise ValueError(f"The instance model's outputs lack {missing}")
+
+
+def axis_weights(low, high, length, size):
+    """Bilinear weights `(N, length, size)` taking `size` mask samples to the
+    `length` image pixels along one axis for boxes spanning `[low, high)`
+    (`(N,)` each): `paste_masks`' `_interpolation_matrix`, zero outside the
+    box (pixel centres not in `[low, high)`) and for empty boxes."""
+    centres = tf.range(length, dtype=tf.float32) + 0.5
+    low, high = low[:, None], high[:, None]
+    extent = high - low
+    valid = extent > 0
+    coordinate = (centres[None] - low) * size / tf.where(valid, extent, 1.0) - 0.5
+    coordinate = tf.clip_by_value(coordinate, 0.0, size - 1.0)
+    lower = tf.floor(coordinate)
+    fraction = (coordinate - lower)[..., None]
+    lower = tf.cast(lower, tf.int32)
+    upper = tf.minimum(lower + 1, size - 1)
+    weights = (
+        tf.one_hot(lower, size) * (1.0 - fraction) + tf.one_hot(upper, size) * fraction
+    )
+    inside = (centres[None] >= low) & (centres[None] < high) & valid
+    return weights * tf.cast(inside, tf.float32)[..., None]
+
+
+def paste_instance_map(boxes, scores, masks, num_detections, height, width):
+    """The `instance_map` `(N, H, W)` int32 of detections in image pixels:
+    the row of the best-scoring detection (the first on ties) whose mask
+    pasted into its box has probability ≥ 0.5 at the pixel, −1 for none.
+
+    Args:
+        boxes: float32 `(N, D, 4)` `[y1, x1, y2, x2]` image pixels.
+        scores: float32 `(N, D)`.
+        masks: float32 `(N, D, S, S)` probabilities.
+        num_detections: int32 `(N,)`: rows beyond it are ignored.
+        height, width: scalar int tensors, the image size.
+    """
+    batch = tf.shape(boxes)[0]
+    count = tf.shape(boxes)[1]
+    size = masks.shape[-1]
+    masks = tf.cast(masks, tf.float32)
+    best = tf.fill(tf.stack([batch, height, width]), float("-inf"))
+    index = tf.fill(tf.stack([batch, height, width]), -1)
+
+    def body(k, best, index):
+        box = boxes[:, k]
+        rows = axis_weights(box[:, 0], box[:, 2], height, size)
+        cols = axis_weights(box[:, 1], box[:, 3], width, size)
+        pasted = tf.matmul(tf.matmul(rows, masks[:, k]), cols, transpose_b=True)
+        score = scores[:, k][:, None, None]
+        covers = (pasted >= 0.5) & (k < num_detections)[:, None, None] & (score > best)
+        return (
+            k + 1,
+            tf.where(covers, score, best),
+            tf.where(covers, k, index),
+        )
+
+    _, _, index = tf.while_loop(
+        lambda k, best, index: k < count, body, (tf.constant(0), best, index)
+    )
+    return index
+
+
+def detect_images(model, images, short_edge=None, max_size=None):
+    """The signature outputs for uint8 images `(N, H, W, 3)` (one size);
+    graph-safe with unknown `N`, `H` and `W`.
+
+    The model runs one image at a time (`tf.map_fn`): its NMS
+    (keras_hub's `NonMaxSuppression`) needs a static batch size.
+    """
+    model_size = tuple(int(v) for v in model.input_shape[1:3])
+    detections = int(model.output["scores"].shape[-1])
+    mask_shape = tuple(int(v) for v in model.output["masks"].shape[-2:])
+
+    def detect(image):
+        inputs, scale = instance_eval_transform(image, model_size, short_edge, max_size)
+        outputs = model(inputs[None], training=False)
+        boxes = tf.cast(outputs["boxes"][0], tf.float32) / tf.tile(scale, [2])
+        return (
+            tf.cast(tf.reshape(outputs["num_detections"], [-1])[0], tf.int32),
+            boxes,
+            tf.cast(outputs["scores"][0], tf.float32),
+            tf.cast(outputs["classes"][0], tf.int32),
+            tf.cast(outputs["masks"][0], tf.float32),
+        )
+
+    count, boxes, scores, classes, masks = tf.map_fn(
+        detect,
+        images,
+        fn_output_signature=(
+            tf.TensorSpec([], tf.int32),
+            tf.TensorSpec([detections, 4], tf.float32),
+            tf.TensorSpec([detections], tf.float32),
+            tf.TensorSpec([detections], tf.int32),
+            tf.TensorSpec([detections, *mask_shape], tf.float32),
+        ),
+    )
+    shape = tf.shape(images)
+    height, width = shape[1], shape[2]
+    limits = tf.cast(tf.stack([height, width, height, width]), tf.float32)
+    boxes = tf.clip_by_value(boxes, 0.0, limits)
+    return {
+        NUM_DETECTIONS: count,
+        BOXES: boxes,
+        SCORES: scores,
+        CLASSES: classes,
+        MASKS: masks,
+        INSTANCE_MAP: paste_instance_map(boxes, scores, masks, count, height, width),
+    }
+
+
+def build_instance_serving_module(model, max_pixels, short_edge=None, max_size=None):
+    """The `tf.Module` of an instance model's `serving_default` and
+    `serving_bytes` (see `kseg.export.saved_model.build_serving_module`)."""
+    check_instance_model(model)
+    module = tf.Module()
+    module.serving_default = tf.function(
+        lambda images: detect_images(
+            model, check_request(images, max_pixels), short_edge, max_size
+        ),
+        input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")],
+        autograph=False,
+    )
+    module.serving_bytes = tf.function(
+        lambda image_bytes: module.serving_default(decode_images(image_bytes)),
+        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
+        autograph=False,
+    )
+    module.model_variables = list(
+        module.serving_default.get_concrete_function().variables
+    )
+    return module

@@ -1,0 +1,427 @@
+"""The PANet (instance) SavedModel: hand-made detections through a
+fixed-output model checked against `paste_masks` and hand-computed boxes,
+kseg-free loading, saved_model_cli, the TF1 session loader, gRPC requests,
+`kseg predict` on the export, `kseg export` dispatch; a slow test exports a
+tiny PANet and compares it with `predict_instances`."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import cv2
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kseg.export import export_saved_model
+from kseg.export.instance_saved_model import INSTANCE_OUTPUTS
+from kseg.inference.instances import paste_masks
+
+SIZE = 64
+BOXES = np.array(
+    [[0, 0, 16, 64], [4, 8, 12, 40], [10, 50, 20, 70], [0, 0, 0, 0]], np.float32
+)
+SCORES = np.array([0.3, 0.9, 0.7, 0.0], np.float32)
+CLASSES = np.array([1, 2, 1, 0], np.int32)
+
+
+def _masks():
+    masks = np.zeros((4, 28, 28), np.float32)
+    # A ramp crossing 0.5 on a diagonal: bilinear sampling decides pixels.
+    masks[0] = np.add.outer(np.arange(28), np.arange(28)) / 54.0
+    masks[1, :14] = 1.0  # the top half of its box
+    masks[2, :, :7] = 0.8  # the left quarter
+    return masks
+
+
+@keras.saving.register_keras_serializable("kseg_export_tests")
+class FixedDetections(keras.layers.Layer):
+    """The hand-made detections for images whose mean exceeds 1; none for
+    black images."""
+
+    def call(self, images):
+        found = keras.ops.mean(images, axis=(1, 2, 3)) > 1.0
+        batch = keras.ops.shape(images)[0]
+
+        def tile(value):
+            value = keras.ops.convert_to_tensor(value)
+            return keras.ops.repeat(value[None], batch, axis=0)
+
+        keep = keras.ops.cast(found, "int32")
+        return {
+            "boxes": tile(BOXES),
+            "scores": tile(SCORES),
+            "classes": tile(CLASSES) * keep[:, None],
+            "masks": tile(_masks()),
+            "num_detections": 3 * keep,
+        }
+
+
+def fixed_detector():
+    inputs = keras.Input((SIZE, SIZE, 3))
+    return keras.Model(inputs, FixedDetections()(inputs))
+
+
+def _images(shape, seed=0):
+    return np.random.default_rng(seed).integers(20, 256, shape, dtype=np.uint8)
+
+
+def _reference_map(boxes, scores, masks, count, height, width):
+    """`instance_map` from `paste_masks`: the best-scoring covering row."""
+    pasted = paste_masks(masks[:count], boxes[:count], height, width)
+    result = np.full((height, width), -1, np.int32)
+    order = sorted(range(count), key=lambda k: (scores[k], -k))
+    for k in order:  # ascending score: the best is written last
+        result[pasted[k]] = k
+    return result
+
+
+def _subprocess_env():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("saved_models") / "fixed"
+    path = export_saved_model(
+        fixed_detector(), model_dir, categories=([7, 9], ["cat", "dog"])
+    )
+    return model_dir, path
+
+
+@pytest.fixture(scope="module")
+def serve(exported):
+    loaded = tf.saved_model.load(str(exported[1]))
+    return loaded.signatures["serving_default"], loaded.signatures["serving_bytes"]
+
+
+def _check_first_image(outputs, height=32, width=128):
+    """Image 0 of `outputs` for a 32 × 128 image (scale 0.5 into 64 × 64)."""
+    assert int(outputs["num_detections"][0]) == 3
+    expected_boxes = np.array(
+        [[0, 0, 32, 128], [8, 16, 24, 80], [20, 100, 32, 128], [0, 0, 0, 0]]
+    )
+    np.testing.assert_allclose(outputs["boxes"][0], expected_boxes, atol=1e-5)
+    np.testing.assert_allclose(outputs["scores"][0], SCORES)
+    np.testing.assert_array_equal(outputs["classes"][0], CLASSES)
+    np.testing.assert_allclose(outputs["masks"][0], _masks())
+    instance_map = np.asarray(outputs["instance_map"][0])
+    reference = _reference_map(
+        expected_boxes.astype(float), SCORES, _masks(), 3, height, width
+    )
+    assert np.mean(instance_map == reference) >= 0.99
+    # By hand: detection 1 (score 0.9) is the top half of its box.
+    assert (instance_map[8:16, 16:80] == 1).all()
+    assert (instance_map == 1).sum() == 8 * 64
+    return instance_map, reference
+
+
+def test_serving_default_on_a_batch_with_an_empty_image(serve):
+    images = np.stack([_images((32, 128, 3)), np.zeros((32, 128, 3), np.uint8)])
+    outputs = serve[0](images=tf.constant(images))
+    assert set(outputs) == set(INSTANCE_OUTPUTS)
+    assert outputs["instance_map"].dtype == tf.int32
+    assert outputs["instance_map"].shape == (2, 32, 128)
+    assert outputs["masks"].shape == (2, 4, 28, 28)
+    instance_map, reference = _check_first_image(outputs)
+    np.testing.assert_array_equal(instance_map, reference)
+    # The black image: nothing found.
+    assert int(outputs["num_detections"][1]) == 0
+    assert (np.asarray(outputs["instance_map"][1]) == -1).all()
+    assert not np.asarray(outputs["classes"][1]).any()
+
+    png = [tf.io.encode_png(image).numpy() for image in images]
+    from_bytes = serve[1](image_bytes=tf.constant(png))
+    for key in INSTANCE_OUTPUTS:
+        np.testing.assert_array_equal(from_bytes[key], outputs[key])
+
+
+def test_in_graph_pasting_agrees_with_paste_masks():
+    """Random boxes (fractional, beyond the image, empty) and smooth random
+    masks: the graph's `instance_map` against `paste_masks` on ≥ 99% of
+    pixels (float32 against float64 near the 0.5 threshold)."""
+    from kseg.export.instance_saved_model import paste_instance_map
+
+    rng = np.random.default_rng(7)
+    height, width, count = 45, 70, 12
+    y = rng.uniform(-10, 50, (2, count, 2))
+    x = rng.uniform(-10, 80, (2, count, 2))
+    boxes = np.stack([y.min(-1), x.min(-1), y.max(-1), x.max(-1)], axis=-1).astype(
+        np.float32
+    )
+    boxes[0, 3, 2] = boxes[0, 3, 0]  # an empty box
+    coarse = rng.uniform(0, 1, (2, count, 4, 4)).astype(np.float32)
+    masks = tf.image.resize(coarse.reshape(-1, 4, 4, 1), (28, 28)).numpy()
+    masks = masks.reshape(2, count, 28, 28)
+    scores = rng.uniform(0, 1, (2, count)).astype(np.float32)
+    counts = np.array([count, 7], np.int32)
+    result = paste_instance_map(
+        tf.constant(boxes),
+        tf.constant(scores),
+        tf.constant(masks),
+        tf.constant(counts),
+        tf.constant(height),
+        tf.constant(width),
+    ).numpy()
+    for b in range(2):
+        reference = _reference_map(
+            boxes[b].astype(float), scores[b], masks[b], counts[b], height, width
+        )
+        assert (reference >= 0).mean() > 0.3  # not vacuous
+        assert np.mean(result[b] == reference) >= 0.99
+    assert not np.isin(np.arange(7, count), result[1]).any()
+
+
+_LOAD_WITHOUT_KSEG = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["kseg"] = sys.modules["keras"] = None
+    import numpy as np
+    import tensorflow as tf
+    for name in ("kseg", "keras"):
+        try:
+            __import__(name)
+            raise SystemExit(f"{name} is importable")
+        except ImportError:
+            pass
+    loaded = tf.saved_model.load(sys.argv[1])
+    images = np.load(sys.argv[2])
+    outputs = loaded.signatures["serving_default"](images=tf.constant(images))
+    png = [tf.io.encode_png(image).numpy() for image in images]
+    from_bytes = loaded.signatures["serving_bytes"](image_bytes=tf.constant(png))
+    print(json.dumps({
+        "outputs": {k: v.numpy().tolist() for k, v in outputs.items()},
+        "bytes_instance_map": from_bytes["instance_map"].numpy().tolist(),
+        "kseg_loaded": any(name.startswith("kseg.") for name in sys.modules),
+    }))
+    """
+)
+
+
+def test_loads_and_runs_where_kseg_cannot_be_imported(exported, tmp_path):
+    images = np.stack([_images((32, 128, 3)), np.zeros((32, 128, 3), np.uint8)])
+    np.save(tmp_path / "images.npy", images)
+    result = subprocess.run(
+        [sys.executable, "-c", _LOAD_WITHOUT_KSEG, str(exported[1]),
+         str(tmp_path / "images.npy")],
+        capture_output=True, text=True, env=_subprocess_env(), cwd=tmp_path,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    values = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not values["kseg_loaded"]
+    outputs = {k: np.asarray(v) for k, v in values["outputs"].items()}
+    _check_first_image(outputs)
+    assert outputs["num_detections"][1] == 0
+    assert (outputs["instance_map"][1] == -1).all()
+    np.testing.assert_array_equal(values["bytes_instance_map"], outputs["instance_map"])
+
+
+def test_saved_model_cli_run(exported, tmp_path):
+    # `saved_model_cli show` prints the SignatureDefs the gRPC test reads
+    # from saved_model.pb; one subprocess (TensorFlow's start-up) is enough.
+    path = str(exported[1])
+    image = _images((1, 32, 128, 3), seed=3)
+    run = subprocess.run(
+        ["saved_model_cli", "run", "--dir", path, "--tag_set", "serve",
+         "--signature_def", "serving_default",
+         "--input_exprs", f"images={image.tolist()}", "--outdir", str(tmp_path)],
+        capture_output=True, text=True, env=_subprocess_env(), timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    outputs = {key: np.load(tmp_path / f"{key}.npy") for key in INSTANCE_OUTPUTS}
+    assert outputs["instance_map"].dtype == np.int32
+    _check_first_image(outputs)
+
+
+def test_tf1_session_loading(exported):
+    images = np.stack([_images((32, 128, 3), 1), np.zeros((32, 128, 3), np.uint8)])
+    encoded = [tf.io.encode_png(image).numpy() for image in images]
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        meta_graph = tf.compat.v1.saved_model.loader.load(
+            session, ["serve"], str(exported[1])
+        )
+        signature = meta_graph.signature_def["serving_default"]
+        assert signature.method_name == "tensorflow/serving/predict"
+        fetches = {key: info.name for key, info in signature.outputs.items()}
+        outputs = session.run(fetches, {signature.inputs["images"].name: images})
+        signature = meta_graph.signature_def["serving_bytes"]
+        from_bytes = session.run(
+            signature.outputs["instance_map"].name,
+            {signature.inputs["image_bytes"].name: encoded},
+        )
+    _check_first_image(outputs)
+    assert outputs["num_detections"][1] == 0
+    np.testing.assert_array_equal(from_bytes, outputs["instance_map"])
+
+
+def test_grpc_predict_request_fits_the_signatures(exported, serve):
+    from tensorflow.core.protobuf import saved_model_pb2
+    from tensorflow_serving.apis import predict_pb2
+
+    model_dir, version_dir = exported
+    (meta_graph,) = saved_model_pb2.SavedModel.FromString(
+        (version_dir / "saved_model.pb").read_bytes()
+    ).meta_graphs
+    signatures = meta_graph.signature_def
+    default = signatures["serving_default"]
+    assert set(default.outputs) == set(INSTANCE_OUTPUTS)
+    dtypes = {key: info.dtype for key, info in default.outputs.items()}
+    assert dtypes["instance_map"] == tf.int32.as_datatype_enum
+    assert dtypes["num_detections"] == tf.int32.as_datatype_enum
+    assert dtypes["classes"] == tf.int32.as_datatype_enum
+    assert dtypes["masks"] == tf.float32.as_datatype_enum
+    images = np.stack([_images((32, 128, 3), 2), np.zeros((32, 128, 3), np.uint8)])
+    encoded = [tf.io.encode_png(image).numpy() for image in images]
+    for name, values in [
+        ("serving_default", {"images": images}),
+        ("serving_bytes", {"image_bytes": encoded}),
+    ]:
+        signature = signatures[name]
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model_dir.name
+        request.model_spec.signature_name = name
+        request.model_spec.version.value = int(version_dir.name)
+        for key, info in signature.inputs.items():
+            proto = tf.make_tensor_proto(values[key])
+            want = [dim.size for dim in info.tensor_shape.dim]
+            got = [dim.size for dim in proto.tensor_shape.dim]
+            assert proto.dtype == info.dtype and len(want) == len(got)
+            assert all(w in (-1, g) for w, g in zip(want, got, strict=True))
+            request.inputs[key].CopyFrom(proto)
+        request.output_filter.extend(signature.outputs)
+        request = predict_pb2.PredictRequest.FromString(request.SerializeToString())
+        function = serve[0] if name == "serving_default" else serve[1]
+        outputs = function(
+            **{k: tf.constant(tf.make_ndarray(p)) for k, p in request.inputs.items()}
+        )
+        assert set(outputs) == set(request.output_filter)
+        for key, output in outputs.items():
+            assert output.dtype.as_datatype_enum == signature.outputs[key].dtype
+        _check_first_image(outputs)
+        assert int(outputs["num_detections"][1]) == 0
+
+
+def test_request_checks_and_versions(exported):
+    from kseg.export import build_serving_module
+
+    module = build_serving_module(fixed_detector(), max_pixels=1000)
+    assert module.serving_default(tf.constant(_images((1, 30, 30, 3))))[
+        "instance_map"
+    ].shape == (1, 30, 30)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="cap of 1000 pixels"):
+        module.serving_default(tf.constant(_images((2, 30, 30, 3))))
+    model_dir, version_dir = exported
+    assert version_dir == model_dir / "1"
+    with pytest.raises(FileExistsError, match=str(version_dir)):
+        export_saved_model(fixed_detector(), model_dir, version=1)
+    categories = json.loads(
+        (version_dir / "assets.extra" / "categories.json").read_text()
+    )
+    assert categories == [{"id": 7, "name": "cat"}, {"id": 9, "name": "dog"}]
+
+
+def _predict(argv):
+    from kseg.inference import register
+
+    parser = argparse.ArgumentParser(prog="kseg")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["predict", *argv])
+    return args.func(args)
+
+
+def test_kseg_predict_runs_the_export(exported, tmp_path):
+    from kseg.inference import open_model, predict_instances
+
+    image = _images((32, 128, 3), 4)
+    source = open_model(exported[0])
+    (served,) = predict_instances(source.model, [image], score_threshold=0.0)
+    (expected,) = predict_instances(fixed_detector(), [image], score_threshold=0.0)
+    for a, b in zip(served, expected, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    path = tmp_path / "image.png"
+    cv2.imwrite(str(path), image[..., ::-1])
+    assert _predict([str(exported[0]), str(path), "--out", str(tmp_path / "o")]) == 0
+    detections = json.loads((tmp_path / "o" / "detections.json").read_text())
+    # The export's categories: class 2 is id 9, class 1 id 7.
+    assert [d["category_id"] for d in detections] == [9, 7]
+    instance_map = cv2.imread(str(tmp_path / "o" / "image_instances.png"), -1)
+    np.testing.assert_array_equal(
+        instance_map, predict_instances(fixed_detector(), [image])[0].instance_map()
+    )
+
+
+def _export(argv):
+    from kseg.export.commands import register
+
+    parser = argparse.ArgumentParser(prog="kseg")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["export", *argv])
+    return args.func(args)
+
+
+def test_kseg_export_dispatches_on_instance_models(tmp_path, capsys):
+    from kseg.training.recipe import dump_recipe, load_recipe
+
+    run = tmp_path / "run"
+    run.mkdir()
+    fixed_detector().save(run / "model.keras")
+    recipe = load_recipe("panet_quickstart")
+    (run / "recipe.yaml").write_text(dump_recipe(recipe))
+    out = tmp_path / "saved_models"
+    with pytest.raises(ValueError, match="TFLite.*not yet"):
+        _export([str(run), "--name", "p", "--out", str(out), "--tflite", "float32"])
+    assert not out.exists()
+    assert _export([str(run), "--name", "p", "--out", str(out)]) == 0
+    version = out / "p" / "1"
+    assert str(version) in capsys.readouterr().out
+    names = json.loads((version / "assets.extra" / "categories.json").read_text())
+    assert [c["name"] for c in names][:2] == ["disc", "square"]
+    serve = tf.saved_model.load(str(version)).signatures["serving_default"]
+    outputs = serve(images=tf.constant(_images((1, 32, 128, 3))))
+    _check_first_image(outputs)
+
+
+@pytest.mark.slow
+def test_tiny_panet_export_matches_predict_instances(tmp_path):
+    from kseg.backbones import build_resnet
+    from kseg.inference import open_model, predict_instances
+    from kseg.models import PANet
+
+    keras.utils.set_random_seed(3)
+    backbone = build_resnet((1, 1, 1, 1), (4, 4, 4, 4), input_shape=(SIZE, SIZE, 3))
+    model = PANet(
+        backbone, 2, filters=8, fc_units=16, max_detections=6,
+        rpn_pre_nms_top_k_test=60, rpn_post_nms_top_k_test=30, seed=1,
+    )  # fmt: skip
+    path = export_saved_model(model, tmp_path / "panet")
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+    images = np.stack([_images((48, 100, 3), 4), _images((48, 100, 3), 5)])
+    outputs = serve(images=tf.constant(images))
+    expected = predict_instances(model, images, score_threshold=0.0)
+    for b in range(2):
+        count = int(outputs["num_detections"][b])
+        assert count == len(expected[b].scores) > 0
+        np.testing.assert_allclose(
+            outputs["boxes"][b, :count], expected[b].boxes, atol=1e-3
+        )
+        np.testing.assert_allclose(
+            outputs["scores"][b, :count], expected[b].scores, atol=1e-5
+        )
+        reference = _reference_map(
+            outputs["boxes"][b].numpy().astype(float),
+            outputs["scores"][b].numpy(),
+            outputs["masks"][b].numpy(),
+            count,
+            48,
+            100,
+        )
+        assert np.mean(outputs["instance_map"][b].numpy() == reference) >= 0.99
+    (served,) = predict_instances(open_model(path).model, images[:1], 0.0)
+    np.testing.assert_array_equal(served.masks, expected[0].masks)
