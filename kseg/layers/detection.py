@@ -1242,6 +1242,17 @@ class PyramidRoIAlign(KsegLayer):
     (`PyramidLevelSelect`). Boxes are flattened image-major: RoI `b·R + r`
     is box `r` of image `b`.
 
+    The numbers are `RoIAlign`'s (same sample positions, bilinear weights,
+    out-of-map rule and bin averages, from `RoIAlign`'s own sampling code),
+    computed in a cheaper equivalent form: a bilinear sample's weight is a
+    product of a y weight and an x weight, and a bin averages a grid of
+    samples, so the pooled grid of box `r` is `Ay_r · F · Ax_rᵀ` with `Ay_r`
+    the `(oh, H)` matrix of summed y weights per bin (and `Ax_r` the x one).
+    Because every image has the same number of boxes, this is two batched
+    matrix products per level instead of four gathers of every sample — far
+    faster, above all its gradient (dense products instead of scatter-adds
+    of every sample into the feature maps).
+
     Example:
     >>> pool = PyramidRoIAlign(7, adaptive=False, strides=(4, 8))
     >>> feats = [np.zeros((2, 16, 16, 3)), np.zeros((2, 8, 8, 3))]
@@ -1292,16 +1303,68 @@ class PyramidRoIAlign(KsegLayer):
             name="level_select",
         )
 
+    def _axis_matrix(self, start, end, bins, size):
+        """`(N, bins, size)` float32: the weight of each map row (or column)
+        in each bin's average, from `RoIAlign._sample_axis`."""
+        align = self.roi_align
+        low, high, w_low, w_high, count = align._sample_axis(start, end, bins, size)
+        sr = align.sampling_ratio or align.max_sampling_ratio
+        matrix = (
+            ops.one_hot(low, size) * w_low[..., None]
+            + ops.one_hot(high, size) * (w_high[..., None])
+        )
+        matrix = ops.sum(ops.reshape(matrix, (-1, bins, sr, size)), axis=2)
+        if count is None:
+            return matrix / float(sr)
+        # Adaptive: RoIAlign divides by max(count_y · count_x, 1); an axis with
+        # count 0 has all weights 0, so dividing each axis by max(count, 1)
+        # gives the same numbers.
+        return matrix / ops.maximum(count, 1.0)[:, None, None]
+
+    def _pool(self, features, boxes, stride):
+        """`(B·R, oh, ow, C)` RoIAlign of `(B, R, 4)` boxes from one level."""
+        height, width, channels = features.shape[1:4]
+        oh, ow = self.roi_align.output_size
+        batch, rois = ops.shape(boxes)[0], boxes.shape[1]
+        flat = ops.reshape(boxes, (-1, 4)) * (1.0 / float(stride))
+        if self.roi_align.aligned:
+            flat = flat - 0.5
+        dtype = features.dtype
+        rows = self._axis_matrix(flat[:, 0], flat[:, 2], oh, height)
+        cols = self._axis_matrix(flat[:, 1], flat[:, 3], ow, width)
+        # Boxes carry no gradient (RoIAlign's is not taken either).
+        rows = ops.stop_gradient(ops.reshape(rows, (batch, rois * oh, height)))
+        cols = ops.stop_gradient(ops.reshape(cols, (batch, rois, 1, ow, width)))
+        # Rows first: (B, R·oh, H) @ (B, H, W·C) ...
+        pooled = ops.matmul(
+            ops.cast(rows, dtype), ops.reshape(features, (batch, height, -1))
+        )
+        # ... then columns: (B, R, 1, ow, W) @ (B, R, oh, W, C), broadcast
+        # over the rows (no transposes).
+        pooled = ops.reshape(pooled, (batch, rois, oh, width, channels))
+        pooled = ops.matmul(ops.cast(cols, dtype), pooled)
+        return ops.reshape(pooled, (-1, oh, ow, channels))
+
     def call(self, inputs):
         features, boxes = inputs
         boxes = ops.cast(boxes, "float32")
-        rois = boxes.shape[1]
-        flat = ops.reshape(boxes, (-1, 4))
-        index = ops.repeat(ops.arange(ops.shape(boxes)[0], dtype="int32"), rois)
-        grids = self.roi_align([list(features), flat, index])
+        dtype = self.roi_align.compute_dtype
+        static = boxes.shape[1] is not None and all(
+            None not in tuple(f.shape[1:4]) for f in features
+        )
+        if static:
+            grids = [
+                self._pool(ops.cast(f, dtype), boxes, s)
+                for f, s in zip(features, self.strides, strict=True)
+            ]
+        else:
+            # Unknown sizes: RoIAlign's gathers on the flattened boxes.
+            rois = ops.shape(boxes)[1]
+            index = ops.repeat(ops.arange(ops.shape(boxes)[0], dtype="int32"), rois)
+            grids = self.roi_align([list(features), ops.reshape(boxes, (-1, 4)), index])
         if self.adaptive:
             return grids
-        return self.level_select([grids, flat])
+        return self.level_select([grids, ops.reshape(boxes, (-1, 4))])
 
     def compute_output_spec(self, inputs):
         features, boxes = inputs

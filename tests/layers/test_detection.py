@@ -22,7 +22,7 @@ from kseg.layers.detection import (
     encode_boxes,
     pairwise_iou,
 )
-from kseg.layers.panet import FullyConnectedFusionMaskHead
+from kseg.layers.panet import FullyConnectedFusionMaskHead, RoIAlign
 from kseg.testing import TestCase
 
 
@@ -419,6 +419,32 @@ class PyramidLevelTest(TestCase):
             side = math.sqrt(max((box[2] - box[0]) * (box[3] - box[1]), 0))
             want = min(max(math.floor(4 + math.log2(side / 224 + 1e-8)), 2), 5)
             self.assertEqual(level, want)
+
+    def test_pyramid_roi_align_equals_roi_align(self):
+        # The batched separable form gives RoIAlign's numbers (RoIAlign is
+        # checked against its loop reference in test_panet*.py): boxes inside,
+        # across and outside the maps, empty boxes, both sampling ratios.
+        rng = np.random.default_rng(3)
+        feats = [
+            rng.normal(size=(3, 32 // 2**i, 32 // 2**i, 5)).astype("float32")
+            for i in range(4)
+        ]
+        y1, x1 = rng.uniform(-20, 130, (2, 3, 7))
+        h, w = rng.uniform(0, 80, (2, 3, 7))
+        boxes = np.stack([y1, x1, y1 + h, x1 + w], -1).astype("float32")
+        boxes[0, 0] = [10, 10, 10, 10]
+        flat, index = boxes.reshape(-1, 4), np.repeat(np.arange(3), 7)
+        strides = (4, 8, 16, 32)
+        for sr, size, adaptive in ((2, 7, True), (2, 14, False), (0, 7, True)):
+            layer = PyramidRoIAlign(size, sr, strides, adaptive=adaptive)
+            got = layer([feats, boxes])
+            want = RoIAlign(size, sampling_ratio=sr, strides=strides)(
+                [feats, flat, index]
+            )
+            if not adaptive:
+                got, want = [got], [PyramidLevelSelect()([want, flat])]
+            for g, w_ in zip(got, want, strict=True):
+                np.testing.assert_allclose(_np(g), _np(w_), atol=1e-5)
 
     def test_pyramid_roi_align_flattens_image_major(self):
         feats = [np.arange(2.0)[:, None, None, None] * np.ones((2, 8, 8, 1))]
