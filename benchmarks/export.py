@@ -1,4 +1,5 @@
-"""Benchmark: one model as Keras, SavedModel and TFLite float32 / float16 / int8.
+"""Benchmark: one model as Keras, SavedModel, ONNX Runtime and TFLite float32 /
+float16 / int8.
 
 For each format: file size, median latency of one image (batch 1, after a
 warm-up call; wall and process CPU time, `--threads` threads for TensorFlow
@@ -12,7 +13,9 @@ validation set. Two models, both measured in the same run:
   at `--size` — deployment-sized convolutions, latency and size only.
 
 Keras is timed with `predict_on_batch` (logits), SavedModel with its
-`serving_default` signature, TFLite with `kseg.export.TFLiteSegmenter`.
+`serving_default` signature, ONNX Runtime (float32, CPU; the row is left out
+without the `onnx` extra) with `kseg.export.ONNXSegmenter`, TFLite with
+`kseg.export.TFLiteSegmenter`.
 int8 is calibrated on 100 quickstart training images.
 
     python benchmarks/export.py [--model MODEL.keras] [--runs 20] [--threads 1]
@@ -20,6 +23,7 @@ int8 is calibrated on 100 quickstart training images.
 """
 
 import argparse
+import importlib.util
 import os
 import tempfile
 import time
@@ -39,7 +43,9 @@ from kseg.export import (  # noqa: E402
     IMAGES,
     QUANTIZATIONS,
     SERVING_SIGNATURE,
+    ONNXSegmenter,
     TFLiteSegmenter,
+    export_onnx,
     export_saved_model,
     export_tflite,
 )
@@ -119,6 +125,20 @@ def _measure(name, model, keras_path, size, calibration, val, workdir, args):
             miou(lambda x: serve(**{IMAGES: tf.constant(x)})[CLASS_MAP].numpy()),
         )
     )
+
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("tf2onnx"):
+        path = export_onnx(model, workdir / f"{name}.onnx")
+        segmenter = ONNXSegmenter(path, num_threads=args.threads)
+        rows.append(
+            (
+                "ONNX Runtime",
+                _size_mib(path),
+                *_median_ms(lambda: segmenter(image), args.runs),
+                miou(lambda x: segmenter(x)[CLASS_MAP]),
+            )
+        )
+    else:
+        print("ONNX Runtime row left out: pip install kseg[onnx]")
 
     for quantization in QUANTIZATIONS:
         path = export_tflite(

@@ -1,9 +1,10 @@
-"""Deployment: TF Serving SavedModels and TFLite (LiteRT) files.
+"""Deployment: TF Serving SavedModels, TFLite (LiteRT) and ONNX files.
 
 `export_saved_model` writes `saved_models/<name>/<version>/` with the
 `serving_default` (uint8 images) and `serving_bytes` (encoded images)
 signatures; `export_tflite` writes a float32, float16 or int8 `.tflite` file
-for one fixed input size, run by `TFLiteSegmenter`. `kseg export` is the
+for one fixed input size, run by `TFLiteSegmenter`; `export_onnx` writes an
+`.onnx` file (dynamic batch and size), run by `ONNXSegmenter`. `kseg export` is the
 command line (`kseg.export.commands`).
 """
 
@@ -33,6 +34,9 @@ _EXPORTS = {
             "operator_names",
         ),
         "kseg.export.tflite",
+    ),
+    **dict.fromkeys(
+        ("ONNXSegmenter", "convert_to_onnx", "export_onnx"), "kseg.export.onnx"
     ),
 }
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,346 @@
+"""Convert a kseg segmentation model to ONNX, for ONNX Runtime.
+
+`convert_to_onnx(model)` converts the serving graph of the SavedModel
+(`kseg.export.saved_model.predict_images`) with tf2onnx, so the `.onnx` file
+has the SavedModel's `serving_default` interface:
+
+- input `images`: uint8 `(N, H, W, 3)` RGB in 0–255, with dynamic batch,
+  height and width (the uint8 → float32 cast is in the graph, as for
+  training; a model built for a fixed input size gets the image resized to
+  it and its logits resized back, in the graph);
+- outputs `class_map`, int32 `(N, H, W)` (the arg-max class), and
+  `probabilities`, float32 `(N, H, W, num_classes)` (softmax of the logits),
+  at the input size.
+
+`input_size=(H, W)` fixes the height and width instead (the batch stays
+dynamic). Every semantic kseg model converts (FCN, GCN, ExFuse, PAN,
+SegModel with its guided filter and guidance CRF) with ONNX opset
+`ONNX_OPSET`; the file holds standard ONNX ops only.
+
+PANet (instance segmentation) converts too, NMS included, with input
+`images` uint8 `(N, H, W, 3)` at the model's own fixed `(H, W)` (dynamic
+batch) and the model's outputs (`INSTANCE_OUTPUTS`): `boxes` float32
+`(N, D, 4)` `[y1, x1, y2, x2]` in image pixels, `scores` float32 `(N, D)`,
+`classes` int32 `(N, D)` (0 for padding rows), `masks` float32
+`(N, D, 28, 28)` (the detected class's mask probabilities inside its box)
+and `num_detections` int32 `(N,)`. tf2onnx cannot convert the nested
+`while` loops of keras-hub's padded NMS, which `BatchedNMS` runs ("Graph has
+cycles"), so the graph is traced with the same greedy NMS as TensorFlow's
+`CombinedNonMaxSuppression` (`onnx_convertible_nms`), which tf2onnx maps to
+ONNX's `NonMaxSuppression`.
+
+Needs the `onnx` extra (`pip install kseg[onnx]`: onnx, tf2onnx and
+onnxruntime); `ONNXSegmenter` runs a semantic file with ONNX Runtime.
+"""
+
+import contextlib
+import logging
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+# Private API: TF <= 2.21 has no public freezing of a function's variables
+# (tf2onnx's own `from_function` leaves Keras' captured constants as graph
+# inputs).
+from tensorflow.python.framework.convert_to_constants import (
+    convert_variables_to_constants_v2,
+)
+
+from kseg.data import preprocess_images
+from kseg.export.saved_model import (
+    CLASS_MAP,
+    IMAGES,
+    PROBABILITIES,
+    check_segmentation_model,
+    predict_images,
+    refuse_existing,
+)
+from kseg.files import write_bytes
+
+# ONNX Runtime >= 1.14 runs opset 17 on every execution provider; it has
+# every op a kseg semantic model needs (Resize with half-pixel centres).
+ONNX_OPSET = 17
+OUTPUTS = (CLASS_MAP, PROBABILITIES)
+INSTANCE_OUTPUTS = ("boxes", "scores", "classes", "masks", "num_detections")
+
+
+def _tf2onnx():
+    try:
+        import tf2onnx
+    except ImportError as error:
+        raise ImportError(
+            "ONNX export needs tf2onnx and onnx: pip install kseg[onnx] "
+            "(or pip install onnx tf2onnx onnxruntime)"
+        ) from error
+    # tf2onnx logs every graph rewrite at INFO.
+    logging.getLogger("tf2onnx").setLevel(logging.ERROR)
+    return tf2onnx
+
+
+def convert_function_to_onnx(function, opset=ONNX_OPSET):
+    """Converts a `tf.function` with an `input_signature` of named
+    `tf.TensorSpec`s to an ONNX model whose inputs keep the spec names and
+    whose outputs are the keys of the function's output dict.
+
+    The generic converter behind `convert_to_onnx`. Variables are frozen
+    into constants first; unknown dimensions stay dynamic.
+
+    Returns:
+        The `onnx.ModelProto`.
+    """
+    tf2onnx = _tf2onnx()
+    specs = function.input_signature
+    if specs is None:
+        raise ValueError("function must be a tf.function with an input_signature")
+    concrete = function.get_concrete_function()
+    outputs = concrete.structured_outputs
+    if not isinstance(outputs, dict):
+        raise ValueError(
+            f"function must return a dict of tensors, it returns {type(outputs)}"
+        )
+    frozen = convert_variables_to_constants_v2(concrete)
+    # Both lists follow `tf.nest.flatten` order: sorted keys.
+    output_keys = sorted(outputs)
+    renames = {
+        tensor.name: spec.name or f"input_{index}"
+        for index, (tensor, spec) in enumerate(zip(frozen.inputs, specs, strict=True))
+    }
+    renames.update(
+        {
+            tensor.name: key
+            for tensor, key in zip(frozen.outputs, output_keys, strict=True)
+        }
+    )
+    proto, _ = tf2onnx.convert.from_graph_def(
+        frozen.graph.as_graph_def(),
+        input_names=[tensor.name for tensor in frozen.inputs],
+        output_names=[tensor.name for tensor in frozen.outputs],
+        opset=opset,
+    )
+    # tf2onnx names the graph's inputs and outputs after TensorFlow tensors
+    # ("images:0", "Identity:0"): give them the signature's names.
+    for node in proto.graph.node:
+        node.input[:] = [renames.get(name, name) for name in node.input]
+        node.output[:] = [renames.get(name, name) for name in node.output]
+    for value in [*proto.graph.input, *proto.graph.output]:
+        value.name = renames.get(value.name, value.name)
+    import onnx
+
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def is_instance_model(model):
+    """Whether `model` is a kseg instance segmentation model (PANet): its
+    output dict holds `masks` and no `logits`."""
+    outputs = getattr(model, "output", None)
+    return isinstance(outputs, dict) and "masks" in outputs and "logits" not in outputs
+
+
+class _CombinedNMS:
+    """What `BatchedNMS` reads of keras-hub's `NonMaxSuppression` (`boxes`,
+    `confidence`, `num_detections`), from TensorFlow's
+    `CombinedNonMaxSuppression` with one class: the same greedy NMS per
+    image (boxes by decreasing score, those with `score <=
+    score_threshold` dropped, at most `max_detections` kept, zero-padded),
+    with any batch size. Ties differ only at an IoU of exactly the threshold
+    (keras-hub suppresses, TensorFlow keeps)."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __call__(self, boxes, class_prediction):
+        size = self.layer.max_detections
+        out = tf.image.combined_non_max_suppression(
+            boxes[:, :, None, :],
+            tf.reduce_max(class_prediction, axis=-1, keepdims=True),
+            max_output_size_per_class=size,
+            max_total_size=size,
+            iou_threshold=self.layer.iou_threshold,
+            score_threshold=self.layer.score_threshold,
+            pad_per_class=False,
+            clip_boxes=False,
+        )
+        return {
+            "boxes": out.nmsed_boxes,
+            "confidence": out.nmsed_scores,
+            "num_detections": out.valid_detections,
+        }
+
+
+@contextlib.contextmanager
+def onnx_convertible_nms(model):
+    """Within the block, every built `kseg.layers.detection.BatchedNMS` of
+    `model` runs its NMS as `CombinedNonMaxSuppression` (see
+    `_CombinedNMS`), which tf2onnx converts; restored afterwards.
+
+    Only the layer instances' `nms` attribute is swapped (a plain callable,
+    no state): the model's weights and its saved form are untouched.
+    """
+    from kseg.layers.detection import BatchedNMS
+
+    if any(isinstance(layer, BatchedNMS) for layer in model._flatten_layers()):
+        # The NMS layers build their keras-hub NMS on their first call: one
+        # call on a blank image builds those inference uses.
+        model(np.zeros((1, *model.input_shape[1:]), np.float32), training=False)
+    # Private API: Keras <= 3.15 lists the sublayers built in `build` nowhere public.
+    layers = [
+        layer
+        for layer in model._flatten_layers()
+        if isinstance(layer, BatchedNMS) and "nms" in vars(layer)
+    ]
+    originals = [vars(layer)["nms"] for layer in layers]
+    try:
+        for layer in layers:
+            # Past Keras' attribute tracking: the callable holds no state.
+            object.__setattr__(layer, "nms", _CombinedNMS(layer))
+        yield
+    finally:
+        for layer, original in zip(layers, originals, strict=True):
+            object.__setattr__(layer, "nms", original)
+
+
+def _instance_function(model, input_size):
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            "Exporting needs the TensorFlow backend (KERAS_BACKEND=tensorflow), "
+            f"the backend is {keras.backend.backend()!r}"
+        )
+    size = tuple(model.input_shape[1:3])
+    if input_size is not None and tuple(input_size) != size:
+        raise ValueError(
+            f"An instance segmentation model takes its own fixed input size "
+            f"{size}, got input_size={tuple(input_size)}"
+        )
+
+    def detect(images):
+        outputs = model(preprocess_images(images), training=False)
+        return {
+            key: tf.cast(
+                outputs[key],
+                tf.int32 if key in ("classes", "num_detections") else tf.float32,
+            )
+            for key in INSTANCE_OUTPUTS
+        }
+
+    return tf.function(
+        detect,
+        input_signature=[tf.TensorSpec([None, *size, 3], tf.uint8, name=IMAGES)],
+        autograph=False,
+    )
+
+
+def onnx_function(model, input_size=None):
+    """The `tf.function` converted to ONNX: `predict_images` of `model` on
+    uint8 `images (N, H, W, 3)`, with `H, W` fixed to `input_size` if given;
+    for an instance model (PANet), its detections at its own input size.
+    Trace an instance model's function inside `onnx_convertible_nms`."""
+    if is_instance_model(model):
+        return _instance_function(model, input_size)
+    check_segmentation_model(model)
+    height, width = None, None
+    if input_size is not None:
+        from kseg.export.tflite import tflite_input_size
+
+        height, width = tflite_input_size(model, input_size)
+    return tf.function(
+        lambda images: predict_images(model, images),
+        input_signature=[
+            tf.TensorSpec([None, height, width, 3], tf.uint8, name=IMAGES)
+        ],
+        autograph=False,
+    )
+
+
+def convert_to_onnx(model, input_size=None, opset=ONNX_OPSET):
+    """Converts a kseg segmentation model (semantic, or PANet) to a
+    serialized ONNX model (see the module docstring for the interfaces).
+
+    Example:
+    >>> data = convert_to_onnx(model)  # doctest: +SKIP
+    >>> ONNXSegmenter(data)(images)["class_map"].shape
+    (2, 64, 64)
+
+    Args:
+        model: a kseg segmentation `keras.Model` (TensorFlow backend).
+        input_size: `(height, width)` to fix, or `None` for a dynamic
+            height and width. Defaults to `None`.
+        opset: int. ONNX opset. Defaults to `ONNX_OPSET` (17).
+
+    Returns:
+        The `.onnx` file content as `bytes`.
+    """
+    function = onnx_function(model, input_size)
+    with onnx_convertible_nms(model):
+        return convert_function_to_onnx(function, opset).SerializeToString()
+
+
+def export_onnx(model, path, input_size=None, opset=ONNX_OPSET):
+    """Converts `model` (see `convert_to_onnx`) and writes it to `path`.
+
+    Never overwrites: an existing `path` raises `FileExistsError`, checked
+    before the conversion and again when the file is created (the file is
+    written under a temporary name and renamed into place).
+
+    Returns:
+        `path` as a `Path`.
+    """
+    path = Path(path)
+    refuse_existing(path, "ONNX file")
+    data = convert_to_onnx(model, input_size, opset)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write_bytes(path, data, overwrite=False)
+    except FileExistsError:
+        refuse_existing(path, "ONNX file")
+    return path
+
+
+class ONNXSegmenter:
+    """Runs an exported `.onnx` segmentation file with ONNX Runtime (CPU).
+
+    Example:
+    >>> segmenter = ONNXSegmenter("shapes_v1.onnx")  # doctest: +SKIP
+    >>> segmenter(images)["class_map"].shape
+    (2, 64, 64)
+
+    Args:
+        model: str or Path of a `.onnx` file, or its `bytes`.
+        num_threads: int or `None`. Intra-op threads; `None` lets ONNX
+            Runtime choose. Defaults to `None`.
+    """
+
+    def __init__(self, model, num_threads=None):
+        try:
+            import onnxruntime
+        except ImportError as error:
+            raise ImportError(
+                "ONNXSegmenter needs ONNX Runtime: pip install onnxruntime"
+            ) from error
+        options = onnxruntime.SessionOptions()
+        if num_threads is not None:
+            options.intra_op_num_threads = num_threads
+            options.inter_op_num_threads = 1
+        source = model if isinstance(model, bytes) else str(model)
+        self.session = onnxruntime.InferenceSession(
+            source, options, providers=["CPUExecutionProvider"]
+        )
+
+    def __call__(self, images):
+        """`{"class_map", "probabilities"}` NumPy arrays of uint8 images
+        `(N, H, W, 3)` (or one `(H, W, 3)` image)."""
+        images = np.asarray(images)
+        single = images.ndim == 3
+        if single:
+            images = images[None]
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(
+                f"images must be (N, H, W, 3) RGB, got shape {images.shape}"
+            )
+        if images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8 RGB, got dtype {images.dtype}")
+        values = self.session.run(list(OUTPUTS), {IMAGES: images})
+        outputs = dict(zip(OUTPUTS, values, strict=True))
+        return {key: value[0] for key, value in outputs.items()} if single else outputs
