@@ -162,7 +162,7 @@ def run_export(args):
     version = next_version(model_dir) if args.version is None else args.version
     refuse_existing(model_dir / str(version), "SavedModel version")
     model = load_model(model_path)
-    check_segmentation_model(model)
+    check_segmentation_model(model, instances=True)
     if _is_instance_model(model):
         return _export_instance_model(args, model, model_dir, version, run_recipe)
 
@@ -220,6 +220,11 @@ def _export_instance_model(args, model, model_dir, version, run_recipe):
         raise ValueError(
             "TFLite export of instance models (PANet) is not yet supported: "
             "export the SavedModel alone (leave out --tflite)"
+        )
+    if getattr(args, "onnx", False):
+        raise ValueError(
+            "ONNX export of instance models (PANet) is not yet supported: "
+            "export the SavedModel alone (leave out --onnx)"
         )
     settings = {}
     if run_recipe is not None:

@@ -49,13 +49,15 @@ PROBABILITIES = "probabilities"
 _VERSION_NAME = re.compile(r"[1-9][0-9]*")
 
 
-def check_segmentation_model(model):
+def check_segmentation_model(model, instances=False):
     """Raises `ValueError` unless `model` is a kseg-style segmentation model.
 
     That is: a `keras.Model` on the TensorFlow backend with one image input
     `(batch, height, width, 3)` whose output is a dict holding 4D `"logits"`
-    (semantic), or `boxes`, `scores`, `classes`, `masks`, `num_detections`
-    with a fixed input size (instance: PANet).
+    (semantic) or, with `instances=True` (the SavedModel export), `boxes`,
+    `scores`, `classes`, `masks`, `num_detections` with a fixed input size
+    (instance: PANet). Without it an instance model is refused by name
+    (TFLite and ONNX export semantic models only).
     """
     if keras.backend.backend() != "tensorflow":
         raise ValueError(
@@ -72,6 +74,11 @@ def check_segmentation_model(model):
         )
     outputs = model.output
     if isinstance(outputs, dict) and "masks" in outputs and "logits" not in outputs:
+        if not instances:
+            raise ValueError(
+                "This is an instance segmentation model (PANet); it exports as "
+                "a SavedModel only for now (TFLite and ONNX: not yet)"
+            )
         from kseg.export.instance_saved_model import check_instance_model
 
         # An instance model (PANet): `kseg.export.instance_saved_model`.
@@ -196,7 +203,7 @@ def build_serving_module(
     `tf.saved_model.save(module, path, signatures=serving_signatures(module))`;
     `export_saved_model` adds the TF Serving layout and the no-overwrite rule.
     """
-    check_segmentation_model(model)
+    check_segmentation_model(model, instances=True)
     max_pixels = _check_max_pixels(max_pixels)
     from kseg.export.instance_saved_model import (
         build_instance_serving_module,
@@ -344,7 +351,7 @@ def export_saved_model(
         FileExistsError: the version directory already exists.
         ValueError: `model` is not a segmentation model, or a bad `version`.
     """
-    check_segmentation_model(model)
+    check_segmentation_model(model, instances=True)
     model_dir = Path(model_dir)
     version = next_version(model_dir) if version is None else check_version(version)
     path = model_dir / str(version)

@@ -325,6 +325,12 @@ def test_request_checks_and_versions(exported):
         (version_dir / "assets.extra" / "categories.json").read_text()
     )
     assert categories == [{"id": 7, "name": "cat"}, {"id": 9, "name": "dog"}]
+    # TFLite converts semantic models only: an instance model is refused
+    # by name, not failed deep in the converter.
+    from kseg.export.tflite import convert_to_tflite
+
+    with pytest.raises(ValueError, match="SavedModel only"):
+        convert_to_tflite(fixed_detector(), (SIZE, SIZE))
 
 
 def _predict(argv):
