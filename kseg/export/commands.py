@@ -6,9 +6,10 @@ optionally, TFLite files.
                 [--recipe NAME|FILE [--data DIR] | --calibration-dir DIR]
 
 MODEL is a .keras file or a `kseg train` run directory. An instance model
-(PANet) exports its SavedModel only (TFLite: not yet), whose signatures return
-detections, masks and an instance map (`kseg.export.instance_saved_model`),
-with the run's evaluation resize and category ids. The SavedModel goes
+(PANet) exports its SavedModel (and --onnx; TFLite: not yet), whose
+signatures return detections, masks and an instance map
+(`kseg.export.instance_saved_model`), with the run's evaluation resize and
+category ids. The SavedModel goes
 to OUT/NAME/VERSION/ (VERSION defaults to the next free integer; TF Serving's
 --model_base_path is OUT/NAME), each TFLite file to
 OUT/NAME/tflite/NAME_vVERSION_QUANTIZATION_HxW.tflite, the ONNX file (--onnx:
@@ -214,18 +215,16 @@ def _is_instance_model(model):
 def _export_instance_model(args, model, model_dir, version, run_recipe):
     """`kseg export` of an instance model (PANet): the SavedModel, with the
     run's evaluation resize and category ids when its recipe is known."""
-    from kseg.export.saved_model import export_saved_model
+    from kseg.export.saved_model import export_saved_model, refuse_existing
 
     if args.tflite:
         raise ValueError(
             "TFLite export of instance models (PANet) is not yet supported: "
             "export the SavedModel alone (leave out --tflite)"
         )
-    if getattr(args, "onnx", False):
-        raise ValueError(
-            "ONNX export of instance models (PANet) is not yet supported: "
-            "export the SavedModel alone (leave out --onnx)"
-        )
+    onnx_path = model_dir / "onnx" / f"{args.name}_v{version}.onnx"
+    if args.onnx:
+        refuse_existing(onnx_path, "ONNX file")
     settings = {}
     if run_recipe is not None:
         from kseg.inference.instance_outputs import recipe_categories
@@ -249,6 +248,10 @@ def _export_instance_model(args, model, model_dir, version, run_recipe):
         f"SavedModel: {path} (instance model; signatures serving_default, "
         "serving_bytes)"
     )
+    if args.onnx:
+        from kseg.export.onnx import export_onnx
+
+        print(f"ONNX: {export_onnx(model, onnx_path)}")
     return 0
 
 
