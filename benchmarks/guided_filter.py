@@ -6,9 +6,14 @@ probabilities), radius 2, 8 and 32, ε = 1. kseg runs under
 `cv2.ximgproc.GuidedFilter` per call and filters all 21 channels in that one
 call: the guide statistics are shared by all channels, as in kseg, and this is
 faster than one `cv2.ximgproc.guidedFilter` call per 4-channel chunk. Both
-use every CPU core. Each time is the median of `--runs` calls after a warm-up
-call; "cpu" is the process CPU time (all threads), which is steadier than wall
-time on a shared machine.
+use every CPU core.
+
+The calls alternate — kseg forward, OpenCV, kseg forward + backward (the
+gradient of `sum(q · t)` with respect to the input, as in training) — so that
+a load from other processes falls on all three alike; each time is the median
+of `--runs` rounds after a warm-up round. "cpu" is the process CPU time (all
+threads), steadier than wall time on a shared machine. The load average is
+printed before and after: ratios measured under load are not idle figures.
 
     python benchmarks/guided_filter.py [--runs 7] [--size 512] [--channels 21]
 """
@@ -30,20 +35,30 @@ RADII = (2, 8, 32)
 EPSILON = 1.0
 
 
-def _median_ms(fn, runs):
-    """Median wall and CPU milliseconds of `fn()` after one warm-up call."""
+def _timed(fn):
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
     fn()
-    wall, cpu = [], []
-    for _ in range(runs):
-        start_wall, start_cpu = time.perf_counter(), time.process_time()
+    return time.perf_counter() - start_wall, time.process_time() - start_cpu
+
+
+def _alternating_ms(fns, runs):
+    """Median wall and CPU milliseconds of each of `fns`, called in turn
+    `runs` times after one warm-up round."""
+    for fn in fns:
         fn()
-        wall.append(time.perf_counter() - start_wall)
-        cpu.append(time.process_time() - start_cpu)
-    return 1e3 * float(np.median(wall)), 1e3 * float(np.median(cpu))
+    times = [[] for _ in fns]
+    for _ in range(runs):
+        for fn, out in zip(fns, times, strict=True):
+            out.append(_timed(fn))
+    return [tuple(1e3 * np.median(np.array(t), axis=0)) for t in times]
 
 
 def _opencv(guide, inputs, radius):
     return cv2.ximgproc.createGuidedFilter(guide, radius, EPSILON).filter(inputs)
+
+
+def _load():
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main():
@@ -58,40 +73,56 @@ def main():
     logits = rng.normal(size=(args.size, args.size, args.channels))
     probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     probs = probs.astype("float32")
+    target = rng.normal(size=probs.shape).astype("float32")
     guide_t, probs_t = tf.constant(guide[None]), tf.constant(probs[None])
+    target_t = tf.constant(target[None])
 
+    load_before = _load()
     rows = []
     for radius in RADII:
-        compiled = tf.function(
+        forward = tf.function(
             lambda g, p, r=radius: guided_filter(g, p, r, EPSILON), jit_compile=True
         )
-        ours = compiled(guide_t, probs_t).numpy()[0]
+
+        @tf.function(jit_compile=True)
+        def backward(g, p, r=radius):
+            with tf.GradientTape() as tape:
+                tape.watch(p)
+                loss = tf.reduce_sum(guided_filter(g, p, r, EPSILON) * target_t)
+            return tape.gradient(loss, p)
+
+        ours = forward(guide_t, probs_t).numpy()[0]
         # OpenCV reflects at the border, which reaches 2r pixels into q.
         m = 2 * radius
         diff = np.abs(ours - _opencv(guide, probs, radius))[m:-m, m:-m].max()
-        kseg = _median_ms(lambda c=compiled: c(guide_t, probs_t).numpy(), args.runs)
-        opencv = _median_ms(lambda r=radius: _opencv(guide, probs, r), args.runs)
-        rows.append((radius, kseg, opencv, diff))
+        times = _alternating_ms(
+            [
+                lambda f=forward: f(guide_t, probs_t).numpy(),
+                lambda r=radius: _opencv(guide, probs, r),
+                lambda b=backward: b(guide_t, probs_t).numpy(),
+            ],
+            args.runs,
+        )
+        rows.append((radius, *times, diff))
 
     print(
         f"guided filter: {args.size}x{args.size} RGB guide, {args.channels} "
-        f"float32 channels, eps={EPSILON}, median of {args.runs} runs, "
-        f"{os.cpu_count()} CPUs, OpenCV {cv2.__version__}, TF {tf.__version__}"
+        f"float32 channels, eps={EPSILON}, median of {args.runs} alternating "
+        f"rounds, {os.cpu_count()} CPUs, OpenCV {cv2.__version__}, "
+        f"TF {tf.__version__}"
     )
+    print(f"before: {load_before}; after: {_load()}")
     print(
-        f"{'radius':>6} | {'kseg ms':>8} {'OpenCV ms':>10} {'ratio':>6} | "
-        f"{'kseg cpu':>9} {'OpenCV cpu':>11} {'ratio':>6} | {'max |diff|':>10}"
+        f"{'radius':>6} | {'kseg ms':>8} {'OpenCV ms':>10} {'ratio':>6} "
+        f"{'fwd+bwd ms':>10} {'ratio':>6} | {'kseg cpu':>9} {'OpenCV cpu':>11} "
+        f"{'ratio':>6} {'fwd+bwd cpu':>11} {'ratio':>6} | {'max |diff|':>10}"
     )
-    for radius, (k_wall, k_cpu), (o_wall, o_cpu), diff in rows:
+    for radius, (kw, kc), (ow, oc), (bw, bc), diff in rows:
         print(
-            f"{radius:>6} | {k_wall:>8.1f} {o_wall:>10.1f} {k_wall / o_wall:>6.2f} | "
-            f"{k_cpu:>9.1f} {o_cpu:>11.1f} {k_cpu / o_cpu:>6.2f} | {diff:>10.2e}"
+            f"{radius:>6} | {kw:>8.1f} {ow:>10.1f} {kw / ow:>6.2f} "
+            f"{bw:>10.1f} {bw / ow:>6.2f} | {kc:>9.1f} {oc:>11.1f} "
+            f"{kc / oc:>6.2f} {bc:>11.1f} {bc / oc:>6.2f} | {diff:>10.2e}"
         )
-    (_, first, _, _), (_, last, _, _) = rows[0], rows[-1]
-    print(
-        f"kseg r{RADII[-1]}/r{RADII[0]}: wall {last[0] / first[0]:.2f}, "
-        f"cpu {last[1] / first[1]:.2f}"
-    )
 
 
 if __name__ == "__main__":
