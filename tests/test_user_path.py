@@ -9,13 +9,15 @@ Each README command, and what runs it:
     kseg train
         test_user_path: `trained` (KSEG_RECIPES holds a tiny quickstart.yaml, so
         the bare command trains it into runs/quickstart/<timestamp>/)
+    kseg train --recipe panet_quickstart
+        test_instance_path (tiny --set overrides)
     pytest -q -m slow
         .ci/run, stage 2 (this file is part of it)
     kseg train --recipe pan_r101-os16_4xb4-voc-512 --data /data/VOCdevkit/VOC2012
         test_voc_commands (three real VOC photos of Debian's labelme-examples
         in a VOC2012 layout; tiny --set overrides)
     kseg train --set train.epochs=2 --set model.kwargs.filters=32
-        test_killed_run_always_completes (the run it kills and resumes)
+        test_killed_run_always_completes (the runs it kills and resumes)
     kseg train --resume runs/quickstart/000
         test_killed_run_always_completes (20 kills, each followed by --resume),
         test_second_resume_of_a_run_is_refused
@@ -23,6 +25,8 @@ Each README command, and what runs it:
         test_evaluate_reproduces_the_run_result (and `kseg evaluate RUN`)
     kseg data inspect --dataset voc --data /data/VOCdevkit/VOC2012
         test_voc_commands (and `--dataset synthetic` in test_command_line_basics)
+    kseg data inspect --dataset coco --data /data/coco --split val2017
+        test_instance_path (labelme-examples' COCO export in the COCO layout)
     kseg data convert --dataset voc --data /data/VOCdevkit/VOC2012 --out ...
         test_voc_commands
     TF_CONFIG='{...}' kseg train --recipe ... --set train.strategy=multi_worker
@@ -34,8 +38,13 @@ Each README command, and what runs it:
         test_predict_keras_models (also checkpoints/best.keras, last.keras and
         the run directory)
     kseg export runs/quickstart/000/model.keras --name quickstart --tflite int8
-        test_user_path: `exported` (int8 and float32), then test_predict_exports
-        (kseg predict on the SavedModel folder and the .tflite file)
+        test_user_path: `used` (int8 and float32), test_predict_exports
+    kseg predict saved_models/quickstart photos/*.jpg --out masks-served/
+        test_predict_exports (and the .tflite file),
+        test_predict_reports_bad_images_and_runs_the_others
+    kseg predict RUN photos/*.jpg --out found/ (a PANet run), then
+    kseg export RUN --name NAME (PANet)
+        test_instance_path (and kseg predict on that export)
     docker run ... tensorflow/serving; curl ... :predict (REST, both signatures)
         needs Docker and the tensorflow/serving image (not offline); the
         SavedModel is loaded in a process where kseg cannot be imported and both
@@ -47,9 +56,9 @@ Each README command, and what runs it:
         process above
     saved_model_cli show --dir ... --all
         test_saved_model_cli_shows_both_signatures
-    the `kseg.layers` Python snippet
-        test_readme_python_snippets
-    kseg recipes (and `kseg --help`, `kseg COMMAND --help`)
+    every other ```python block (the `kseg.layers` snippet)
+        test_readme_python_snippets (read from README.md)
+    kseg recipes (and `kseg --help`)
         test_command_line_basics
     .ci/run
         CI itself
@@ -1038,3 +1047,123 @@ def test_second_resume_of_a_run_is_refused(kill_chains):
     assert "Traceback" not in second.stderr, _show(second)
     assert f"process {lock_check['holder']}" in second.stderr, _show(second)
     assert lock_check["untouched"], "the refused --resume changed the run"
+
+
+# === PANet: the instance segmentation twin ===
+
+LABELME_COCO = Path(
+    "/usr/share/doc/labelme-examples/examples/instance_segmentation/data_dataset_coco"
+)
+# panet_quickstart shrunk to seconds (as tests/training/test_instance_task.py).
+TINY_PANET = [
+    "model.kwargs={filters: 16, fc_units: 32, rpn_pre_nms_top_k_train: 100, "
+    "rpn_post_nms_top_k_train: 50, rpn_pre_nms_top_k_test: 100, "
+    "rpn_post_nms_top_k_test: 50, rpn_batch_size: 32, roi_batch_size: 16, "
+    "max_detections: 10}",
+    "backbone.kwargs.widths=[4, 8, 8, 8]",
+    "backbone.kwargs.stem_width=4",
+    "data.image_size=64",
+    "data.crop_size=[64, 64]",
+    "data.short_edge_range=null",
+    "data.max_size=null",
+    "data.num_train_images=8",
+    "data.num_val_images=4",
+    "data.max_instances=6",
+    "train.batch_size=2",
+    "train.epochs=1",
+    "train.steps_per_epoch=2",
+    "eval.batch_size=4",
+]
+
+
+def _coco(folder):
+    """Debian labelme-examples' COCO export in the COCO layout the README's
+    `--data /data/coco --split val2017` reads."""
+    if not LABELME_COCO.is_dir():
+        pytest.skip("Debian package labelme-examples is not installed")
+    coco = folder / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    shutil.copytree(LABELME_COCO / "JPEGImages", coco / "val2017")
+    annotations = json.loads((LABELME_COCO / "annotations.json").read_text())
+    for image in annotations["images"]:
+        image["file_name"] = Path(image["file_name"]).name
+    (coco / "annotations" / "instances_val2017.json").write_text(
+        json.dumps(annotations)
+    )
+    return coco
+
+
+def _check_instances(out, photos, size):
+    import tensorflow as tf
+
+    for photo in photos:
+        instances = tf.io.decode_png(
+            (out / f"{photo.stem}_instances.png").read_bytes(), dtype=tf.uint16
+        )
+        assert tuple(instances.shape) == (*size, 1)
+        overlay = _read_rgb(out / f"{photo.stem}_overlay.png")
+        assert overlay.shape == (*size, 3)
+    detections = json.loads((out / "detections.json").read_text())
+    assert isinstance(detections, list)
+
+
+def test_instance_path(tmp_path):
+    """`kseg train --recipe panet_quickstart` (tiny), predict with the run,
+    export it, predict with the export; `kseg data inspect --dataset coco`."""
+    coco = _coco(tmp_path)
+    size = (48, 72)
+    photos = [tmp_path / f"photo{i}.jpg" for i in range(2)]
+    for index, photo in enumerate(photos):
+        _write_image(photo, _scene(*size, seed=index))
+    run = tmp_path / "run"
+    results = run_parallel(
+        {
+            "train": functools.partial(
+                kseg,
+                "train",
+                "--recipe",
+                "panet_quickstart",
+                *(f"--set={o}" for o in TINY_PANET),
+                "--run-dir",
+                run,
+                cwd=tmp_path,
+            ),
+            "inspect": functools.partial(
+                kseg,
+                "data",
+                "inspect",
+                "--dataset",
+                "coco",
+                "--data",
+                coco,
+                "--split",
+                "val2017",
+                cwd=tmp_path,
+            ),
+        }
+    )
+    assert "mask AP" in results["train"].stdout, _show(results["train"])
+    assert json.loads((run / "result.json").read_text())["steps"] == 2
+    inspect = results["inspect"]
+    assert "3 images, 12 instances" in inspect.stdout, _show(inspect)
+
+    results = run_parallel(
+        {
+            "predict": functools.partial(
+                kseg, "predict", run, *photos, "--out", tmp_path / "found", cwd=tmp_path
+            ),
+            "export": functools.partial(
+                kseg, "export", run, "--name", "panet", cwd=tmp_path
+            ),
+        }
+    )
+    _check_instances(tmp_path / "found", photos, size)
+    kseg(
+        "predict",
+        tmp_path / "saved_models" / "panet",
+        *photos,
+        "--out",
+        tmp_path / "found-served",
+        cwd=tmp_path,
+    )
+    _check_instances(tmp_path / "found-served", photos, size)
