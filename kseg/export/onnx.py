@@ -217,13 +217,22 @@ def _instance_function(model, input_size):
 
     def detect(images):
         outputs = model(preprocess_images(images), training=False)
-        return {
+        outputs = {
             key: tf.cast(
                 outputs[key],
                 tf.int32 if key in ("classes", "num_detections") else tf.float32,
             )
             for key in INSTANCE_OUTPUTS
         }
+        # Padding rows (class 0) have all-zero masks in Keras because
+        # PANet picks the class mask with `one_hot(classes - 1)`, and
+        # TensorFlow's one-hot of -1 is all zeros; ONNX's OneHot wraps a
+        # negative index to the last class instead, which would give padding
+        # rows the last class's mask. Zero them explicitly.
+        outputs["masks"] = tf.where(
+            outputs["classes"][:, :, None, None] > 0, outputs["masks"], 0.0
+        )
+        return outputs
 
     return tf.function(
         detect,
