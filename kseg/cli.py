@@ -420,14 +420,16 @@ def quiet_tensorflow():
     On a CPU machine TensorFlow prints CUDA probing lines (`cudart_stub`,
     "failed call to cuInit") and a CPU-feature banner through absl before
     its log level applies, so a command line would open with them. Unless
-    the user set `TF_CPP_MIN_LOG_LEVEL` (then TensorFlow prints what that
-    level allows), the level becomes 3 and the file descriptor 2 is sent to
-    a temporary file while TensorFlow loads; if the import fails, what it
+    the user asked for TensorFlow's INFO lines (`TF_CPP_MIN_LOG_LEVEL=0`),
+    the level defaults to 3 and the file descriptor 2 is sent to a
+    temporary file while TensorFlow loads; if the import fails, what it
     printed is shown.
     """
-    if "TF_CPP_MIN_LOG_LEVEL" in os.environ or "tensorflow" in sys.modules:
+    if "tensorflow" in sys.modules:
         return
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if os.environ["TF_CPP_MIN_LOG_LEVEL"].strip() in ("", "0"):
+        return
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:

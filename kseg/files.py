@@ -86,6 +86,20 @@ def _remove(path):
             path.unlink()
 
 
+def remove_temporaries(folder):
+    """Removes the temporary files (and folders) of killed writers anywhere
+    under `folder`; call it only while holding the folder's `RunLock`, when
+    no other process can be writing there. Returns how many were removed."""
+    leftovers = [
+        path
+        for path in Path(folder).rglob(f"{TEMPORARY_PREFIX}*")
+        if path.name.startswith(TEMPORARY_PREFIX)
+    ]
+    for path in sorted(leftovers, key=lambda p: len(p.parts), reverse=True):
+        _remove(path)
+    return len(leftovers)
+
+
 def write_bytes(path, data, overwrite=True):
     """Writes `data` to `path` atomically (temporary file, then rename)."""
     with atomic_path(path, overwrite=overwrite) as tmp:

@@ -96,3 +96,15 @@ def test_os_errors_are_described_in_words():
     )
     full = OSError(errno.ENOSPC, "No space left on device")
     assert "no space left" in describe_os_error(full, "write a checkpoint")
+
+
+def test_leftover_temporaries_of_killed_writers_are_removed(tmp_path):
+    from kseg.files import remove_temporaries
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / ".tmp-123-last.keras").write_bytes(b"partial")
+    (tmp_path / ".tmp-9-saved").mkdir()
+    (tmp_path / ".tmp-9-saved" / "saved_model.pb").write_bytes(b"x")
+    (tmp_path / "model.keras").write_bytes(b"complete")
+    assert remove_temporaries(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "model.keras"]

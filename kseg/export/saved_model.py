@@ -107,19 +107,28 @@ def check_request(images, max_pixels):
     public `tf.rank` and `tf.debugging.assert_rank` answer from the traced
     static shape, so the check would vanish from the graph.
     """
-    rank = tf.debugging.Assert(
-        tf.equal(tf.raw_ops.Rank(input=images), 4),
+    # Only range slices of the shape: an index past a rank-3 shape would
+    # fail first, with TensorFlow's "slice index out of bounds". Where the
+    # traced rank 4 lets Grappler fold `Rank` away (a Python call of the
+    # loaded signature), the size check still catches an (H, W, 3) image:
+    # its H·W·3·3 differs from its size H·W·3.
+    shape = tf.raw_ops.Shape(input=images, out_type=tf.int64)
+    leading = shape[:3]
+    batch = tf.debugging.Assert(
+        tf.logical_and(
+            tf.equal(tf.raw_ops.Rank(input=images), 4),
+            tf.equal(tf.reduce_prod(leading) * 3, tf.size(images, out_type=tf.int64)),
+        ),
         [
-            "images must be a batch (N, H, W, 3) of RGB images; send one "
-            "image (H, W, 3) as a batch of one, [image]"
+            "images must be a batch (N, H, W, 3) of RGB images (3 channels); "
+            "send one image (H, W, 3) as a batch of one, [image]; got shape",
+            shape,
         ],
     )
-    with tf.control_dependencies([rank]):
-        shape = tf.raw_ops.Shape(input=images, out_type=tf.int64)
     channels = tf.debugging.Assert(
-        tf.equal(shape[3], 3), ["images must have 3 (RGB) channels"]
+        tf.reduce_all(tf.equal(shape[-1:], 3)), ["images must have 3 (RGB) channels"]
     )
-    pixels = shape[0] * shape[1] * shape[2]
+    pixels = tf.reduce_prod(leading)
     cap = tf.debugging.Assert(
         tf.less_equal(pixels, max_pixels),
         [
@@ -129,7 +138,7 @@ def check_request(images, max_pixels):
             pixels,
         ],
     )
-    with tf.control_dependencies([channels, cap]):
+    with tf.control_dependencies([batch, channels, cap]):
         return tf.identity(images)
 
 

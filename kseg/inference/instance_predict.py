@@ -82,7 +82,11 @@ class InstanceSavedModel:
         `num_detections` detections of one uint8 `(H, W, 3)` image."""
         import tensorflow as tf
 
-        outputs = self._signature(images=tf.constant(np.asarray(image)[None]))
+        from kseg.inference.sources import call_signature
+
+        outputs = call_signature(
+            self._signature, images=tf.constant(np.asarray(image)[None])
+        )
         count = int(outputs["num_detections"][0])
         return {
             key: np.asarray(outputs[key][0, :count])

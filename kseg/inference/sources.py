@@ -97,7 +97,7 @@ class _SavedModelRunner:
 
     def __call__(self, images, training=False):
         pixels = np.clip(np.round(np.asarray(images)), 0, 255).astype(np.uint8)
-        outputs = self._signature(images=pixels)
+        outputs = call_signature(self._signature, images=pixels)
         if "probabilities" not in outputs:
             raise ValueError(
                 "the SavedModel's serving_default returns no 'probabilities' "
@@ -105,6 +105,21 @@ class _SavedModelRunner:
             )
         probabilities = np.asarray(outputs["probabilities"], np.float32)
         return {"logits": np.log(np.maximum(probabilities, 1e-30))}
+
+
+def call_signature(signature, **inputs):
+    """Calls a SavedModel signature; a request the export refuses (its pixel
+    cap, a bad shape) becomes a `ValueError` carrying the export's message."""
+    import tensorflow as tf
+
+    try:
+        return signature(**inputs)
+    except tf.errors.InvalidArgumentError as error:
+        lines = [line for line in error.message.splitlines() if line.strip()]
+        reason = next(
+            (line.strip() for line in lines if "assertion failed" in line), lines[0]
+        )
+        raise ValueError(f"the SavedModel refused the image: {reason}") from None
 
 
 def _saved_model(path):
@@ -118,7 +133,10 @@ def _saved_model(path):
 
 
 class _TFLiteRunner:
-    """A kseg `.tflite` file as a kseg-model-like callable (fixed size)."""
+    """A kseg `.tflite` file as a kseg-model-like callable: other sizes than
+    the file's fixed one (test-time scales) are resized to it and the
+    probabilities back (bilinear, half-pixel centres, as the SavedModel does
+    for a fixed-size model)."""
 
     def __init__(self, path):
         from kseg.export.tflite import TFLiteSegmenter
@@ -130,8 +148,27 @@ class _TFLiteRunner:
         self.input_size = self._segmenter.input_size
 
     def __call__(self, images, training=False):
-        pixels = np.clip(np.round(np.asarray(images)), 0, 255).astype(np.uint8)
+        import cv2
+
+        images = np.asarray(images, np.float32)
+        height, width = images.shape[1:3]
+        if (height, width) != tuple(self.input_size):
+            # cv2's INTER_LINEAR samples at half-pixel centres: kseg's resize.
+            size = (self.input_size[1], self.input_size[0])
+            images = np.stack(
+                [cv2.resize(i, size, interpolation=cv2.INTER_LINEAR) for i in images]
+            )
+        pixels = np.clip(np.round(images), 0, 255).astype(np.uint8)
         probabilities = self._segmenter(pixels)["probabilities"]
+        if (height, width) != tuple(self.input_size):
+            probabilities = np.stack(
+                [
+                    cv2.resize(
+                        p, (width, height), interpolation=cv2.INTER_LINEAR
+                    ).reshape(height, width, -1)
+                    for p in probabilities
+                ]
+            )
         return {"logits": np.log(np.maximum(probabilities, 1e-30))}
 
 

@@ -36,7 +36,13 @@ import keras
 import tensorflow as tf
 
 from kseg.data import data_error_message
-from kseg.files import RunLock, atomic_path, write_json, write_text
+from kseg.files import (
+    RunLock,
+    atomic_path,
+    remove_temporaries,
+    write_json,
+    write_text,
+)
 from kseg.models import load_model
 from kseg.training.callbacks import Checkpoint, EpochSummary, RunBackup
 from kseg.training.recipe import RecipeError, load_recipe, save_recipe
@@ -151,6 +157,8 @@ def _resumed_run_dir(resume):
         raise FileExistsError(
             f"cannot resume {path}: the run already finished ({RESULT_FILE} exists)"
         )
+    # The run is ours now: temporary files in it are a killed process's.
+    remove_temporaries(path)
     return path, lock
 
 
@@ -282,7 +290,6 @@ def _run(recipe, task, strategy, setup, path, description, extra, verbose, clock
             # First: a task's validation adds its metrics to the epoch's logs
             # before the checkpoints and summaries read them.
             *task.callbacks(path, chief),
-            backup,
             Checkpoint(path / "checkpoints" / "last.keras"),
             best,
             keras.callbacks.TensorBoard(
@@ -290,6 +297,10 @@ def _run(recipe, task, strategy, setup, path, description, extra, verbose, clock
             ),
             EpochSummary(path / "epochs.jsonl"),
             *extra,
+            # Last: an epoch's backup marks it complete, so everything else
+            # the epoch writes (its epochs.jsonl line, the best value) is in
+            # before; a kill in between trains the epoch again.
+            backup,
         ]
         if initial_epoch < train_config.epochs:
             history = _fit(

@@ -85,3 +85,32 @@ def test_predict_command_runs_large_images_by_windows(trained_like, tmp_path, ca
     assert status == 0, capsys.readouterr().err
     expected = predict(model, image, window=(16, 16)).class_map
     np.testing.assert_array_equal(read_label(tmp_path / "out" / "big.png"), expected)
+
+
+def test_tflite_files_run_other_sizes_by_resizing_to_their_input():
+    # `kseg predict --tta` on a .tflite file: each test scale is resized to
+    # the file's fixed input and its probabilities back (before: "images
+    # must be (N, 64, 64, 3) for this file" on every image).
+    import cv2
+
+    from kseg.inference.sources import _TFLiteRunner
+
+    class Segmenter:
+        input_size = (8, 8)
+
+        def __call__(self, pixels):
+            assert pixels.shape[1:] == (8, 8, 3) and pixels.dtype == np.uint8
+            red = pixels[..., :1].astype(np.float32) / 255.0
+            return {"probabilities": np.concatenate([red, 1 - red], axis=-1)}
+
+    runner = object.__new__(_TFLiteRunner)
+    runner._segmenter = Segmenter()
+    runner.input_size = (8, 8)
+    images = np.random.default_rng(3).uniform(0, 255, (2, 12, 6, 3))
+    logits = runner(images)["logits"]
+    assert logits.shape == (2, 12, 6, 2)
+    for image, result in zip(images, logits, strict=True):
+        small = cv2.resize(image.astype(np.float32), (8, 8))
+        red = np.round(small[..., 0]) / 255.0
+        expected = cv2.resize(np.stack([red, 1 - red], -1), (6, 12))
+        np.testing.assert_allclose(np.exp(result), expected, atol=1e-6)
