@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 import tensorflow as tf
 
-from kseg.data.dataset import decode_image
+from kseg.data.dataset import decode_image, load_image_file
 
 # labelme's COCO export lists a background category (id 0); it is no object class.
 NON_OBJECT_CATEGORIES = ("_background_", "__ignore__")
@@ -407,26 +407,13 @@ class CocoInstanceDataset(InstanceDataset):
         return self.image_paths[index]
 
     def load_image(self, index):
-        return _read_image_file(self.image_paths[index])
+        return load_image_file(self.image_paths[index])
 
     def annotations(self, index):
         return self.image_annotations[index]
 
     def _image_reader(self):
         return _image_file_reader(self.image_paths)
-
-
-def _read_image_file(path):
-    """Decodes an image file with kseg's decoder; errors name the file."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
-    try:
-        return decode_image(data).numpy()
-    except tf.errors.InvalidArgumentError as error:
-        raise ValueError(f"{path}: cannot decode the image ({error.message})") from None
 
 
 def _image_file_reader(paths):
@@ -593,7 +580,7 @@ class CityscapesInstanceDataset(InstanceDataset):
         return self.instance_paths[index]
 
     def load_image(self, index):
-        return _read_image_file(self.image_paths[index])
+        return load_image_file(self.image_paths[index])
 
     def _image_reader(self):
         return _image_file_reader(self.image_paths)
