@@ -8,6 +8,8 @@ for one fixed input size, run by `TFLiteSegmenter`; `export_onnx` writes an
 command line (`kseg.export.commands`).
 """
 
+from kseg.lazy import lazy_exports
+
 _EXPORTS = {
     **dict.fromkeys(
         (
@@ -40,19 +42,4 @@ _EXPORTS = {
     ),
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    # PEP 562: TensorFlow loads on first use, so that the command line builds
-    # its parser without it.
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'kseg.export' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -5,6 +5,8 @@ The names load on first use (PEP 562), so that the command line can build
 its parser without importing TensorFlow.
 """
 
+from kseg.lazy import lazy_exports
+
 _EXPORTS = {
     "register": "kseg.inference.commands",
     "PAN_TTA_SCALES": "kseg.inference.defaults",
@@ -22,17 +24,4 @@ _EXPORTS = {
     "overlay": "kseg.inference.visualize",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'kseg.inference' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
