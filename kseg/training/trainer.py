@@ -355,6 +355,8 @@ def _restore(model, backup, best, path):
                 "(each is damaged or incomplete); start a new run instead of "
                 "training this one again from scratch"
             )
+        # Killed in the first epoch (perhaps after its summary line).
+        EpochSummary.truncate(path / "epochs.jsonl", 0)
         return 0
     for message in state.messages:
         _print(message)

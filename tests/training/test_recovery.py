@@ -231,3 +231,14 @@ def test_run_dir_must_be_new_or_empty(tmp_path):
 def test_a_recipe_name_cannot_leave_the_runs_folder(name):
     with pytest.raises(RecipeError, match="one folder name"):
         apply_overrides(load_recipe("quickstart"), [f"name={name}"])
+
+
+def test_a_first_epoch_killed_after_its_summary_line_drops_the_line(tmp_path):
+    # The backup is an epoch's last write: killed between the summary line
+    # and the backup, the epoch is trained again and its old line dropped.
+    (tmp_path / "epochs.jsonl").write_text('{"epoch": 1, "step": 2}\n')
+    backup = RunBackup(tmp_path / "backup")
+    assert (
+        _restore(_tiny_model(), backup, Checkpoint(tmp_path / "b.keras"), tmp_path) == 0
+    )
+    assert (tmp_path / "epochs.jsonl").read_text() == ""
