@@ -28,6 +28,7 @@ run directory is created.
 
 import dataclasses
 import datetime
+import re
 import shutil
 import time
 from pathlib import Path
@@ -103,14 +104,20 @@ def _claim_run_dir(recipe, runs_dir, run_dir):
         path = new_run_dir(runs_dir, recipe.name)
     else:
         path = Path(run_dir)
-        if path.is_dir() and any(path.iterdir()) and not worker_index():
+        # Other workers of a cluster may have made their worker-<i> folders.
+        foreign = [
+            child
+            for child in (path.iterdir() if path.is_dir() else ())
+            if not re.fullmatch(r"worker-\d+", child.name)
+        ]
+        if foreign and not worker_index():
             if (path / RECIPE_FILE).exists():
                 raise FileExistsError(
                     f"{path} already holds a run ({RECIPE_FILE} exists); runs are "
                     f"never overwritten: continue it with --resume {path}, or "
                     "start a new one"
                 )
-            shown = ", ".join(sorted(child.name for child in path.iterdir())[:5])
+            shown = ", ".join(sorted(child.name for child in foreign)[:5])
             raise FileExistsError(
                 f"--run-dir {path} is a folder that kseg did not create and is "
                 f"not empty (it holds {shown}); kseg writes model.keras, "
