@@ -76,6 +76,42 @@ def build_tiny_pan():
     return tiny_pan
 
 
+def tiny_semantic_models(num_classes=6):
+    """`{name: build(backbone_builder)}` of tiny FCN, GCN, ExFuse (every
+    component) and SegModel (every component) for the export tests."""
+    from kseg.models import FCN, GCN, ExFuse, SegModel
+
+    return {
+        "fcn": lambda backbone: FCN(backbone(), num_classes, head_filters=8),
+        "gcn": lambda backbone: GCN(
+            backbone(output_stride=32), num_classes, kernel_size=5
+        ),
+        "exfuse": lambda backbone: ExFuse(
+            backbone(output_stride=32),
+            num_classes,
+            kernel_size=5,
+            semantic_supervision=True,
+            ecre=True,
+            seb=True,
+            dap=True,
+        ),
+        "segmodel": lambda backbone: SegModel(
+            backbone(),
+            num_classes,
+            context_crf=True,
+            patch_prediction=True,
+            guidance_crf=True,
+            feature_filters=16,
+            guidance_radius=2,
+        ),
+    }
+
+
+@pytest.fixture(scope="session")
+def build_tiny_semantic_model():
+    return tiny_semantic_models()
+
+
 @pytest.fixture(scope="session")
 def synthetic_train():
     from kseg.data import make_synthetic

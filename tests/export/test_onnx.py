@@ -28,9 +28,7 @@ from kseg.export.onnx import (  # noqa: E402
     convert_to_onnx,
     export_onnx,
 )
-from kseg.models import FCN, GCN, ExFuse, SegModel  # noqa: E402
 
-NUM_CLASSES = 6
 AGREEMENT = 0.995
 
 
@@ -100,41 +98,13 @@ def test_fixed_size_model_resizes_in_the_graph(build_tiny_pan):
     )
 
 
-def _gcn(backbone):
-    return GCN(backbone(output_stride=32), NUM_CLASSES, kernel_size=5)
-
-
-def _exfuse(backbone):
-    return ExFuse(
-        backbone(output_stride=32),
-        NUM_CLASSES,
-        kernel_size=5,
-        semantic_supervision=True,
-        ecre=True,
-        seb=True,
-        dap=True,
-    )
-
-
-def _segmodel(backbone):
-    return SegModel(
-        backbone(),
-        NUM_CLASSES,
-        context_crf=True,
-        patch_prediction=True,
-        guidance_crf=True,
-        feature_filters=16,
-        guidance_radius=2,
-    )
-
-
 # Converting takes 5-30 s a model on a loaded 2-core machine: SegModel (the
 # guided filter and guidance CRF, the ops most likely to break) runs by
 # default, GCN and ExFuse in CI's slow stage.
 MODELS = [
-    pytest.param("gcn", _gcn, marks=pytest.mark.slow),
-    pytest.param("exfuse", _exfuse, marks=pytest.mark.slow),
-    pytest.param("segmodel", _segmodel),
+    pytest.param("gcn", marks=pytest.mark.slow),
+    pytest.param("exfuse", marks=pytest.mark.slow),
+    pytest.param("segmodel"),
 ]
 # SegModel's guided filter takes window statistics as differences of large
 # sums (and divides by their covariance determinant), which amplifies the
@@ -143,10 +113,12 @@ MODELS = [
 PROBABILITY_TOLERANCE = {"segmodel": 5e-3}
 
 
-@pytest.mark.parametrize("name,build", MODELS, ids=["gcn", "exfuse", "segmodel"])
-def test_model_converts(name, build, build_tiny_backbone, synthetic_val):
+@pytest.mark.parametrize("name", MODELS)
+def test_model_converts(
+    name, build_tiny_backbone, build_tiny_semantic_model, synthetic_val
+):
     keras.utils.set_random_seed(5)
-    model = build(build_tiny_backbone)
+    model = build_tiny_semantic_model[name](build_tiny_backbone)
     segmenter = ONNXSegmenter(convert_to_onnx(model))
     for images in (synthetic_val.images, _images((2, 40, 56, 3))):
         expected, probabilities = _keras(model, images)
@@ -175,9 +147,11 @@ def _parse(argv):
     return parser.parse_args(["export", *argv])
 
 
-def test_kseg_export_onnx(build_tiny_backbone, tmp_path, capsys):
+def test_kseg_export_onnx(
+    build_tiny_backbone, build_tiny_semantic_model, tmp_path, capsys
+):
     keras.utils.set_random_seed(6)
-    model = FCN(build_tiny_backbone(), NUM_CLASSES, head_filters=8)
+    model = build_tiny_semantic_model["fcn"](build_tiny_backbone)
     model_file = tmp_path / "model.keras"
     model.save(model_file)
     out = tmp_path / "saved_models"
