@@ -19,8 +19,6 @@ from kseg.export import (
 )
 from kseg.export.saved_model import predict_images
 
-
-
 MODELS = ("exfuse", "fcn", "gcn", "segmodel")
 # int8 also for the model with both CRFs (its guidance CRF stays float32
 # inside the int8 file); PAN's int8 is tested in depth in test_tflite.py.
