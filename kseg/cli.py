@@ -149,7 +149,8 @@ def _build_parser():
         metavar="NAME|FILE",
         help="print this recipe with every field (defaults included)",
     )
-    recipes.set_defaults(func=_recipes)
+    # Listing recipes needs no TensorFlow (`_recipes` loads it for one recipe).
+    recipes.set_defaults(func=_recipes, imports_tensorflow=False)
 
     data = commands.add_parser(
         "data",
@@ -285,19 +286,23 @@ def _evaluate(args):
 
 
 def _recipes(args):
-    from kseg.training.recipe import dump_recipe, list_recipes, load_recipe
-
     if args.name is not None:
+        quiet_tensorflow()
+        from kseg.training.recipe import dump_recipe, load_recipe
+
         print(dump_recipe(load_recipe(args.name)), end="")
         return 0
+    # Listing reads only each file's description (no Keras import: fast);
+    # `kseg recipes NAME` loads and checks one recipe in full.
+    from kseg.training.recipe_files import list_recipes, recipe_description
+
     recipes = list_recipes()
     if not recipes:
         print("no recipes found; set KSEG_RECIPES to a folder of recipe files")
         return 1
     width = max(len(name) for name in recipes)
     for name, path in recipes.items():
-        description = load_recipe(path).description
-        print(f"{name:<{width}}  {description}")
+        print(f"{name:<{width}}  {recipe_description(path)}")
     return 0
 
 
@@ -472,9 +477,10 @@ def main(argv=None):
         _reexec_with_allocator_settings()
     parser = _build_parser()
     args = parser.parse_args(argv)
-    quiet_tensorflow()
+    if getattr(args, "imports_tensorflow", True):
+        quiet_tensorflow()
     from kseg.files import RunLockedError, describe_os_error
-    from kseg.training.recipe import RecipeError
+    from kseg.training.recipe_files import RecipeError
 
     try:
         return args.func(args)

@@ -181,8 +181,9 @@ def _kseg_subprocess(*args, env=None):
     )
 
 
-def test_help_answers_without_importing_tensorflow():
-    # Before: every --help took 7-13 s importing TensorFlow.
+def test_help_and_recipe_list_answer_without_importing_tensorflow():
+    # Before: every --help took 7-13 s importing TensorFlow, `kseg recipes`
+    # 10-20 s.
     import subprocess
     import sys
 
@@ -190,7 +191,7 @@ def test_help_answers_without_importing_tensorflow():
         "import sys\n"
         "from kseg.cli import main\n"
         "for argv in (['--help'], ['predict', '--help'], ['export', '--help'],"
-        " ['train', '--help'], ['data', 'inspect', '--help']):\n"
+        " ['train', '--help'], ['data', 'inspect', '--help'], ['recipes']):\n"
         "    try:\n"
         "        main(argv)\n"
         "    except SystemExit:\n"
@@ -206,12 +207,13 @@ def test_help_answers_without_importing_tensorflow():
 
 def test_commands_do_not_print_tensorflow_start_up_lines():
     # Before: every command began with cudart_stub / cuInit lines on a CPU.
-    result = _kseg_subprocess("recipes")
+    # (`kseg recipes NAME` loads the recipe: Keras and TensorFlow.)
+    result = _kseg_subprocess("recipes", "quickstart")
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     # A level the user sets is respected: TensorFlow then prints what it
     # allows (on a machine without a GPU, at least its CUDA probing lines).
-    loud = _kseg_subprocess("recipes", env={"TF_CPP_MIN_LOG_LEVEL": "0"})
+    loud = _kseg_subprocess("recipes", "quickstart", env={"TF_CPP_MIN_LOG_LEVEL": "0"})
     assert loud.returncode == 0 and loud.stderr.strip() != ""
 
 

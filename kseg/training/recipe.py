@@ -22,19 +22,26 @@ Example:
 
 import dataclasses
 import difflib
-import importlib.util
 import inspect
-import os
 import re
 import types
 import typing
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from kseg.backbones import BACKBONES, build_resnet
 from kseg.models import FCN, GCN, PAN, ExFuse, PANet, SegModel
+from kseg.training.recipe_files import (  # noqa: F401 (re-exported)
+    CHECKOUT_RECIPES,
+    RECIPE_SUFFIX,
+    RECIPES_ENV,
+    RECIPES_PACKAGE,
+    RecipeError,
+    find_recipe,
+    list_recipes,
+    recipe_dirs,
+)
 
 # The one model registry: recipe `model.name` → constructor
 # `(backbone, num_classes, **kwargs)`. A plain dict, filled here and nowhere
@@ -68,17 +75,6 @@ STRATEGIES = ("one_device", "mirrored", "multi_worker")
 DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("poly", "step")
-
-RECIPES_ENV = "KSEG_RECIPES"
-RECIPE_SUFFIX = ".yaml"
-# The repository's recipe folder, present when kseg runs from a checkout.
-CHECKOUT_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-# The same folder inside an installed wheel (setup.cfg `package_dir`).
-RECIPES_PACKAGE = "kseg.recipes"
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be loaded: unknown key, wrong type or bad value."""
 
 
 @dataclasses.dataclass
@@ -641,8 +637,7 @@ def validate_recipe(recipe):
     fractions = list(schedule.step_fractions)
     if fractions != sorted(fractions) or not all(0 < f < 1 for f in fractions):
         raise RecipeError(
-            "schedule.step_fractions: ascending fractions in (0, 1), got "
-            f"{fractions}"
+            f"schedule.step_fractions: ascending fractions in (0, 1), got {fractions}"
         )
     if not 0.0 < schedule.gamma <= 1.0:
         raise RecipeError(f"schedule.gamma: must be in (0, 1], got {schedule.gamma}")
@@ -749,62 +744,6 @@ def save_recipe(recipe, path):
     from kseg.files import write_text
 
     write_text(path, dump_recipe(recipe), overwrite=False)
-
-
-def recipe_dirs():
-    """Directories searched for recipe files, in order.
-
-    `$KSEG_RECIPES` (paths joined by the OS path separator) first, then the
-    `recipes/` folder of the source checkout kseg is imported from (a clone,
-    an editable install), then the recipes installed with kseg: the package
-    `kseg.recipes`, which is that same `recipes/` folder shipped in the wheel
-    (setup.cfg maps it). Missing directories are left out, and a directory
-    reached twice (an editable install maps `kseg.recipes` to the checkout's
-    folder) is listed once.
-    """
-    dirs = [Path(p) for p in os.environ.get(RECIPES_ENV, "").split(os.pathsep) if p]
-    dirs.append(CHECKOUT_RECIPES)
-    dirs.extend(_installed_recipe_dirs())
-    unique = {}
-    for directory in dirs:
-        if directory.is_dir():
-            unique.setdefault(directory.resolve(), directory)
-    return list(unique.values())
-
-
-def _installed_recipe_dirs():
-    """The folders of the `kseg.recipes` package (data only, no
-    `__init__.py`), found without importing anything."""
-    spec = importlib.util.find_spec(RECIPES_PACKAGE)
-    if spec is None or spec.submodule_search_locations is None:
-        return []
-    return [Path(location) for location in spec.submodule_search_locations]
-
-
-def list_recipes():
-    """`{name: path}` of every recipe file found, earlier directories first."""
-    found = {}
-    for directory in recipe_dirs():
-        for path in sorted(directory.glob(f"*{RECIPE_SUFFIX}")):
-            found.setdefault(path.stem, path)
-    return dict(sorted(found.items()))
-
-
-def find_recipe(name_or_path):
-    """The path of a recipe given by file path or by name."""
-    path = Path(name_or_path)
-    if path.suffix == RECIPE_SUFFIX or os.sep in str(name_or_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe file not found: {path}")
-        return path
-    recipes = list_recipes()
-    if name_or_path not in recipes:
-        searched = ", ".join(str(d) for d in recipe_dirs()) or "no recipe directory"
-        raise FileNotFoundError(
-            f"no recipe named {name_or_path!r} (searched {searched}; set "
-            f"{RECIPES_ENV} to add a directory){_suggest(name_or_path, recipes)}"
-        )
-    return recipes[name_or_path]
 
 
 def load_recipe(name_or_path):

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 import kseg
-from kseg.training import recipe as recipes
+from kseg.training import recipe_files as recipes
 from kseg.training.recipe import find_recipe, list_recipes, load_recipe, recipe_dirs
 
 
@@ -70,3 +70,23 @@ def test_missing_recipe_names_every_searched_folder(installed):
     _, folder = installed
     with pytest.raises(FileNotFoundError, match=str(folder)):
         find_recipe("no_such_recipe")
+
+
+def test_listing_reads_descriptions_and_names_unreadable_files(tmp_path, monkeypatch):
+    from kseg.training.recipe_files import recipe_description
+
+    good = tmp_path / "good.yaml"
+    good.write_text("description: >-\n  Two\n  lines\nmodel: {name: pan}\n")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("description: [unclosed\n")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert recipe_description(good) == "Two lines"
+    assert recipe_description(broken).startswith("(unreadable recipe: ")
+    assert recipe_description(empty) == "(not a recipe: the file holds no sections)"
+    monkeypatch.setenv(recipes.RECIPES_ENV, str(tmp_path))
+    assert list(list_recipes())[:3] == [
+        "broken",
+        "empty",
+        "exfuse_x101-32x4d-lr_4xb4-voc-512",
+    ]
