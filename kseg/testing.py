@@ -390,3 +390,48 @@ def numpy_deconv_x2(x, kernel, bias=0.0):
         for j in range(width):
             full[2 * i : 2 * i + 4, 2 * j : 2 * j + 4] += kernel @ x[i, j]
     return full[1:-1, 1:-1] + bias
+
+
+def _box_iou(a, b):
+    """IoU matrix of `[y1, x1, y2, x2]` boxes `a (n, 4)` and `b (m, 4)`."""
+    top_left = np.maximum(a[:, None, :2], b[None, :, :2])
+    bottom_right = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=-1)
+    area_a = np.prod(a[:, 2:] - a[:, :2], axis=-1)
+    area_b = np.prod(b[:, 2:] - b[:, :2], axis=-1)
+    return inter / np.maximum(area_a[:, None] + area_b[None] - inter, 1e-9)
+
+
+def matched_detections(expected, actual, min_score=0.5, min_iou=0.9):
+    """`(matched, total)`: of `expected`'s detections scoring above
+    `min_score`, how many have a detection of the same class in `actual`
+    (same image) with IoU >= `min_iou` (each matched once, greedily) — the
+    parity of an exported instance model (ONNX, TFLite) with Keras.
+
+    Args:
+        expected, actual: dicts of NumPy arrays `boxes (N, D, 4)`,
+            `scores (N, D)`, `classes (N, D)`, `num_detections (N,)`, as a
+            PANet returns them.
+        min_score: float. Defaults to `0.5`.
+        min_iou: float. Defaults to `0.9`.
+    """
+    matched = total = 0
+    for image in range(len(expected["num_detections"])):
+        keep = np.asarray(expected["scores"][image]) > min_score
+        keep[int(expected["num_detections"][image]) :] = False
+        count = int(actual["num_detections"][image])
+        boxes = np.asarray(actual["boxes"][image][:count])
+        classes = np.asarray(actual["classes"][image][:count])
+        free = np.ones(count, bool)
+        for box, label in zip(
+            np.asarray(expected["boxes"][image])[keep],
+            np.asarray(expected["classes"][image])[keep],
+            strict=True,
+        ):
+            total += 1
+            iou = _box_iou(box[None], boxes)[0]
+            iou[(classes != label) | ~free] = 0
+            if count and iou.max() >= min_iou:
+                free[iou.argmax()] = False
+                matched += 1
+    return matched, total

@@ -3,7 +3,8 @@
 `export_saved_model` writes `saved_models/<name>/<version>/` with the
 `serving_default` (uint8 images) and `serving_bytes` (encoded images)
 signatures; `export_tflite` writes a float32, float16 or int8 `.tflite` file
-for one fixed input size, run by `TFLiteSegmenter`; `export_onnx` writes an
+for one fixed input size, run by `TFLiteSegmenter` (`TFLiteInstanceSegmenter`
+for PANet); `export_onnx` writes an
 `.onnx` file (dynamic batch and size), run by `ONNXSegmenter`. `kseg export` is the
 command line (`kseg.export.commands`).
 """
@@ -29,6 +30,7 @@ _EXPORTS = {
     **dict.fromkeys(
         (
             "QUANTIZATIONS",
+            "TFLiteInstanceSegmenter",
             "TFLiteSegmenter",
             "convert_function",
             "convert_to_tflite",

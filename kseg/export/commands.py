@@ -6,10 +6,11 @@ optionally, TFLite files.
                 [--recipe NAME|FILE [--data DIR] | --calibration-dir DIR]
 
 MODEL is a .keras file or a `kseg train` run directory. An instance model
-(PANet) exports its SavedModel (and --onnx; TFLite: not yet), whose
-signatures return detections, masks and an instance map
-(`kseg.export.instance_saved_model`), with the run's evaluation resize and
-category ids. The SavedModel goes
+(PANet) exports a SavedModel whose signatures return detections, masks and an
+instance map (`kseg.export.instance_saved_model`), with the run's evaluation
+resize and category ids; its TFLite and ONNX files return the detections and
+masks at the model's own input size (`kseg.export.instance_graph`). The
+SavedModel goes
 to OUT/NAME/VERSION/ (VERSION defaults to the next free integer; TF Serving's
 --model_base_path is OUT/NAME), each TFLite file to
 OUT/NAME/tflite/NAME_vVERSION_QUANTIZATION_HxW.tflite, the ONNX file (--onnx:
@@ -164,8 +165,7 @@ def run_export(args):
     refuse_existing(model_dir / str(version), "SavedModel version")
     model = load_model(model_path)
     check_segmentation_model(model, instances=True)
-    if _is_instance_model(model):
-        return _export_instance_model(args, model, model_dir, version, run_recipe)
+    instance = _is_instance_model(model)
 
     tflite_paths = {}
     if args.tflite:
@@ -186,8 +186,11 @@ def run_export(args):
             calibration = _recipe_images(recipe, args.data, args.calibration_images)
             print(f"int8 calibration: the train split of recipe {recipe.name!r}")
 
-    path = export_saved_model(model, model_dir, version, max_pixels=args.max_pixels)
-    print(f"SavedModel: {path} (signatures serving_default, serving_bytes)")
+    if instance:
+        _export_instance_saved_model(args, model, model_dir, version, run_recipe)
+    else:
+        path = export_saved_model(model, model_dir, version, max_pixels=args.max_pixels)
+        print(f"SavedModel: {path} (signatures serving_default, serving_bytes)")
     for quantization, tflite_path in tflite_paths.items():
         export_tflite(
             model,
@@ -212,19 +215,11 @@ def _is_instance_model(model):
     return is_instance_model(model)
 
 
-def _export_instance_model(args, model, model_dir, version, run_recipe):
-    """`kseg export` of an instance model (PANet): the SavedModel, with the
-    run's evaluation resize and category ids when its recipe is known."""
-    from kseg.export.saved_model import export_saved_model, refuse_existing
+def _export_instance_saved_model(args, model, model_dir, version, run_recipe):
+    """The SavedModel of an instance model (PANet), with the run's
+    evaluation resize and category ids when its recipe is known."""
+    from kseg.export.saved_model import export_saved_model
 
-    if args.tflite:
-        raise ValueError(
-            "TFLite export of instance models (PANet) is not yet supported: "
-            "export the SavedModel alone (leave out --tflite)"
-        )
-    onnx_path = model_dir / "onnx" / f"{args.name}_v{version}.onnx"
-    if args.onnx:
-        refuse_existing(onnx_path, "ONNX file")
     settings = {}
     if run_recipe is not None:
         from kseg.inference.instance_outputs import recipe_categories
@@ -248,16 +243,15 @@ def _export_instance_model(args, model, model_dir, version, run_recipe):
         f"SavedModel: {path} (instance model; signatures serving_default, "
         "serving_bytes)"
     )
-    if args.onnx:
-        from kseg.export.onnx import export_onnx
-
-        print(f"ONNX: {export_onnx(model, onnx_path)}")
-    return 0
 
 
 def _tflite_size(args, model, run_recipe, load_recipe):
     """--input-size, else the model's fixed input size, else the training
-    crop of the run's recipe."""
+    crop of the run's recipe; an instance model's own size only."""
+    if _is_instance_model(model):
+        from kseg.export.instance_graph import instance_input_size
+
+        return instance_input_size(model, args.input_size)
     if args.input_size is not None:
         return tuple(args.input_size)
     if None not in model.input_shape[1:3]:
@@ -295,6 +289,12 @@ def _folder_images(folder, count):
 
 def _recipe_images(recipe, data_dir, count):
     """A callable yielding `count` images spread over the recipe's train split."""
+    if recipe.task == "instance":
+        from kseg.training.instance import read_instances
+
+        dataset = read_instances(recipe.data, "train", data_dir, recipe.train.seed)
+        picked = _spread(len(dataset), count)
+        return lambda: (dataset.load_image(i) for i in picked)
     from kseg.training.semantic import read_split
 
     pairs, length = read_split(recipe.data, "train", data_dir, recipe.train.seed)

@@ -42,7 +42,8 @@ CLASSES = "classes"
 MASKS = "masks"
 INSTANCE_MAP = "instance_map"
 INSTANCE_OUTPUTS = (NUM_DETECTIONS, BOXES, SCORES, CLASSES, MASKS, INSTANCE_MAP)
-_MODEL_OUTPUTS = ("boxes", "scores", "classes", "masks", "num_detections")
+# What the model, and the ONNX and TFLite files, return.
+DETECTION_OUTPUTS = (BOXES, SCORES, CLASSES, MASKS, NUM_DETECTIONS)
 
 
 def is_instance_model(model):
@@ -66,7 +67,7 @@ def check_instance_model(model):
             "An instance model must take one RGB image input of a fixed size "
             f"(batch, height, width, 3), its input shape is {shape}"
         )
-    missing = [key for key in _MODEL_OUTPUTS if key not in model.output]
+    missing = [key for key in DETECTION_OUTPUTS if key not in model.output]
     if missing:
         raise ValueError(f"The instance model's outputs lack {missing}")
 

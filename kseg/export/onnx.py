@@ -19,7 +19,7 @@ SegModel with its guided filter and guidance CRF) with ONNX opset
 
 PANet (instance segmentation) converts too, NMS included, with input
 `images` uint8 `(N, H, W, 3)` at the model's own fixed `(H, W)` (dynamic
-batch) and the model's outputs (`INSTANCE_OUTPUTS`): `boxes` float32
+batch) and the model's outputs (`DETECTION_OUTPUTS`): `boxes` float32
 `(N, D, 4)` `[y1, x1, y2, x2]` in image pixels, `scores` float32 `(N, D)`,
 `classes` int32 `(N, D)` (0 for padding rows), `masks` float32
 `(N, D, 28, 28)` (the detected class's mask probabilities inside its box)
@@ -27,7 +27,7 @@ and `num_detections` int32 `(N,)`. tf2onnx cannot convert the nested
 `while` loops of keras-hub's padded NMS, which `BatchedNMS` runs ("Graph has
 cycles"), so the graph is traced with the same greedy NMS as TensorFlow's
 `CombinedNonMaxSuppression` (`onnx_convertible_nms`), which tf2onnx maps to
-ONNX's `NonMaxSuppression`.
+ONNX's `NonMaxSuppression` (`kseg.export.instance_graph`).
 
 Needs the `onnx` extra (`pip install kseg[onnx]`: onnx, tf2onnx and
 onnxruntime); `ONNXSegmenter` runs a semantic file with ONNX Runtime.
@@ -37,7 +37,6 @@ import contextlib
 import logging
 from pathlib import Path
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -48,7 +47,12 @@ from tensorflow.python.framework.convert_to_constants import (
     convert_variables_to_constants_v2,
 )
 
-from kseg.data import preprocess_images
+from kseg.export.instance_graph import (
+    CombinedNMS,
+    instance_function,
+    swapped_nms,
+)
+from kseg.export.instance_saved_model import is_instance_model
 from kseg.export.saved_model import (
     CLASS_MAP,
     IMAGES,
@@ -63,7 +67,6 @@ from kseg.files import write_bytes
 # every op a kseg semantic model needs (Resize with half-pixel centres).
 ONNX_OPSET = 17
 OUTPUTS = (CLASS_MAP, PROBABILITIES)
-INSTANCE_OUTPUTS = ("boxes", "scores", "classes", "masks", "num_detections")
 
 
 def _tf2onnx():
@@ -132,113 +135,13 @@ def convert_function_to_onnx(function, opset=ONNX_OPSET):
     return proto
 
 
-def is_instance_model(model):
-    """Whether `model` is a kseg instance segmentation model (PANet): its
-    output dict holds `masks` and no `logits`."""
-    outputs = getattr(model, "output", None)
-    return isinstance(outputs, dict) and "masks" in outputs and "logits" not in outputs
-
-
-class _CombinedNMS:
-    """What `BatchedNMS` reads of keras-hub's `NonMaxSuppression` (`boxes`,
-    `confidence`, `num_detections`), from TensorFlow's
-    `CombinedNonMaxSuppression` with one class: the same greedy NMS per
-    image (boxes by decreasing score, those with `score <=
-    score_threshold` dropped, at most `max_detections` kept, zero-padded),
-    with any batch size. Ties differ only at an IoU of exactly the threshold
-    (keras-hub suppresses, TensorFlow keeps)."""
-
-    def __init__(self, layer):
-        self.layer = layer
-
-    def __call__(self, boxes, class_prediction):
-        size = self.layer.max_detections
-        out = tf.image.combined_non_max_suppression(
-            boxes[:, :, None, :],
-            tf.reduce_max(class_prediction, axis=-1, keepdims=True),
-            max_output_size_per_class=size,
-            max_total_size=size,
-            iou_threshold=self.layer.iou_threshold,
-            score_threshold=self.layer.score_threshold,
-            pad_per_class=False,
-            clip_boxes=False,
-        )
-        return {
-            "boxes": out.nmsed_boxes,
-            "confidence": out.nmsed_scores,
-            "num_detections": out.valid_detections,
-        }
-
-
 @contextlib.contextmanager
 def onnx_convertible_nms(model):
     """Within the block, every built `kseg.layers.detection.BatchedNMS` of
-    `model` runs its NMS as `CombinedNonMaxSuppression` (see
-    `_CombinedNMS`), which tf2onnx converts; restored afterwards.
-
-    Only the layer instances' `nms` attribute is swapped (a plain callable,
-    no state): the model's weights and its saved form are untouched.
-    """
-    from kseg.layers.detection import BatchedNMS
-
-    if any(isinstance(layer, BatchedNMS) for layer in model._flatten_layers()):
-        # The NMS layers build their keras-hub NMS on their first call: one
-        # call on a blank image builds those inference uses.
-        model(np.zeros((1, *model.input_shape[1:]), np.float32), training=False)
-    # Private API: Keras <= 3.15 lists the sublayers built in `build` nowhere public.
-    layers = [
-        layer
-        for layer in model._flatten_layers()
-        if isinstance(layer, BatchedNMS) and "nms" in vars(layer)
-    ]
-    originals = [vars(layer)["nms"] for layer in layers]
-    try:
-        for layer in layers:
-            # Past Keras' attribute tracking: the callable holds no state.
-            object.__setattr__(layer, "nms", _CombinedNMS(layer))
+    `model` runs its NMS as `CombinedNonMaxSuppression`, which tf2onnx
+    converts (see `kseg.export.instance_graph`); restored afterwards."""
+    with swapped_nms(model, CombinedNMS):
         yield
-    finally:
-        for layer, original in zip(layers, originals, strict=True):
-            object.__setattr__(layer, "nms", original)
-
-
-def _instance_function(model, input_size):
-    if keras.backend.backend() != "tensorflow":
-        raise ValueError(
-            "Exporting needs the TensorFlow backend (KERAS_BACKEND=tensorflow), "
-            f"the backend is {keras.backend.backend()!r}"
-        )
-    size = tuple(model.input_shape[1:3])
-    if input_size is not None and tuple(input_size) != size:
-        raise ValueError(
-            f"An instance segmentation model takes its own fixed input size "
-            f"{size}, got input_size={tuple(input_size)}"
-        )
-
-    def detect(images):
-        outputs = model(preprocess_images(images), training=False)
-        outputs = {
-            key: tf.cast(
-                outputs[key],
-                tf.int32 if key in ("classes", "num_detections") else tf.float32,
-            )
-            for key in INSTANCE_OUTPUTS
-        }
-        # Padding rows (class 0) have all-zero masks in Keras because
-        # PANet picks the class mask with `one_hot(classes - 1)`, and
-        # TensorFlow's one-hot of -1 is all zeros; ONNX's OneHot wraps a
-        # negative index to the last class instead, which would give padding
-        # rows the last class's mask. Zero them explicitly.
-        outputs["masks"] = tf.where(
-            outputs["classes"][:, :, None, None] > 0, outputs["masks"], 0.0
-        )
-        return outputs
-
-    return tf.function(
-        detect,
-        input_signature=[tf.TensorSpec([None, *size, 3], tf.uint8, name=IMAGES)],
-        autograph=False,
-    )
 
 
 def onnx_function(model, input_size=None):
@@ -247,7 +150,7 @@ def onnx_function(model, input_size=None):
     for an instance model (PANet), its detections at its own input size.
     Trace an instance model's function inside `onnx_convertible_nms`."""
     if is_instance_model(model):
-        return _instance_function(model, input_size)
+        return instance_function(model, input_size)
     check_segmentation_model(model)
     height, width = None, None
     if input_size is not None:

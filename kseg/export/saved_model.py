@@ -57,7 +57,7 @@ def check_segmentation_model(model, instances=False):
     (semantic) or, with `instances=True` (the SavedModel export), `boxes`,
     `scores`, `classes`, `masks`, `num_detections` with a fixed input size
     (instance: PANet). Without it an instance model is refused by name
-    (TFLite and ONNX export semantic models only).
+    (the semantic serving graph, `predict_images`, has no detections).
     """
     if keras.backend.backend() != "tensorflow":
         raise ValueError(
@@ -76,8 +76,9 @@ def check_segmentation_model(model, instances=False):
     if isinstance(outputs, dict) and "masks" in outputs and "logits" not in outputs:
         if not instances:
             raise ValueError(
-                "This is an instance segmentation model (PANet); it exports as "
-                "a SavedModel only for now (TFLite and ONNX: not yet)"
+                "This is an instance segmentation model (PANet): it has no "
+                "class map; export it with export_saved_model, export_tflite "
+                "or export_onnx"
             )
         from kseg.export.instance_saved_model import check_instance_model
 

@@ -22,11 +22,23 @@ Quantizations (`QUANTIZATIONS`):
   filter, guidance CRF) keep float32 ops inside int8 files, as they keep
   float32 under mixed precision.
 
+An instance model (PANet) converts at its own fixed size, batch 1, with
+the interface of `kseg.export.instance_graph`: input `images` uint8
+`(1, H, W, 3)`, outputs `num_detections`, `boxes` (input pixels), `scores`,
+`classes` and `masks`, as the SavedModel's (without its resize and
+`instance_map`). Its NMS runs as TFLite's `NON_MAX_SUPPRESSION_V5`
+(`SelectedNMS`; keras-hub's padded NMS converts only as `WHILE` loops, ~6×
+slower). In int8 files the box geometry (`INSTANCE_FLOAT32_LAYERS`:
+proposals, RoIAlign, detections) stays float32; the backbone, FPN and heads
+are int8. `TFLiteInstanceSegmenter` runs such a file, and
+`kseg.inference.predict_instances` fits images of any size into it.
+
 Only `tf.lite.OpsSet.TFLITE_BUILTINS` (and `TFLITE_BUILTINS_INT8`) are
 allowed, never `SELECT_TF_OPS`: a model that needs a TensorFlow op fails to
 convert instead of producing a file that needs the Flex delegate.
 
-Run the files with LiteRT (`pip install ai-edge-litert`): `TFLiteSegmenter`.
+Run the files with LiteRT (`pip install ai-edge-litert`): `TFLiteSegmenter`
+(`TFLiteInstanceSegmenter` for PANet).
 """
 
 import re
@@ -47,7 +59,19 @@ from tensorflow.python.framework.convert_to_constants import (
     convert_variables_to_constants_v2,
 )
 
+from kseg.data import instance_eval_transform
 from kseg.export.defaults import DEFAULT_CALIBRATION_IMAGES, QUANTIZATIONS
+from kseg.export.instance_graph import (
+    SelectedNMS,
+    instance_function,
+    instance_input_size,
+    swapped_nms,
+)
+from kseg.export.instance_saved_model import (
+    DETECTION_OUTPUTS,
+    check_instance_model,
+    is_instance_model,
+)
 from kseg.export.saved_model import (
     IMAGES,
     SERVING_SIGNATURE,
@@ -57,6 +81,7 @@ from kseg.export.saved_model import (
 )
 from kseg.files import write_bytes
 from kseg.layers.common import check_choice, resize
+from kseg.layers.detection import DetectionLayer, ProposalLayer, PyramidRoIAlign
 from kseg.layers.guided_filter import GuidanceCRF, GuidedFilter
 
 # Layers that compute in float32 under every dtype policy: their ops stay
@@ -64,6 +89,11 @@ from kseg.layers.guided_filter import GuidanceCRF, GuidedFilter
 # covariance determinant span ranges int8 cannot hold (int8 division by a
 # determinant quantized to zero fails at run time).
 FLOAT32_LAYERS = (GuidedFilter, GuidanceCRF)
+# The box geometry of an instance model (anchors, box decoding, clipping,
+# NMS, class scores, RoIAlign's sampling weights) stays float32 in int8
+# files: box coordinates in pixels need more than 256 levels (with RoIAlign
+# in int8 no detection survives), and TFLite's NMS takes float32 only.
+INSTANCE_FLOAT32_LAYERS = (ProposalLayer, PyramidRoIAlign, DetectionLayer)
 
 
 def tflite_input_size(model, input_size=None):
@@ -93,7 +123,7 @@ def tflite_input_size(model, input_size=None):
     return int(input_size[0]), int(input_size[1])
 
 
-def calibration_images(images, size, limit=DEFAULT_CALIBRATION_IMAGES):
+def calibration_images(images, size, limit=DEFAULT_CALIBRATION_IMAGES, fit=False):
     """Up to `limit` uint8 images `(1, H, W, 3)` for int8 calibration.
 
     Args:
@@ -104,6 +134,10 @@ def calibration_images(images, size, limit=DEFAULT_CALIBRATION_IMAGES):
             are resized to `size` (bilinear, half-pixel centres).
         size: `(height, width)` of the TFLite input.
         limit: int. Maximum number of images taken. Defaults to `100`.
+        fit: bool. Fit images of another size into `size` as an instance
+            model's inputs are fitted (`kseg.data.instance_eval_transform`:
+            aspect ratio kept, zero padding) instead of resizing them to it.
+            Defaults to `False`.
 
     Returns:
         A list of uint8 arrays `(1, height, width, 3)`.
@@ -129,7 +163,9 @@ def calibration_images(images, size, limit=DEFAULT_CALIBRATION_IMAGES):
                 f"(n, height, width, 3), got shape {batch.shape}"
             )
         for image in batch:
-            if image.shape[:2] != tuple(size):
+            if image.shape[:2] != tuple(size) and fit:
+                image = np.asarray(instance_eval_transform(image, size)[0])
+            elif image.shape[:2] != tuple(size):
                 image = np.asarray(resize(image[None].astype(np.float32), size))[0]
             taken.append(np.clip(np.round(image), 0, 255).astype(np.uint8)[None])
             if len(taken) == limit:
@@ -278,6 +314,14 @@ def convert_to_tflite(
     Returns:
         The `.tflite` flatbuffer as `bytes`.
     """
+    if is_instance_model(model):
+        return _convert_instance_model(
+            model,
+            input_size,
+            quantization,
+            representative_images,
+            num_calibration_images,
+        )
     check_segmentation_model(model)
     check_choice(quantization, QUANTIZATIONS, "quantization")
     height, width = tflite_input_size(model, input_size)
@@ -301,6 +345,33 @@ def convert_to_tflite(
         if isinstance(layer, FLOAT32_LAYERS)
     ]
     return convert_function(function, quantization, dataset, float_scopes)
+
+
+def _convert_instance_model(
+    model, input_size, quantization, representative_images, num_calibration_images
+):
+    """`convert_to_tflite` of an instance model (PANet): batch 1 at the
+    model's own size, NMS as `NON_MAX_SUPPRESSION_V5`."""
+    check_instance_model(model)
+    check_choice(quantization, QUANTIZATIONS, "quantization")
+    size = instance_input_size(model, input_size)
+    dataset = None
+    if quantization == "int8":
+        dataset = [
+            [image]
+            for image in calibration_images(
+                representative_images, size, num_calibration_images, fit=True
+            )
+        ]
+    # Private API: Keras <= 3.15 lists the sublayers built in `build` nowhere public.
+    float_scopes = [
+        layer.name
+        for layer in model._flatten_layers()
+        if isinstance(layer, INSTANCE_FLOAT32_LAYERS)
+    ]
+    function = instance_function(model, size, batch_size=1)
+    with swapped_nms(model, SelectedNMS):
+        return convert_function(function, quantization, dataset, float_scopes)
 
 
 def export_tflite(
@@ -373,6 +444,7 @@ class TFLiteSegmenter:
 
     Attributes:
         input_size: `(height, width)` of the file's fixed input.
+        output_names: the names of the file's outputs, sorted.
     """
 
     def __init__(self, model, num_threads=None):
@@ -380,7 +452,7 @@ class TFLiteSegmenter:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError as error:
             raise ImportError(
-                "TFLiteSegmenter needs LiteRT: pip install ai-edge-litert"
+                f"{type(self).__name__} needs LiteRT: pip install ai-edge-litert"
             ) from error
         if isinstance(model, bytes):
             interpreter = Interpreter(model_content=model, num_threads=num_threads)
@@ -390,10 +462,12 @@ class TFLiteSegmenter:
         self._runner = interpreter.get_signature_runner(SERVING_SIGNATURE)
         shape = self._runner.get_input_details()[IMAGES]["shape"]
         self.input_size = (int(shape[1]), int(shape[2]))
+        self.output_names = sorted(self._runner.get_output_details())
 
     def __call__(self, images):
-        """`{"class_map", "probabilities"}` NumPy arrays of uint8 images
-        `(N, H, W, 3)` (or one `(H, W, 3)` image) at the input size."""
+        """The file's outputs (`{"class_map", "probabilities"}` for a
+        semantic file) as NumPy arrays, of uint8 images `(N, H, W, 3)` (or
+        one `(H, W, 3)` image) at the input size."""
         images = np.asarray(images)
         single = images.ndim == 3
         if single:
@@ -411,3 +485,35 @@ class TFLiteSegmenter:
             for key in results[0]
         }
         return {key: value[0] for key, value in outputs.items()} if single else outputs
+
+
+class TFLiteInstanceSegmenter(TFLiteSegmenter):
+    """Runs an exported `.tflite` instance segmentation file (PANet) with
+    LiteRT: called on uint8 images `(N, H, W, 3)` at its input size, it
+    returns `num_detections`, `boxes` (input pixels), `scores`, `classes`
+    and `masks` (see `kseg.export.instance_graph`).
+    `kseg.inference.predict_instances` runs it on images of any size.
+
+    Example:
+    >>> detector = TFLiteInstanceSegmenter("shapes_int8.tflite")  # doctest: +SKIP
+    >>> detector(images)["boxes"].shape
+    (2, 20, 4)
+
+    Args:
+        model: str or Path of a `.tflite` file, or its `bytes`.
+        num_threads: int or `None`. Interpreter threads; `None` lets LiteRT
+            choose. Defaults to `None`.
+    """
+
+    def __init__(self, model, num_threads=None):
+        super().__init__(model, num_threads)
+        if not is_instance_file(self.output_names):
+            raise ValueError(
+                f"not an instance segmentation file: its outputs are "
+                f"{self.output_names}, not {sorted(DETECTION_OUTPUTS)}"
+            )
+
+
+def is_instance_file(output_names):
+    """Whether a `.tflite` file with these outputs is an instance model's."""
+    return set(DETECTION_OUTPUTS) <= set(output_names)

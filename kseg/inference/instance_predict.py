@@ -11,7 +11,10 @@ the COCO evaluation.
 
 An exported PANet SavedModel (`kseg.export`) does the fitting and the box
 mapping in its graph; `open_model` wraps it as an `InstanceSavedModel`, which
-`predict_instances` runs the same way.
+`predict_instances` runs the same way. A PANet `.tflite` file
+(`kseg.export.tflite.TFLiteInstanceSegmenter`) takes uint8 images of its
+fixed size only: it gets the fitted images, rounded to uint8, like a Keras
+model.
 """
 
 from typing import NamedTuple
@@ -53,14 +56,22 @@ class Instances(NamedTuple):
 def is_instance_model(model):
     """Whether `model` is an instance segmentation model: a Keras model
     returning `masks` (and no `logits`), or an exported one."""
-    if isinstance(model, InstanceSavedModel):
+    if isinstance(model, InstanceSavedModel) or _is_tflite(model):
         return True
     outputs = getattr(model, "output", None)
     return isinstance(outputs, dict) and "masks" in outputs and "logits" not in outputs
 
 
+def _is_tflite(model):
+    from kseg.export.tflite import TFLiteInstanceSegmenter
+
+    return isinstance(model, TFLiteInstanceSegmenter)
+
+
 def model_input_size(model):
     """The fixed `(H, W)` of an instance model's input."""
+    if _is_tflite(model):
+        return tuple(model.input_size)
     size = tuple(model.input_shape[1:3])
     if None in size:
         raise ValueError(
@@ -113,7 +124,11 @@ def _fitted(model, images, short_edge, max_size, batch_size):
             ),
             strict=True,
         )
-        outputs = model(np.stack([np.asarray(x) for x in inputs]), training=False)
+        inputs = np.stack([np.asarray(x) for x in inputs])
+        if _is_tflite(model):
+            outputs = model(np.clip(np.round(inputs), 0, 255).astype(np.uint8))
+        else:
+            outputs = model(inputs, training=False)
         outputs = {key: np.asarray(value) for key, value in outputs.items()}
         for b, (image, scale) in enumerate(zip(chunk, scales, strict=True)):
             count = int(outputs["num_detections"][b])
@@ -171,7 +186,9 @@ def predict_instances(
     Args:
         model: a Keras instance model (PANet: fixed input size, RGB 0–255,
             returns `boxes`, `scores`, `classes`, `masks`, `num_detections`)
-            or an `InstanceSavedModel` (`open_model` of an exported PANet).
+            or an exported PANet (`open_model` of a SavedModel:
+            `InstanceSavedModel`, of a `.tflite` file:
+            `TFLiteInstanceSegmenter`).
         images: uint8 RGB images `(H, W, 3)` (a list; sizes may differ) or
             an array `(N, H, W, 3)`.
         score_threshold: float. Detections scoring less are left out.
@@ -182,8 +199,8 @@ def predict_instances(
             best first; None keeps all the model returns. Defaults to None.
         short_edge, max_size: the evaluation resize (`eval.short_edge`,
             `data.max_size` of a recipe); None fits each image into the
-            model's input without enlarging it. Keras models only (an export
-            holds its own). Default to None.
+            model's input without enlarging it. Keras models and `.tflite`
+            files only (a SavedModel holds its own). Default to None.
         mask_threshold: float. Threshold of the pasted mask probabilities.
             Defaults to 0.5.
         batch_size: int. Images per model call. Defaults to 4.

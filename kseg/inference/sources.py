@@ -5,15 +5,18 @@
 - a run directory (its `model.keras`);
 - a SavedModel: a version folder (`saved_models/NAME/3`) or a TF Serving
   model folder (`saved_models/NAME`, its highest version);
-- a `.tflite` file (fixed input size: images run by windows of that size).
+- a `.tflite` file (fixed input size: images run by windows of that size; a
+  PANet file's are fitted into it).
 
 `open_model(path)` returns a `ModelSource` whose `model` is called like a
 kseg Keras model on float32 RGB batches in 0–255 and returns `{"logits"}`
 (for exports: the log of their probabilities, whose softmax is the
 probabilities), so `kseg.inference.predict` runs all of them the same way.
-An exported instance model (PANet SavedModel, whose signature returns an
-`instance_map`) comes as a `kseg.inference.instance_predict.InstanceSavedModel`,
-which `predict_instances` runs like the Keras PANet.
+An exported instance model comes as a
+`kseg.inference.instance_predict.InstanceSavedModel` (PANet SavedModel, whose
+signature returns an `instance_map`) or a
+`kseg.export.tflite.TFLiteInstanceSegmenter` (PANet `.tflite` file), which
+`predict_instances` runs like the Keras PANet.
 """
 
 from pathlib import Path
@@ -173,5 +176,10 @@ class _TFLiteRunner:
 
 
 def _tflite(path):
+    from kseg.export.tflite import TFLiteInstanceSegmenter, is_instance_file
+
     runner = _TFLiteRunner(path)
+    if is_instance_file(runner._segmenter.output_names):
+        # An exported instance model (PANet): `predict_instances` runs it.
+        runner = TFLiteInstanceSegmenter(path)
     return ModelSource(runner, "tflite", path, runner.input_size)

@@ -1,8 +1,9 @@
 """The PANet (instance) SavedModel: hand-made detections through a
 fixed-output model checked against `paste_masks` and hand-computed boxes,
 kseg-free loading, saved_model_cli, the TF1 session loader, gRPC requests,
-`kseg predict` on the export, `kseg export` dispatch; a slow test exports a
-tiny PANet and compares it with `predict_instances`."""
+`kseg predict` on the export, `kseg export` dispatch, `kseg export --tflite`
+and `kseg predict` on the file; a slow test exports a tiny PANet and compares
+it with `predict_instances` (PANet's own TFLite tests: test_tflite.py)."""
 
 import argparse
 import json
@@ -325,12 +326,11 @@ def test_request_checks_and_versions(exported):
         (version_dir / "assets.extra" / "categories.json").read_text()
     )
     assert categories == [{"id": 7, "name": "cat"}, {"id": 9, "name": "dog"}]
-    # TFLite converts semantic models only: an instance model is refused
-    # by name, not failed deep in the converter.
+    # TFLite files of an instance model take its own fixed size only.
     from kseg.export.tflite import convert_to_tflite
 
-    with pytest.raises(ValueError, match="SavedModel only"):
-        convert_to_tflite(fixed_detector(), (SIZE, SIZE))
+    with pytest.raises(ValueError, match="own fixed input size"):
+        convert_to_tflite(fixed_detector(), (SIZE, 2 * SIZE))
 
 
 def _predict(argv):
@@ -381,8 +381,11 @@ def test_kseg_export_dispatches_on_instance_models(tmp_path, capsys):
     recipe = load_recipe("panet_quickstart")
     (run / "recipe.yaml").write_text(dump_recipe(recipe))
     out = tmp_path / "saved_models"
-    with pytest.raises(ValueError, match="TFLite.*not yet"):
-        _export([str(run), "--name", "p", "--out", str(out), "--tflite", "float32"])
+    with pytest.raises(ValueError, match="own fixed input size"):
+        _export(
+            [str(run), "--name", "p", "--out", str(out), "--tflite", "float32",
+             "--input-size", "32", "32"]
+        )  # fmt: skip
     assert not out.exists()
     assert _export([str(run), "--name", "p", "--out", str(out)]) == 0
     version = out / "p" / "1"
@@ -392,6 +395,72 @@ def test_kseg_export_dispatches_on_instance_models(tmp_path, capsys):
     serve = tf.saved_model.load(str(version)).signatures["serving_default"]
     outputs = serve(images=tf.constant(_images((1, 32, 128, 3))))
     _check_first_image(outputs)
+
+
+def test_kseg_export_tflite_and_predict_on_instance_models(tmp_path, capsys):
+    """`kseg export --tflite` of an instance model and `kseg predict` on the
+    file; an image without detections gives an empty result."""
+    from kseg.export.tflite import TFLiteInstanceSegmenter, operator_names
+    from kseg.inference import open_model, predict_instances
+
+    model = tmp_path / "model.keras"
+    fixed_detector().save(model)
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    for index in range(3):
+        cv2.imwrite(str(calibration / f"{index}.png"), _images((48, 80, 3), index))
+    out = tmp_path / "saved_models"
+    argv = [str(model), "--name", "p", "--out", str(out), "--tflite", "float32",
+            "int8", "--calibration-dir", str(calibration)]  # fmt: skip
+    assert _export(argv) == 0
+    files = {
+        q: out / "p" / "tflite" / f"p_v1_{q}_64x64.tflite" for q in ("float32", "int8")
+    }
+    printed = capsys.readouterr().out
+    for path in files.values():
+        assert str(path) in printed
+        assert not any(
+            name.startswith("CUSTOM") for name in operator_names(path.read_bytes())
+        )
+    with pytest.raises(FileExistsError, match="version"):
+        _export([*argv, "--version", "1"])
+
+    image = _images((32, 128, 3), 4)
+    (expected,) = predict_instances(fixed_detector(), [image], score_threshold=0.0)
+    for quantization, path in files.items():
+        source = open_model(path)
+        assert isinstance(source.model, TFLiteInstanceSegmenter)
+        assert source.kind == "tflite" and source.input_size == (SIZE, SIZE)
+        (got,) = predict_instances(source.model, [image], score_threshold=0.0)
+        np.testing.assert_array_equal(got.classes, expected.classes)
+        # int8: the constant boxes and scores are quantized (hand-made
+        # detections, no detection layer to keep float32).
+        atol = 1e-5 if quantization == "float32" else 0.5
+        np.testing.assert_allclose(got.boxes, expected.boxes, atol=atol)
+        np.testing.assert_allclose(got.scores, expected.scores, atol=atol / 10)
+
+    image_path, black_path = tmp_path / "image.png", tmp_path / "black.png"
+    cv2.imwrite(str(image_path), image[..., ::-1])
+    cv2.imwrite(str(black_path), np.zeros((40, 40, 3), np.uint8))
+    result = tmp_path / "predicted"
+    argv = [
+        str(files["float32"]),
+        str(image_path),
+        str(black_path),
+        "--out",
+        str(result),
+    ]
+    assert _predict(argv) == 0
+    assert "black.png -> 0 instances" in capsys.readouterr().out
+    detections = json.loads((result / "detections.json").read_text())
+    # No categories in a .tflite file: class k is id k.
+    assert [d["category_id"] for d in detections] == [2, 1]
+    assert {d["image_id"] for d in detections} == {1}
+    instance_map = cv2.imread(str(result / "image_instances.png"), -1)
+    np.testing.assert_array_equal(
+        instance_map, predict_instances(fixed_detector(), [image])[0].instance_map()
+    )
+    assert not cv2.imread(str(result / "black_instances.png"), -1).any()
 
 
 @pytest.mark.slow

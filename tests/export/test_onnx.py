@@ -22,12 +22,13 @@ pytest.importorskip(
 pytest.importorskip("tf2onnx", reason="the ONNX export needs tf2onnx (onnx extra)")
 
 from kseg.export import CLASS_MAP, PROBABILITIES  # noqa: E402
+from kseg.export.instance_saved_model import DETECTION_OUTPUTS  # noqa: E402
 from kseg.export.onnx import (  # noqa: E402
-    INSTANCE_OUTPUTS,
     ONNXSegmenter,
     convert_to_onnx,
     export_onnx,
 )
+from kseg.testing import matched_detections  # noqa: E402
 
 AGREEMENT = 0.995
 
@@ -179,42 +180,6 @@ def test_kseg_export_onnx(
 PANET_SIZE = 64
 
 
-def _box_iou(a, b):
-    """IoU matrix of `[y1, x1, y2, x2]` boxes `a (n, 4)` and `b (m, 4)`."""
-    top_left = np.maximum(a[:, None, :2], b[None, :, :2])
-    bottom_right = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(bottom_right - top_left, 0, None), axis=-1)
-    area_a = np.prod(a[:, 2:] - a[:, :2], axis=-1)
-    area_b = np.prod(b[:, 2:] - b[:, :2], axis=-1)
-    return inter / np.maximum(area_a[:, None] + area_b[None] - inter, 1e-9)
-
-
-def matched_fraction(expected, actual, min_score=0.5, min_iou=0.9):
-    """`(matched, total)`: of `expected`'s detections scoring above
-    `min_score`, how many have a detection of the same class in `actual`
-    (same image) with IoU >= `min_iou` (each matched once, greedily)."""
-    matched = total = 0
-    for image in range(len(expected["num_detections"])):
-        keep = expected["scores"][image] > min_score
-        keep[expected["num_detections"][image] :] = False
-        count = actual["num_detections"][image]
-        boxes = actual["boxes"][image][:count]
-        classes = actual["classes"][image][:count]
-        free = np.ones(count, bool)
-        for box, label in zip(
-            expected["boxes"][image][keep],
-            expected["classes"][image][keep],
-            strict=True,
-        ):
-            total += 1
-            iou = _box_iou(box[None], boxes)[0]
-            iou[(classes != label) | ~free] = 0
-            if count and iou.max() >= min_iou:
-                free[iou.argmax()] = False
-                matched += 1
-    return matched, total
-
-
 @pytest.mark.slow  # the conversion takes ~50 s on a loaded 2-core machine
 def test_panet_converts_with_nms(synthetic_val):
     """PANet, NMS included (as ONNX NonMaxSuppression), with a dynamic batch:
@@ -248,7 +213,7 @@ def test_panet_converts_with_nms(synthetic_val):
     assert images.type == "tensor(uint8)"
     assert isinstance(images.shape[0], str) and images.shape[1:] == [64, 64, 3]
     names = [output.name for output in session.get_outputs()]
-    assert sorted(names) == sorted(INSTANCE_OUTPUTS)
+    assert sorted(names) == sorted(DETECTION_OUTPUTS)
     import onnx
 
     assert "NonMaxSuppression" in {
@@ -261,7 +226,7 @@ def test_panet_converts_with_nms(synthetic_val):
         key: keras.ops.convert_to_numpy(value)
         for key, value in model(batch.astype(np.float32), training=False).items()
     }
-    matched, total = matched_fraction(expected, actual)
+    matched, total = matched_detections(expected, actual)
     assert total > 0 and matched >= 0.95 * total, (matched, total)
     np.testing.assert_array_equal(actual["num_detections"], expected["num_detections"])
     assert (expected["num_detections"] < 6).any(), expected["num_detections"]
