@@ -1,0 +1,171 @@
+"""The torchvision side of `benchmarks/panet.py`, run in the peer's own
+virtual environment (torch and torchvision are not kseg dependencies).
+
+A long-lived worker: it reads one JSON command per line on stdin and writes
+one JSON reply per line on stdout, so the benchmark can alternate kseg and
+torchvision calls round by round. Commands:
+
+- `{"cmd": "setup", "size": S, "num_classes": C, "threads": T,
+  "detections": D, "proposals": P, "train_proposals": Q}`: builds
+  `maskrcnn_resnet50_fpn` with random weights, `min_size = max_size = S`,
+  score threshold 0; replies with the parameter count and the versions;
+- `{"cmd": "infer"}`: one timed inference call (transform, backbone, RPN,
+  heads, mask pasting); replies `{"ms", "detections", "mask_shape"}`;
+- `{"cmd": "stages"}`: the same work as four separately timed stages;
+  replies `{"ms": {stage: ms}}`;
+- `{"cmd": "train_setup", "boxes": [[[y1, x1, y2, x2], ..], ..]}` (one list
+  per image) then `{"cmd": "train"}`: one timed SGD training step on random
+  images with those boxes, filled rectangles as masks and classes 1, 2, ..;
+- `{"cmd": "quit"}`.
+"""
+
+import json
+import sys
+import time
+
+import torch
+import torchvision
+from torchvision.models.detection import maskrcnn_resnet50_fpn
+from torchvision.models.detection.roi_heads import maskrcnn_inference
+
+
+def _targets(boxes, size):
+    """torchvision targets of `[y1, x1, y2, x2]` pixel boxes per image: the
+    boxes as `[x1, y1, x2, y2]`, classes 1, 2, 3, .. and filled masks."""
+    targets = []
+    for image_boxes in boxes:
+        masks = torch.zeros(len(image_boxes), size, size, dtype=torch.uint8)
+        for mask, (y1, x1, y2, x2) in zip(masks, image_boxes, strict=True):
+            mask[int(y1) : int(y2), int(x1) : int(x2)] = 1
+        yxyx = torch.tensor(image_boxes, dtype=torch.float32)
+        targets.append(
+            {
+                "boxes": yxyx[:, [1, 0, 3, 2]],
+                "labels": torch.arange(1, len(image_boxes) + 1),
+                "masks": masks,
+            }
+        )
+    return targets
+
+
+class Worker:
+    def setup(self, size, num_classes, threads, detections, proposals, train_proposals):
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        self.size = size
+        self.detections = detections
+        self.model = maskrcnn_resnet50_fpn(
+            weights=None,
+            weights_backbone=None,
+            num_classes=num_classes + 1,
+            min_size=size,
+            max_size=size,
+            box_score_thresh=0.0,
+            box_detections_per_img=detections,
+            rpn_pre_nms_top_n_test=proposals,
+            rpn_post_nms_top_n_test=proposals,
+            rpn_post_nms_top_n_train=train_proposals,
+        ).eval()
+        # `benchmarks/panet.py`'s `grey_image` (the mean colour, ±1 grey
+        # level), in torchvision's [0, 1].
+        mean = torch.tensor(self.model.transform.image_mean)[:, None, None]
+        noise = torch.rand(3, size, size, generator=torch.Generator().manual_seed(0))
+        self.image = mean + (2 * noise - 1) / 255.0
+        # Every weight, batch-norm statistics included (as Keras counts them).
+        stats = [b for n, b in self.model.named_buffers() if "running_" in n]
+        return {
+            "params": sum(t.numel() for t in [*self.model.parameters(), *stats]),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "threads": torch.get_num_threads(),
+        }
+
+    def infer(self):
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = self.model([self.image])[0]
+            ms = (time.perf_counter() - start) * 1e3
+        return {
+            "ms": ms,
+            "detections": int(out["boxes"].shape[0]),
+            "mask_shape": list(out["masks"].shape),
+        }
+
+    def stages(self):
+        model = self.model
+        heads = model.roi_heads
+        times = {}
+        with torch.inference_mode():
+            start = time.perf_counter()
+            images, _ = model.transform([self.image])
+            features = model.backbone(images.tensors)
+            times["backbone_fpn"] = time.perf_counter() - start
+
+            start = time.perf_counter()
+            proposals, _ = model.rpn(images, features)
+            times["rpn_proposals"] = time.perf_counter() - start
+
+            start = time.perf_counter()
+            box_features = heads.box_roi_pool(features, proposals, images.image_sizes)
+            class_logits, box_regression = heads.box_predictor(
+                heads.box_head(box_features)
+            )
+            boxes, scores, labels = heads.postprocess_detections(
+                class_logits, box_regression, proposals, images.image_sizes
+            )
+            times["box_head_nms"] = time.perf_counter() - start
+
+            start = time.perf_counter()
+            mask_features = heads.mask_head(
+                heads.mask_roi_pool(features, boxes, images.image_sizes)
+            )
+            mask_logits = heads.mask_predictor(mask_features)
+            probs = maskrcnn_inference(mask_logits, labels)
+            detections = [
+                {"boxes": b, "scores": s, "labels": c, "masks": m}
+                for b, s, c, m in zip(boxes, scores, labels, probs, strict=True)
+            ]
+            out = model.transform.postprocess(
+                detections, images.image_sizes, [(self.size, self.size)]
+            )[0]
+            times["mask_head_paste"] = time.perf_counter() - start
+        if out["masks"].shape[0] != self.detections:
+            raise RuntimeError(f"stages gave {out['masks'].shape[0]} detections")
+        return {"ms": {k: v * 1e3 for k, v in times.items()}}
+
+    def train_setup(self, boxes):
+        self.train_images = [torch.rand(3, self.size, self.size) for _ in boxes]
+        self.train_targets = _targets(boxes, self.size)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-4)
+        return {}
+
+    def train(self):
+        self.model.train()
+        start = time.perf_counter()
+        losses = self.model(self.train_images, self.train_targets)
+        loss = sum(losses.values())
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        ms = (time.perf_counter() - start) * 1e3
+        self.model.eval()
+        return {"ms": ms, "loss": float(loss)}
+
+
+def main():
+    worker = Worker()
+    for line in sys.stdin:
+        command = json.loads(line)
+        name = command.pop("cmd")
+        if name == "quit":
+            break
+        try:
+            reply = getattr(worker, name)(**command)
+        except Exception as error:  # reported to the benchmark, which raises
+            reply = {"error": f"{type(error).__name__}: {error}"}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

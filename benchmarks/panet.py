@@ -1,0 +1,528 @@
+"""Benchmark: kseg's PANet and Mask R-CNN baseline against torchvision's
+`maskrcnn_resnet50_fpn`, on the same CPU, in the same run.
+
+Same work for both sides: random weights, one 512×512 image (`--size`), 80
+object classes, 1000 proposals after the RPN's NMS, score threshold 0 so that
+both return exactly 100 detections (asserted), with the masks pasted at image
+resolution inside the timed call ((100, 512, 512) probabilities), batch 1, 2
+threads (`--threads`: TensorFlow's intra-op pool, one inter-op thread;
+`torch.set_num_threads`).
+
+Rows:
+
+- kseg Mask R-CNN baseline: `build_panet_resnet50_fpn` with every PANet
+  switch off (`bottom_up_path`, `adaptive_pooling`,
+  `fully_connected_fusion`, `heavier_head`);
+- kseg PANet: `build_panet_resnet50_fpn`'s defaults (bottom-up path
+  augmentation, adaptive feature pooling, fully-connected fusion: the paper's
+  PANet, Table 3's "+FF" row); `--heavier-head` adds a row with the heavier
+  box head (Table 3's "+HHD");
+- each in TensorFlow graph mode (`tf.function`) and under XLA
+  (`jit_compile=True`; the first call's compile time is printed);
+- torchvision's Mask R-CNN, in its own virtual environment (torch is not a
+  kseg dependency), as a long-lived subprocess (`_torchvision_worker.py`)
+  under `torch.inference_mode()`.
+
+Each round calls every kseg row once, each call followed by one torchvision
+call, so that load from other processes falls on both sides alike; medians
+are reported, with the load average before and after. Stage shares: the same
+work split into four separately timed calls on stored intermediate inputs
+(backbone + FPN (+ bottom-up path), RPN + proposals, box head + NMS, mask
+head + pasting), as a share of their sum. Parameters count every weight,
+batch-norm statistics included, on both sides.
+
+The training row: one training step at batch 2 (`model.train_on_batch`,
+SGD, graph mode) on synthetic images with three ground-truth rectangles each,
+against torchvision's `model.train()` forward + backward + SGD step on the
+same boxes (its `rpn_post_nms_top_n_train` set to kseg's 1000 proposals).
+
+Targets (issue 11): baseline ≤ 0.6× torchvision's latency, PANet ≤ 0.8×, the
+PANet training step ≤ 0.8× torchvision's.
+
+The peer's environment (once, outside the repository):
+
+    python -m venv /work/tv-venv
+    /work/tv-venv/bin/pip install torch==2.14.1 torchvision==0.29.1
+
+    python benchmarks/panet.py --torch-python /work/tv-venv/bin/python
+        [--size 512] [--runs 10] [--stage-runs 3] [--train-runs 3]
+        [--no-xla] [--no-train] [--no-torch] [--heavier-head]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from kseg.export.instance_saved_model import axis_weights  # noqa: E402
+from kseg.models.panet import build_panet_resnet50_fpn, crop_instance_mask  # noqa: E402
+from kseg.models.panet.panet import _select_class_masks  # noqa: E402
+
+NUM_CLASSES = 80
+DETECTIONS = 100
+PROPOSALS = 1000
+TRAIN_PROPOSALS = 1000
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+TORCH_PYTHON_ENV = "KSEG_TORCH_PYTHON"
+WORKER = Path(__file__).with_name("_torchvision_worker.py")
+STAGES = ("backbone_fpn", "rpn_proposals", "box_head_nms", "mask_head_paste")
+STAGE_TITLES = ("backbone+FPN", "RPN+proposals", "box head+NMS", "mask head+paste")
+BASELINE = dict(
+    bottom_up_path=False,
+    adaptive_pooling=False,
+    fully_connected_fusion=False,
+    heavier_head=False,
+)
+TARGETS = {"baseline": 0.6, "panet": 0.8, "train": 0.8}
+VENV_HELP = (
+    "torchvision's side needs its own virtual environment:\n"
+    "    python -m venv /work/tv-venv\n"
+    "    /work/tv-venv/bin/pip install torch==2.14.1 torchvision==0.29.1\n"
+    f"then pass --torch-python /work/tv-venv/bin/python (or set {TORCH_PYTHON_ENV});"
+    " --no-torch runs the kseg rows alone"
+)
+
+
+# === kseg ===
+
+
+def paste(boxes, masks, size):
+    """`(D, size, size)` probabilities: each `(S, S)` mask resized bilinearly
+    into its box (`kseg.export`'s `axis_weights`: two matrix products)."""
+    rows = axis_weights(boxes[:, 0], boxes[:, 2], size, masks.shape[-1])
+    cols = axis_weights(boxes[:, 1], boxes[:, 3], size, masks.shape[-1])
+    return tf.matmul(tf.matmul(rows, masks), cols, transpose_b=True)
+
+
+class KsegRow:
+    """One kseg model, its timed full call and its four stage calls."""
+
+    def __init__(self, key, label, switches, size, jit):
+        self.key, self.label, self.size, self.jit = key, label, size, jit
+        self.model = build_panet_resnet50_fpn(
+            NUM_CLASSES,
+            image_size=(size, size),
+            score_threshold=0.0,
+            max_detections=DETECTIONS,
+            rpn_pre_nms_top_k_test=PROPOSALS,
+            rpn_post_nms_top_k_test=PROPOSALS,
+            **switches,
+        )
+        model = self.model
+        self.detection = model.get_layer("detections")
+
+        def full(images):
+            out = model(images, training=False)
+            return out["num_detections"], paste(out["boxes"][0], out["masks"][0], size)
+
+        def backbone_fpn(images):
+            features = model.backbone(images, training=False)
+            pyramid = model.fpn([features[f"res{i}"] for i in range(2, 6)])
+            levels = (
+                model.bottom_up(pyramid[:4]) if model.bottom_up_path else pyramid[:4]
+            )
+            return pyramid, levels
+
+        def rpn_proposals(pyramid, images):
+            logits, deltas = model.rpn_head(pyramid)
+            return model.proposal_layer([logits, deltas, images], training=False)
+
+        def box_head_nms(levels, proposals, valid, images):
+            class_logits, box_deltas = model.box_head(
+                model.box_pool([levels, proposals])
+            )
+            rois = proposals.shape[1]
+            out = self.detection(
+                [
+                    tf.reshape(class_logits, (-1, rois, NUM_CLASSES + 1)),
+                    tf.reshape(box_deltas, (-1, rois, 4 * NUM_CLASSES)),
+                    proposals,
+                    valid,
+                    images,
+                ]
+            )
+            return out["boxes"], out["classes"], out["num_detections"]
+
+        def mask_head_paste(levels, boxes, classes):
+            logits = model.mask_head(model.mask_pool([levels, boxes]))
+            masks = _select_class_masks(logits, classes, NUM_CLASSES)
+            return paste(boxes[0], tf.reshape(masks, (-1, 28, 28)), size)
+
+        compile_ = lambda f: tf.function(f, jit_compile=jit)  # noqa: E731
+        self.full = compile_(full)
+        self.stage_fns = [
+            compile_(f)
+            for f in (backbone_fpn, rpn_proposals, box_head_nms, mask_head_paste)
+        ]
+        self.stage_args = None
+
+    def params(self):
+        return self.model.count_params()
+
+    def call(self, images):
+        start = time.perf_counter()
+        count, masks = self.full(images)
+        masks = masks.numpy()
+        ms = (time.perf_counter() - start) * 1e3
+        if int(count.numpy()[0]) != DETECTIONS or masks.shape != (
+            DETECTIONS,
+            self.size,
+            self.size,
+        ):
+            raise RuntimeError(
+                f"{self.label}: {int(count.numpy()[0])} detections, masks "
+                f"{masks.shape}; expected {DETECTIONS} and "
+                f"({DETECTIONS}, {self.size}, {self.size})"
+            )
+        return ms
+
+    def stages(self, images):
+        """Milliseconds of the four stages, each a separate call on the
+        previous stage's stored outputs (stored on the first call)."""
+        backbone_fpn, rpn_proposals, box_head_nms, mask_head_paste = self.stage_fns
+        if self.stage_args is None:
+            pyramid, levels = backbone_fpn(images)
+            proposals, valid = rpn_proposals(pyramid, images)
+            boxes, classes, _ = box_head_nms(levels, proposals, valid, images)
+            self.stage_args = [
+                (images,),
+                (pyramid, images),
+                (levels, proposals, valid, images),
+                (levels, boxes, classes),
+            ]
+        times = []
+        for fn, args in zip(self.stage_fns, self.stage_args, strict=True):
+            start = time.perf_counter()
+            out = fn(*args)
+            # Wait for every output (TensorFlow may return before it is done).
+            tf.nest.map_structure(lambda t: t.numpy(), out)
+            times.append((time.perf_counter() - start) * 1e3)
+        return times
+
+
+def grey_image(size, seed=0):
+    """`(size, size, 3)` RGB in 0–255: ImageNet's mean colour with ±1 grey
+    level of uniform noise. With random weights (batch-norm statistics at
+    their initial values) a random-weight network's activations grow with
+    the input's contrast: on uniform noise in 0–255 kseg's box logits reach
+    ±200, every softmax is one-hot and the RPN's deltas collapse the
+    proposals onto the image border, so there are not 100 detections with a
+    score above 0. A faint image keeps the outputs in range (near-uniform
+    scores, 1000 proposals); the work does not depend on the pixels.
+    torchvision's side gets the same image, scaled to [0, 1]."""
+    rng = np.random.default_rng(seed)
+    mean = np.asarray(IMAGENET_MEAN, "float32")
+    return mean + rng.uniform(-1.0, 1.0, (size, size, 3)).astype("float32")
+
+
+def synthetic_instances(batch, size, seed=0):
+    """Images in 0–255 and three filled rectangles per image (classes 1..3):
+    kseg's `(x, y)` and the `[y1, x1, y2, x2]` boxes for torchvision."""
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0, 255, (batch, size, size, 3)).astype("float32")
+    boxes = np.zeros((batch, 3, 4), "float32")
+    masks = np.zeros((batch, 3, 112, 112), "uint8")
+    for b in range(batch):
+        for m in range(3):
+            y, x = rng.integers(0, size // 2, 2)
+            h, w = rng.integers(size // 8, size // 2, 2)
+            full = np.zeros((size, size), "uint8")
+            full[y : y + h, x : x + w] = 1
+            boxes[b, m] = [y, x, y + h, x + w]
+            masks[b, m] = crop_instance_mask(full, boxes[b, m])
+    classes = np.tile(np.arange(1, 4, dtype="int32"), (batch, 1))
+    x = {"images": tf.constant(images)}
+    y = {
+        "boxes": tf.constant(boxes),
+        "classes": tf.constant(classes),
+        "masks": tf.constant(masks),
+    }
+    return x, y, boxes
+
+
+# === torchvision ===
+
+
+class TorchvisionWorker:
+    """`_torchvision_worker.py` in the peer's Python, one JSON line per call."""
+
+    def __init__(self, python):
+        self.process = subprocess.Popen(
+            [python, str(WORKER)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def __call__(self, cmd, **kwargs):
+        self.process.stdin.write(json.dumps({"cmd": cmd, **kwargs}) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the torchvision worker exited during {cmd!r}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"torchvision worker, {cmd!r}: {reply['error']}")
+        return reply
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            self.process.stdin.flush()
+            self.process.wait(timeout=60)
+
+
+def torch_python(args):
+    if args.no_torch:
+        return None
+    python = args.torch_python or os.environ.get(TORCH_PYTHON_ENV)
+    if not python:
+        sys.exit(f"No --torch-python given. {VENV_HELP}")
+    if not Path(python).exists():
+        sys.exit(f"--torch-python {python} does not exist. {VENV_HELP}")
+    return python
+
+
+# === Report ===
+
+
+def _median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def _shares(stage_times):
+    """Per stage, the median share (%) of the four stages' sum."""
+    if not stage_times:
+        return ["–"] * len(STAGES)
+    medians = [_median([t[i] for t in stage_times]) for i in range(len(STAGES))]
+    total = sum(medians)
+    return [f"{100 * m / total:.0f}%" for m in medians]
+
+
+def _ratio(row):
+    if row["ref"] is None:
+        return "–"
+    return f"{row['ms'] / row['ref']:.2f}×"
+
+
+def _target(row):
+    if row["ref"] is None or row["target"] is None:
+        return "–"
+    verdict = "met" if row["ms"] <= row["target"] * row["ref"] else "not met"
+    return f"≤ {row['target']}×: {verdict}"
+
+
+def print_table(rows, loads, threads, size, compile_times):
+    print()
+    print(
+        f"PANet vs torchvision Mask R-CNN, {size}×{size}, batch 1, {NUM_CLASSES} "
+        f"classes, {DETECTIONS} detections with pasted masks, {threads} threads; "
+        f"load average (1, 5, 15 min) before {loads[0]}, after {loads[1]}"
+    )
+    print()
+    titles = " | ".join(f"{t} share" for t in STAGE_TITLES)
+    header = f"model | mode | parameters | median ms | {titles} | vs torchvision"
+    print(f"| {header} | target |")
+    print("|" + "---|" * (6 + len(STAGES)))
+    for row in rows:
+        shares = " | ".join(row["shares"])
+        print(
+            f"| {row['label']} | {row['mode']} | {row['params'] / 1e6:.1f} M | "
+            f"{row['ms']:.0f} | {shares} | {_ratio(row)} | {_target(row)} |"
+        )
+    print()
+    for label, seconds in compile_times.items():
+        print(f"XLA warm-up (first call, compile included) of {label}: {seconds:.1f} s")
+
+
+def load_average():
+    return tuple(round(x, 2) for x in os.getloadavg())
+
+
+# === Main ===
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--stage-runs", type=int, default=3)
+    parser.add_argument("--train-runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--torch-python", default=None)
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--no-xla", action="store_true")
+    parser.add_argument("--no-train", action="store_true")
+    parser.add_argument("--heavier-head", action="store_true")
+    args = parser.parse_args(argv)
+
+    python = torch_python(args)
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    keras.utils.set_random_seed(0)
+
+    variants = [
+        ("baseline", "kseg Mask R-CNN baseline", BASELINE),
+        ("panet", "kseg PANet (BPA+AFP+FF)", {}),
+    ]
+    if args.heavier_head:
+        variants.append(("panet_hhd", "kseg PANet (+HHD)", {"heavier_head": True}))
+    modes = [("graph", False)] + ([] if args.no_xla else [("XLA", True)])
+    rows = [
+        KsegRow(key, label, switches, args.size, jit)
+        for key, label, switches in variants
+        for _, jit in modes
+    ]
+    mode_names = [name for name, _ in modes]
+    images = tf.constant(grey_image(args.size)[None], tf.float32)
+
+    peer = TorchvisionWorker(python) if python else None
+    try:
+        info = None
+        if peer:
+            info = peer(
+                "setup",
+                size=args.size,
+                num_classes=NUM_CLASSES,
+                threads=args.threads,
+                detections=DETECTIONS,
+                proposals=PROPOSALS,
+                train_proposals=TRAIN_PROPOSALS,
+            )
+            peer.params = info["params"]
+            print(
+                f"torch {info['torch']}, torchvision {info['torchvision']}, "
+                f"{info['threads']} threads"
+            )
+            check = peer("infer")
+            if check["detections"] != DETECTIONS or check["mask_shape"] != [
+                DETECTIONS,
+                1,
+                args.size,
+                args.size,
+            ]:
+                raise RuntimeError(f"torchvision returned {check}")
+
+        compile_times = {}
+        for row in rows:
+            start = time.perf_counter()
+            row.call(images)
+            if row.jit:
+                compile_times[f"{row.label}"] = time.perf_counter() - start
+            for _ in range(args.warmup):
+                row.call(images)
+            row.stages(images)
+        for _ in range(args.warmup):
+            if peer:
+                peer("infer")
+                peer("stages")
+
+        loads = [load_average()]
+        times = {id(row): [] for row in rows}
+        stage_times = {id(row): [] for row in rows}
+        peer_times, peer_stages = [], []
+        for run in range(args.runs):
+            for row in rows:
+                times[id(row)].append(row.call(images))
+                if peer:
+                    peer_times.append(peer("infer")["ms"])
+            if run < args.stage_runs:
+                for row in rows:
+                    stage_times[id(row)].append(row.stages(images))
+                    if peer:
+                        stages = peer("stages")["ms"]
+                        peer_stages.append([stages[s] for s in STAGES])
+
+        peer_ms = _median(peer_times) if peer else None
+        table = []
+        for i, row in enumerate(rows):
+            table.append(
+                {
+                    "label": row.label,
+                    "mode": mode_names[i % len(modes)],
+                    "params": row.params(),
+                    "ms": _median(times[id(row)]),
+                    "ref": peer_ms,
+                    "target": TARGETS.get(row.key),
+                    "shares": _shares(stage_times[id(row)]),
+                }
+            )
+        if peer:
+            table.append(
+                {
+                    "label": "torchvision maskrcnn_resnet50_fpn",
+                    "mode": "eager, inference_mode",
+                    "params": info["params"],
+                    "ms": peer_ms,
+                    "ref": None,
+                    "target": None,
+                    "shares": _shares(peer_stages),
+                }
+            )
+
+        if not args.no_train:
+            table += train_rows(args, peer)
+        loads.append(load_average())
+        print_table(table, loads, args.threads, args.size, compile_times)
+    finally:
+        if peer:
+            peer.close()
+
+
+def train_rows(args, peer):
+    """The PANet training step (batch 2) and torchvision's, alternating."""
+    x, y, boxes = synthetic_instances(2, args.size)
+    model = build_panet_resnet50_fpn(NUM_CLASSES, image_size=(args.size, args.size))
+    model.compile(optimizer=keras.optimizers.SGD(1e-4))
+    model.train_on_batch(x, y)
+    if peer:
+        peer("train_setup", boxes=boxes.tolist())
+        peer("train")
+    kseg_ms, peer_ms = [], []
+    for _ in range(args.train_runs):
+        start = time.perf_counter()
+        model.train_on_batch(x, y)
+        kseg_ms.append((time.perf_counter() - start) * 1e3)
+        if peer:
+            peer_ms.append(peer("train")["ms"])
+    peer_median = _median(peer_ms) if peer else None
+    rows = [
+        {
+            "label": "kseg PANet training step (batch 2)",
+            "mode": "graph",
+            "params": model.count_params(),
+            "ms": _median(kseg_ms),
+            "shares": ["–"] * len(STAGES),
+            "ref": peer_median,
+            "target": TARGETS["train"],
+        }
+    ]
+    if peer:
+        rows.append(
+            {
+                "label": "torchvision Mask R-CNN training step (batch 2)",
+                "mode": "eager",
+                "params": peer.params,
+                "ms": peer_median,
+                "shares": ["–"] * len(STAGES),
+                "ref": None,
+                "target": None,
+            }
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
