@@ -1,6 +1,7 @@
 """The PANet system's detection layers against slow NumPy references written
 from SPEC ("The PANet system"), not from kseg."""
 
+import itertools
 import math
 
 import keras
@@ -425,19 +426,24 @@ class PyramidLevelTest(TestCase):
         # checked against its loop reference in test_panet*.py): boxes inside,
         # across and outside the maps, empty boxes, both sampling ratios.
         rng = np.random.default_rng(3)
+        # 128×128 at stride 4: large enough that adaptive pooling gathers
+        # from that level (`GATHER_COST`) and uses products for the others.
         feats = [
-            rng.normal(size=(3, 32 // 2**i, 32 // 2**i, 5)).astype("float32")
+            rng.normal(size=(3, 128 // 2**i, 128 // 2**i, 5)).astype("float32")
             for i in range(4)
         ]
-        y1, x1 = rng.uniform(-20, 130, (2, 3, 7))
-        h, w = rng.uniform(0, 80, (2, 3, 7))
+        y1, x1 = rng.uniform(-80, 520, (2, 3, 7))
+        h, w = rng.uniform(0, 320, (2, 3, 7))
         boxes = np.stack([y1, x1, y1 + h, x1 + w], -1).astype("float32")
         boxes[0, 0] = [10, 10, 10, 10]
         flat, index = boxes.reshape(-1, 4), np.repeat(np.arange(3), 7)
         strides = (4, 8, 16, 32)
-        for sr, size, adaptive in ((2, 7, True), (2, 14, False), (0, 7, True)):
+        # Training: the matrix products; inference: the gathers (without
+        # adaptive pooling, from each box's own level only).
+        cases = [(2, 7, True), (2, 14, False), (0, 7, True), (0, 7, False)]
+        for (sr, size, adaptive), training in itertools.product(cases, (True, False)):
             layer = PyramidRoIAlign(size, sr, strides, adaptive=adaptive)
-            got = layer([feats, boxes])
+            got = layer([feats, boxes], training=training)
             want = RoIAlign(size, sampling_ratio=sr, strides=strides)(
                 [feats, flat, index]
             )

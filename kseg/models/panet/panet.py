@@ -386,8 +386,9 @@ class PANet(Segmenter):
         levels = y_pred["levels"]
         rois = samples["rois"]
         count = rois.shape[1]
+        # training=True: RoIAlign's matrix form, whose gradient is cheap.
         class_logits, box_deltas = self.box_head(
-            self.box_pool([levels, rois]), training=True
+            self.box_pool([levels, rois], training=True), training=True
         )
         box_class, box_regression = T.box_losses(
             ops.reshape(class_logits, (-1, count, self.num_classes + 1)),
@@ -399,7 +400,9 @@ class PANet(Segmenter):
         fg_count = min(count, int(self.roi_batch_size * self.roi_positive_fraction))
         fg_rois = rois[:, :fg_count]
         fg_matched = samples["matched"][:, :fg_count]
-        mask_logits = self.mask_head(self.mask_pool([levels, fg_rois]), training=True)
+        mask_logits = self.mask_head(
+            self.mask_pool([levels, fg_rois], training=True), training=True
+        )
         mask_logits = ops.reshape(mask_logits, (-1, fg_count, 28, 28, self.num_classes))
         mask_targets = T.mask_targets(
             fg_rois, fg_matched, gt_boxes, gt_masks, self.mask_target_align
