@@ -10,9 +10,10 @@ padding rows), `masks` float32 `(N, D, 28, 28)` (the detected class's mask
 probabilities inside its box; all zero for padding rows) and
 `num_detections` int32 `(N,)`.
 
-`BatchedNMS` runs keras-hub's padded NMS, nested `while` loops that neither
-tf2onnx ("Graph has cycles") nor TFLite's converter without unlowered control
-flow takes, and that TFLite runs slowly as `WHILE` ops. Trace the function
+`BatchedNMS` runs keras-hub's padded NMS, nested `while` loops: tf2onnx
+cannot convert them ("Graph has cycles"), and TFLite takes them only from a
+frozen graph whose control flow is left unlowered, as `WHILE` ops that made
+the quickstart PANet's file 25% slower. Trace the function
 inside `swapped_nms(model, nms)` with one of the greedy NMS ops the format
 has instead: `CombinedNMS` (ONNX `NonMaxSuppression`), `SelectedNMS`
 (TFLite `NON_MAX_SUPPRESSION_V5`). Both keep boxes by decreasing score,

@@ -27,11 +27,11 @@ the interface of `kseg.export.instance_graph`: input `images` uint8
 `(1, H, W, 3)`, outputs `num_detections`, `boxes` (input pixels), `scores`,
 `classes` and `masks`, as the SavedModel's (without its resize and
 `instance_map`). Its NMS runs as TFLite's `NON_MAX_SUPPRESSION_V5`
-(`SelectedNMS`; keras-hub's padded NMS converts only as `WHILE` loops, ~6×
-slower). In int8 files the box geometry (`INSTANCE_FLOAT32_LAYERS`:
-proposals, RoIAlign, detections) stays float32; the backbone, FPN and heads
-are int8. `TFLiteInstanceSegmenter` runs such a file, and
-`kseg.inference.predict_instances` fits images of any size into it.
+(`SelectedNMS`, see `kseg.export.instance_graph`). In int8 files the box
+geometry (`INSTANCE_FLOAT32_LAYERS`: proposals, RoIAlign, detections) stays
+float32; the backbone, FPN and heads are int8. `TFLiteInstanceSegmenter`
+runs such a file, and `kseg.inference.predict_instances` fits images of any
+size into it.
 
 Only `tf.lite.OpsSet.TFLITE_BUILTINS` (and `TFLITE_BUILTINS_INT8`) are
 allowed, never `SELECT_TF_OPS`: a model that needs a TensorFlow op fails to

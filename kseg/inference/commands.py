@@ -3,7 +3,8 @@
 MODEL is any model `kseg train` or `kseg export` writes: a `.keras` file
 (`model.keras`, `checkpoints/best.keras`), a run directory, a SavedModel
 (version folder or TF Serving model folder: its highest version) or a
-`.tflite` file (run by windows of its fixed input size).
+`.tflite` file (run by windows of its fixed input size; a PANet file gets
+each image fitted into it, as the Keras PANet does).
 
 For each input `DIR/name.ext` it writes `OUT/name.png`, an indexed (palette,
 colour type 3) PNG whose pixel values are the class indices — the format of
