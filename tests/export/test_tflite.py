@@ -388,7 +388,7 @@ def test_panet_files_are_builtin_and_float32_matches_keras(panet_files):
         assert "NON_MAX_SUPPRESSION_V5" in names and "WHILE" not in names
         assert not [name for name in names if name.startswith("CUSTOM")], names
         detector = TFLiteInstanceSegmenter(path)
-        (details,) = detector._runner.get_input_details().values()
+        (details,) = detector.interpreter.get_input_details()
         assert details["dtype"] == np.uint8
         assert tuple(details["shape"]) == (1, PANET_SIZE, PANET_SIZE, 3)
         if quantization == "int8":
