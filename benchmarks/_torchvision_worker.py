@@ -149,7 +149,7 @@ class Worker:
         self.optimizer.step()
         ms = (time.perf_counter() - start) * 1e3
         self.model.eval()
-        return {"ms": ms, "loss": float(loss)}
+        return {"ms": ms, "loss": float(loss.detach())}
 
 
 def main():

@@ -346,6 +346,10 @@ def print_table(rows, loads, threads, size, compile_times):
         print(f"XLA warm-up (first call, compile included) of {label}: {seconds:.1f} s")
 
 
+def progress(message):
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def load_average():
     return tuple(round(x, 2) for x in os.getloadavg())
 
@@ -417,6 +421,8 @@ def main(argv=None):
 
         compile_times = {}
         for row in rows:
+            mode = "XLA" if row.jit else "graph"
+            progress(f"warming up {row.label} ({mode}) and its stages")
             start = time.perf_counter()
             row.call(images)
             if row.jit:
@@ -434,6 +440,7 @@ def main(argv=None):
         stage_times = {id(row): [] for row in rows}
         peer_times, peer_stages = [], []
         for run in range(args.runs):
+            progress(f"round {run + 1} of {args.runs}")
             for row in rows:
                 times[id(row)].append(row.call(images))
                 if peer:
@@ -483,6 +490,7 @@ def main(argv=None):
 
 def train_rows(args, peer):
     """The PANet training step (batch 2) and torchvision's, alternating."""
+    progress("training steps: building and tracing kseg's")
     x, y, boxes = synthetic_instances(2, args.size)
     model = build_panet_resnet50_fpn(NUM_CLASSES, image_size=(args.size, args.size))
     model.compile(optimizer=keras.optimizers.SGD(1e-4))
