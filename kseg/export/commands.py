@@ -9,7 +9,8 @@ MODEL is a .keras file or a `kseg train` run directory. An instance model
 (PANet) exports a SavedModel whose signatures return detections, masks and an
 instance map (`kseg.export.instance_saved_model`), with the run's evaluation
 resize and category ids; its TFLite and ONNX files return the detections and
-masks at the model's own input size (`kseg.export.instance_graph`). The
+masks at the model's own input size (`kseg.export.instance_graph`), each
+TFLite file with its categories beside it (NAME.categories.json). The
 SavedModel goes
 to OUT/NAME/VERSION/ (VERSION defaults to the next free integer; TF Serving's
 --model_base_path is OUT/NAME), each TFLite file to
@@ -186,11 +187,12 @@ def run_export(args):
             calibration = _recipe_images(recipe, args.data, args.calibration_images)
             print(f"int8 calibration: the train split of recipe {recipe.name!r}")
 
-    if instance:
-        _export_instance_saved_model(args, model, model_dir, version, run_recipe)
-    else:
-        path = export_saved_model(model, model_dir, version, max_pixels=args.max_pixels)
-        print(f"SavedModel: {path} (signatures serving_default, serving_bytes)")
+    settings = _instance_settings(run_recipe) if instance else {}
+    path = export_saved_model(
+        model, model_dir, version, max_pixels=args.max_pixels, **settings
+    )
+    kind = "instance model; " if instance else ""
+    print(f"SavedModel: {path} ({kind}signatures serving_default, serving_bytes)")
     for quantization, tflite_path in tflite_paths.items():
         export_tflite(
             model,
@@ -199,6 +201,7 @@ def run_export(args):
             quantization,
             calibration,
             args.calibration_images,
+            categories=settings.get("categories"),
         )
         kib = tflite_path.stat().st_size / 1024
         print(f"TFLite {quantization}: {tflite_path} ({kib:.0f} KiB)")
@@ -215,34 +218,24 @@ def _is_instance_model(model):
     return is_instance_model(model)
 
 
-def _export_instance_saved_model(args, model, model_dir, version, run_recipe):
-    """The SavedModel of an instance model (PANet), with the run's
+def _instance_settings(run_recipe):
+    """The export settings of an instance model (PANet): the run's
     evaluation resize and category ids when its recipe is known."""
-    from kseg.export.saved_model import export_saved_model
+    if run_recipe is None:
+        return {}
+    from kseg.inference.instance_outputs import recipe_categories
+    from kseg.training.recipe import load_recipe
 
-    settings = {}
-    if run_recipe is not None:
-        from kseg.inference.instance_outputs import recipe_categories
-        from kseg.training.recipe import load_recipe
-
-        recipe = load_recipe(run_recipe)
-        if recipe.task == "instance":
-            settings = {
-                "short_edge": recipe.eval.short_edge,
-                "max_size": recipe.data.max_size,
-            }
-            try:
-                settings["categories"] = recipe_categories(recipe)
-                print(f"categories: the dataset of {run_recipe}")
-            except (OSError, ValueError) as error:
-                print(f"categories: ids 1..C ({run_recipe}: {error})")
-    path = export_saved_model(
-        model, model_dir, version, max_pixels=args.max_pixels, **settings
-    )
-    print(
-        f"SavedModel: {path} (instance model; signatures serving_default, "
-        "serving_bytes)"
-    )
+    recipe = load_recipe(run_recipe)
+    if recipe.task != "instance":
+        return {}
+    settings = {"short_edge": recipe.eval.short_edge, "max_size": recipe.data.max_size}
+    try:
+        settings["categories"] = recipe_categories(recipe)
+        print(f"categories: the dataset of {run_recipe}")
+    except (OSError, ValueError) as error:
+        print(f"categories: ids 1..C ({run_recipe}: {error})")
+    return settings
 
 
 def _tflite_size(args, model, run_recipe, load_recipe):

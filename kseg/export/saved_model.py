@@ -286,24 +286,41 @@ def refuse_existing(path, what):
         )
 
 
-def _write_categories(model, path, categories):
-    """An instance model's `assets.extra/categories.json`."""
+def categories_json(model, categories):
+    """The categories file of an instance model's export (a SavedModel's
+    `assets.extra/categories.json`, a `.tflite` file's `.categories.json`
+    beside it): `[{"id", "name"}, ...]` of classes 1..C as JSON text, or
+    `None` (not an instance model, or no categories and no class count).
+
+    Args:
+        model: the exported model.
+        categories: `(category_ids, class_names)`, or `None` for ids 1..C
+            named `class_<k>`.
+    """
     from kseg.export.instance_saved_model import is_instance_model
 
     if not is_instance_model(model):
-        return
+        return None
     if categories is None:
         count = getattr(model, "num_classes", None)
         if count is None:
-            return  # `kseg predict` numbers the classes it sees
+            return None  # `kseg predict` numbers the classes it sees
         categories = (range(1, count + 1), [f"class_{k}" for k in range(1, count + 1)])
     ids, names = (list(values) for values in categories)
     if len(ids) != len(names):
         raise ValueError(f"categories: {len(ids)} ids for {len(names)} names")
+    entries = [{"id": int(c), "name": str(n)} for c, n in zip(ids, names, strict=True)]
+    return json.dumps(entries, indent=1) + "\n"
+
+
+def _write_categories(model, path, categories):
+    """An instance model's `assets.extra/categories.json`."""
+    text = categories_json(model, categories)
+    if text is None:
+        return
     folder = path / "assets.extra"
     folder.mkdir(exist_ok=True)
-    entries = [{"id": int(c), "name": str(n)} for c, n in zip(ids, names, strict=True)]
-    (folder / "categories.json").write_text(json.dumps(entries, indent=1) + "\n")
+    (folder / "categories.json").write_text(text)
 
 
 def _check_max_pixels(max_pixels):

@@ -75,11 +75,13 @@ from kseg.export.instance_saved_model import (
 from kseg.export.saved_model import (
     IMAGES,
     SERVING_SIGNATURE,
+    categories_json,
     check_segmentation_model,
     predict_images,
     refuse_existing,
 )
 from kseg.files import write_bytes
+from kseg.inference.instance_outputs import categories_file
 from kseg.layers.common import check_choice, resize
 from kseg.layers.detection import DetectionLayer, ProposalLayer, PyramidRoIAlign
 from kseg.layers.guided_filter import GuidanceCRF, GuidedFilter
@@ -381,21 +383,35 @@ def export_tflite(
     quantization="float32",
     representative_images=None,
     num_calibration_images=DEFAULT_CALIBRATION_IMAGES,
+    categories=None,
 ):
-    """Converts `model` (see `convert_to_tflite`) and writes it to `path`.
+    """Converts `model` (see `convert_to_tflite`) and writes it to `path`;
+    for an instance model also its categories, `NAME.categories.json`
+    beside it (`kseg predict` reads the dataset's ids and names there).
 
-    Never overwrites: an existing `path` raises `FileExistsError`, checked
-    before the conversion and again when the file is created.
+    Never overwrites: an existing `path` (or categories file) raises
+    `FileExistsError`, checked before the conversion and again when the
+    file is created.
+
+    Args:
+        categories: instance models: `(category_ids, class_names)` of
+            classes 1..C; `None` for ids 1..C named `class_<k>`.
+            Defaults to `None`.
 
     Returns:
         `path` as a `Path`.
     """
     path = Path(path)
     refuse_existing(path, "TFLite file")
+    text = categories_json(model, categories)
+    if text is not None:
+        refuse_existing(categories_file(path), "categories file")
     flatbuffer = convert_to_tflite(
         model, input_size, quantization, representative_images, num_calibration_images
     )
     path.parent.mkdir(parents=True, exist_ok=True)
+    if text is not None:
+        write_bytes(categories_file(path), text.encode(), overwrite=False)
     try:
         # A temporary file renamed into place: a kill never leaves a partial
         # .tflite, and a file that appeared meanwhile is never replaced.

@@ -18,8 +18,9 @@ For the whole call:
   `name`) the results refer to.
 
 Category ids and class names come from the run's recipe (the model is a run
-directory, or a `.keras` file in one), from an export's
-`assets.extra/categories.json`, else class k is id k named `class_<k>`.
+directory, or a `.keras` file in one), from an export's categories file
+(`categories_file`: a SavedModel's `assets.extra/categories.json`, a `.tflite`
+file's `NAME.categories.json`), else class k is id k named `class_<k>`.
 """
 
 import json
@@ -200,13 +201,23 @@ def recipe_categories(recipe):
     return _coco_categories(recipe.data.root, recipe.data.train_split)
 
 
+def categories_file(export_path):
+    """Where an exported instance model keeps its categories: a SavedModel's
+    `assets.extra/categories.json`, a `.tflite` file's `NAME.categories.json`
+    beside it."""
+    export_path = Path(export_path)
+    if export_path.suffix == ".tflite":
+        return export_path.with_name(f"{export_path.stem}.{CATEGORIES_FILE}")
+    return export_path / "assets.extra" / CATEGORIES_FILE
+
+
 def find_categories(model_path, source_path, num_classes):
     """`(category_ids, class_names, where)` for the model at `model_path`
     (what the user passed; `source_path` what was loaded). `num_classes`
     None: unknown (an export), any count is taken."""
     found, where = None, None
     recipe_path = find_recipe_path(model_path) or find_recipe_path(source_path)
-    export_file = Path(source_path) / "assets.extra" / CATEGORIES_FILE
+    export_file = categories_file(source_path)
     if recipe_path is not None:
         from kseg.training.recipe import load_recipe
 

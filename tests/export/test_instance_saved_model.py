@@ -398,19 +398,23 @@ def test_kseg_export_dispatches_on_instance_models(tmp_path, capsys):
 
 
 def test_kseg_export_tflite_and_predict_on_instance_models(tmp_path, capsys):
-    """`kseg export --tflite` of an instance model and `kseg predict` on the
-    file; an image without detections gives an empty result."""
+    """`kseg export --tflite` of an instance model in a run directory and
+    `kseg predict` on the file, with the run's categories; an image without
+    detections gives an empty result."""
     from kseg.export.tflite import TFLiteInstanceSegmenter, operator_names
     from kseg.inference import open_model, predict_instances
+    from kseg.training.recipe import dump_recipe, load_recipe
 
-    model = tmp_path / "model.keras"
-    fixed_detector().save(model)
+    run = tmp_path / "run"
+    run.mkdir()
+    fixed_detector().save(run / "model.keras")
+    (run / "recipe.yaml").write_text(dump_recipe(load_recipe("panet_quickstart")))
     calibration = tmp_path / "calibration"
     calibration.mkdir()
     for index in range(3):
         cv2.imwrite(str(calibration / f"{index}.png"), _images((48, 80, 3), index))
     out = tmp_path / "saved_models"
-    argv = [str(model), "--name", "p", "--out", str(out), "--tflite", "float32",
+    argv = [str(run), "--name", "p", "--out", str(out), "--tflite", "float32",
             "int8", "--calibration-dir", str(calibration)]  # fmt: skip
     assert _export(argv) == 0
     files = {
@@ -451,9 +455,13 @@ def test_kseg_export_tflite_and_predict_on_instance_models(tmp_path, capsys):
         str(result),
     ]
     assert _predict(argv) == 0
-    assert "black.png -> 0 instances" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "black.png -> 0 instances" in printed
+    # The run's categories, kept beside the file.
+    assert f"classes: {files['float32'].with_suffix('')}.categories.json" in printed
+    categories = json.loads((result / "images.json").read_text())["categories"]
+    assert [c["name"] for c in categories][:2] == ["disc", "square"]
     detections = json.loads((result / "detections.json").read_text())
-    # No categories in a .tflite file: class k is id k.
     assert [d["category_id"] for d in detections] == [2, 1]
     assert {d["image_id"] for d in detections} == {1}
     instance_map = cv2.imread(str(result / "image_instances.png"), -1)
