@@ -1,7 +1,8 @@
 """Benchmark: kseg's PANet and Mask R-CNN baseline against torchvision's
 `maskrcnn_resnet50_fpn`, on the same CPU, in the same run.
 
-Same work for both sides: random weights, one 512×512 image (`--size`), 80
+Same work for both sides: random weights, one 512×512 image (`--size`; a
+faint one, see `grey_image`: random weights blow up on full-contrast input), 80
 object classes, 1000 proposals after the RPN's NMS, score threshold 0 so that
 both return exactly 100 detections (asserted), with the masks pasted at image
 resolution inside the timed call ((100, 512, 512) probabilities), batch 1, 2
