@@ -1,28 +1,42 @@
-"""Keeping freed memory in the process: glibc malloc settings for training.
+"""Keeping freed memory in the process: the allocator kseg's commands run with.
 
 glibc returns large freed blocks to the kernel (blocks over the mmap
-threshold are unmapped, the heap top is trimmed), and TensorFlow frees and
-allocates its large tensor buffers every step, so each step faults the same
-memory in again: on a 2-core machine a third of a small model's training step
-went to the kernel. Raising the mmap threshold to 32 MiB, the trim threshold
-to 2 GiB and the top pad to 256 MiB keeps those buffers in the process
-(measured in `benchmarks/allocator.py`).
+threshold are unmapped, the heap top is trimmed, emptied thread heaps are
+unmapped), and TensorFlow frees and allocates its large tensor buffers every
+step, so each step faults the same memory in again: on a 2-core machine a
+third of a small model's training step went to the kernel, and PANet's step
+more. Measured in `benchmarks/allocator.py`:
 
-- Every `kseg` command applies the settings through glibc's `MALLOC_*`
-  environment variables, re-executing itself once at start (the variables
-  act from the first allocation; measured faster than `mallopt` after
-  start-up). `KSEG_MALLOC=off` turns this off.
-- Library users call `kseg.tune_cpu_allocator()` (one line, `mallopt`
-  through ctypes) before building their model.
+- tcmalloc (Debian/Ubuntu `libtcmalloc-minimal4`, preloaded) keeps freed
+  memory in its own caches: the fastest everywhere measured, and the only
+  setting that removes PANet's page faults (its thread heaps map and unmap
+  1-28 MB buffers that glibc's thresholds do not cover);
+- glibc with a 32 MiB mmap threshold, a 2 GiB trim threshold and a 256 MiB
+  top pad (`MALLOC_*` variables, or `mallopt`): most of the gain for the
+  semantic models, with nothing to install.
+
+Every `kseg` command re-executes itself once at start (both act from the
+first allocation) with `KSEG_MALLOC`'s choice:
+
+- `auto` (the default): tcmalloc when its library is installed, else the
+  glibc settings;
+- `tcmalloc`: tcmalloc, an error naming the package when it is missing;
+- `glibc`: the glibc settings only;
+- `off` (or `0`, `false`, `no`): the process's own allocator, untouched.
+
+Library users call `kseg.tune_cpu_allocator()` (one line, the glibc settings
+through `mallopt`) before building their model, or start Python with
+`LD_PRELOAD` naming `tcmalloc_library()`.
 """
 
 import ctypes
 import ctypes.util
 import os
+from pathlib import Path
 
-# Off switch (any of these values) for the `kseg` commands.
 ENV = "KSEG_MALLOC"
 OFF = ("0", "off", "false", "no")
+CHOICES = ("auto", "tcmalloc", "glibc", "off")
 
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 2 << 30
@@ -36,19 +50,90 @@ ENVIRONMENT = {
 }
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
+TCMALLOC_NAME = "libtcmalloc_minimal.so.4"
+TCMALLOC_PACKAGE = "libtcmalloc-minimal4"
+# Where Debian, Ubuntu and Fedora install it (multiarch folders first).
+_LIBRARY_DIRS = (
+    "/usr/lib/{arch}-linux-gnu",
+    "/usr/lib64",
+    "/usr/lib",
+    "/usr/local/lib",
+)
+# tcmalloc prints a line for each allocation over 1 GiB by default (a 64 MP
+# image's buffers); kseg raises the threshold unless the user set one.
+TCMALLOC_REPORT = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
+
+
+class AllocatorError(RuntimeError):
+    """`KSEG_MALLOC` asks for something this machine cannot give."""
+
+
+def choice(environ=None):
+    """`KSEG_MALLOC`'s value as one of `CHOICES` (`auto` when unset)."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(ENV, "auto").strip().lower() or "auto"
+    if value in OFF:
+        return "off"
+    if value == "on":
+        return "auto"
+    if value not in CHOICES:
+        raise AllocatorError(
+            f"{ENV}={environ[ENV]!r} is not one of {', '.join(CHOICES)} "
+            "(auto: tcmalloc when installed, else glibc settings)"
+        )
+    return value
+
 
 def enabled(environ=None):
     """Whether the kseg commands tune the allocator (`KSEG_MALLOC` not off)."""
-    environ = os.environ if environ is None else environ
-    return environ.get(ENV, "on").strip().lower() not in OFF
+    return choice(environ) != "off"
 
 
-def tuned_environment(environ=None):
-    """`environ` with kseg's `MALLOC_*` settings added (values the user set
-    are kept), or `None` when nothing is to change (turned off, or already
-    set)."""
+def tcmalloc_library():
+    """The path of tcmalloc's shared library, or `None` when not installed."""
+    arch = os.uname().machine if hasattr(os, "uname") else ""
+    for folder in _LIBRARY_DIRS:
+        path = Path(folder.format(arch=arch)) / TCMALLOC_NAME
+        if path.is_file():
+            return str(path)
+    return None
+
+
+def _preloaded(environ):
+    preload = environ.get("LD_PRELOAD", "")
+    return any(name in preload for name in ("tcmalloc", "jemalloc", "mimalloc"))
+
+
+def tuned_environment(environ=None, tcmalloc=None):
+    """`environ` changed for `KSEG_MALLOC`'s choice, or `None` when nothing
+    is to change (turned off; already tuned; another allocator preloaded).
+
+    Args:
+        environ: the environment (`os.environ` when `None`).
+        tcmalloc: tcmalloc's library path (`tcmalloc_library()` when `None`).
+
+    Raises:
+        AllocatorError: an unknown `KSEG_MALLOC` value, or `tcmalloc` asked
+            for and not installed.
+    """
     environ = dict(os.environ if environ is None else environ)
-    if not enabled(environ) or all(name in environ for name in ENVIRONMENT):
+    selected = choice(environ)
+    if selected == "off" or _preloaded(environ):
+        return None
+    if selected in ("auto", "tcmalloc"):
+        tcmalloc = tcmalloc or tcmalloc_library()
+        if tcmalloc is not None:
+            preload = environ.get("LD_PRELOAD", "")
+            environ["LD_PRELOAD"] = f"{tcmalloc} {preload}".strip()
+            for name, value in TCMALLOC_REPORT.items():
+                environ.setdefault(name, value)
+            return environ
+        if selected == "tcmalloc":
+            raise AllocatorError(
+                f"{ENV}=tcmalloc, but {TCMALLOC_NAME} is not installed: install "
+                f"it (apt-get install {TCMALLOC_PACKAGE}) or set {ENV}=glibc"
+            )
+    if all(name in environ for name in ENVIRONMENT):
         return None
     for name, value in ENVIRONMENT.items():
         environ.setdefault(name, value)

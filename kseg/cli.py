@@ -452,12 +452,17 @@ def quiet_tensorflow():
 
 
 def _reexec_with_allocator_settings():
-    """Starts this command again with kseg's glibc `MALLOC_*` settings
-    (`kseg.allocator`), which act only from a process's first allocation;
-    once set (or with `KSEG_MALLOC=off`) it returns at once."""
-    from kseg.allocator import tuned_environment
+    """Starts this command again with kseg's allocator (`kseg.allocator`:
+    tcmalloc preloaded when installed, else glibc's `MALLOC_*` settings),
+    which acts only from a process's first allocation; once applied (or with
+    `KSEG_MALLOC=off`) it returns at once."""
+    from kseg.allocator import AllocatorError, tuned_environment
 
-    environ = tuned_environment()
+    try:
+        environ = tuned_environment()
+    except AllocatorError as error:
+        print(f"kseg: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     if environ is None or not sys.executable:
         return
     sys.stdout.flush()
@@ -471,8 +476,8 @@ def main(argv=None):
     """Runs the `kseg` command line; returns the exit status.
 
     With `argv=None` (the `kseg` command itself) the process first
-    re-executes itself once with kseg's allocator settings
-    (`kseg.allocator`; `KSEG_MALLOC=off` skips it)."""
+    re-executes itself once with kseg's allocator (`kseg.allocator`;
+    `KSEG_MALLOC=off` skips it)."""
     if argv is None:
         _reexec_with_allocator_settings()
     parser = _build_parser()

@@ -1,5 +1,6 @@
-"""kseg's allocator settings: applied to every `kseg` command, off with
-KSEG_MALLOC=off, and one call for library users."""
+"""kseg's allocator: tcmalloc (when installed) or glibc settings applied to
+every `kseg` command, chosen and turned off with KSEG_MALLOC, and one call
+for library users."""
 
 import os
 import subprocess
@@ -9,19 +10,54 @@ from pathlib import Path
 
 import pytest
 
-from kseg import tune_cpu_allocator
-from kseg.allocator import ENVIRONMENT, tuned_environment
+from kseg import allocator, tune_cpu_allocator
+from kseg.allocator import ENVIRONMENT, AllocatorError, tuned_environment
+
+TCMALLOC = "/opt/lib/libtcmalloc_minimal.so.4"
 
 
-def test_tuned_environment_adds_the_settings_and_keeps_the_users():
-    tuned = tuned_environment({"PATH": "/bin", "MALLOC_TOP_PAD_": "1"})
+def test_auto_preloads_tcmalloc_when_installed():
+    tuned = tuned_environment({"PATH": "/bin", "LD_PRELOAD": "/x/libfoo.so"}, TCMALLOC)
     assert tuned["PATH"] == "/bin"
-    assert tuned["MALLOC_TOP_PAD_"] == "1"
-    assert tuned["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20)
-    assert tuned["MALLOC_TRIM_THRESHOLD_"] == str(2 << 30)
-    assert tuned_environment({**ENVIRONMENT}) is None
-    for off in ("off", "0", "False"):
-        assert tuned_environment({"KSEG_MALLOC": off}) is None
+    assert tuned["LD_PRELOAD"] == f"{TCMALLOC} /x/libfoo.so"
+    assert int(tuned["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 40
+    # Applied once: a process started with it is not started again.
+    assert tuned_environment(tuned, TCMALLOC) is None
+    # Another allocator the user preloads is left alone.
+    jemalloc = {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}
+    assert tuned_environment(jemalloc, TCMALLOC) is None
+
+
+def test_glibc_settings_without_tcmalloc_or_when_asked(monkeypatch):
+    monkeypatch.setattr(allocator, "tcmalloc_library", lambda: None)
+    for environ in ({"MALLOC_TOP_PAD_": "1"}, {"KSEG_MALLOC": "glibc"}):
+        tuned = tuned_environment({**environ, "MALLOC_TOP_PAD_": "1"})
+        assert "LD_PRELOAD" not in tuned
+        assert tuned["MALLOC_TOP_PAD_"] == "1"  # the user's value is kept
+        assert tuned["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20)
+        assert tuned["MALLOC_TRIM_THRESHOLD_"] == str(2 << 30)
+        assert tuned_environment({**environ, **ENVIRONMENT}) is None
+    glibc = tuned_environment({"KSEG_MALLOC": "glibc"}, TCMALLOC)
+    assert "LD_PRELOAD" not in glibc and "MALLOC_TOP_PAD_" in glibc
+
+
+def test_off_unknown_and_missing_tcmalloc(monkeypatch):
+    for off in ("off", "0", "False", "no"):
+        assert tuned_environment({"KSEG_MALLOC": off}, TCMALLOC) is None
+    with pytest.raises(AllocatorError, match="KSEG_MALLOC='tcmaloc' is not one of"):
+        tuned_environment({"KSEG_MALLOC": "tcmaloc"})
+    monkeypatch.setattr(allocator, "tcmalloc_library", lambda: None)
+    with pytest.raises(AllocatorError, match="apt-get install libtcmalloc-minimal4"):
+        tuned_environment({"KSEG_MALLOC": "tcmalloc"})
+
+
+def test_tcmalloc_library_finds_the_installed_file(tmp_path, monkeypatch):
+    folder = tmp_path / "lib"
+    folder.mkdir()
+    monkeypatch.setattr(allocator, "_LIBRARY_DIRS", (str(folder),))
+    assert allocator.tcmalloc_library() is None
+    (folder / allocator.TCMALLOC_NAME).write_bytes(b"")
+    assert allocator.tcmalloc_library() == str(folder / allocator.TCMALLOC_NAME)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc mallopt")
@@ -29,13 +65,18 @@ def test_tune_cpu_allocator_applies_the_settings_with_mallopt():
     assert tune_cpu_allocator() is True
 
 
-_START = "import sys; from kseg.cli import main; sys.argv = ['kseg', 'recipes']; main()"
+# `kseg recipes quickstart` loads TensorFlow: it runs long enough to be read.
+_START = (
+    "import sys; from kseg.cli import main; "
+    "sys.argv = ['kseg', 'recipes', 'quickstart']; main()"
+)
 
 
-def _environment_of_running_command(env, reexecuted):
-    """The environment of a running `kseg recipes` (started as the console
-    script starts it), read from /proc once it re-executed itself (or after
-    a second, when it is not expected to)."""
+def _running_command(env, reexecuted):
+    """The environment and mapped files of a running `kseg recipes
+    quickstart` (started as the console script starts it), read from /proc
+    once it re-executed itself and TensorFlow is loading (or after a second,
+    when it is not expected to re-execute)."""
     process = subprocess.Popen(
         [sys.executable, "-c", _START],
         env=env,
@@ -54,22 +95,59 @@ def _environment_of_running_command(env, reexecuted):
             time.sleep(1.0)
             assert b"-m\0kseg.cli" not in (proc / "cmdline").read_bytes()
         environ = (proc / "environ").read_bytes()
-        return dict(
-            item.split("=", 1) for item in environ.decode().split("\0") if "=" in item
+        maps = (proc / "maps").read_text()
+        return (
+            dict(
+                item.split("=", 1)
+                for item in environ.decode().split("\0")
+                if "=" in item
+            ),
+            maps,
         )
     finally:
         process.kill()
         process.wait()
 
 
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
-def test_every_kseg_command_runs_with_the_settings_unless_turned_off():
+def _clean_environment(**changes):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    env.pop("KSEG_MALLOC", None)
-    tuned = _environment_of_running_command(env, reexecuted=True)
-    for name, value in ENVIRONMENT.items():
-        assert tuned.get(name) == value
-    plain = _environment_of_running_command(
-        {**env, "KSEG_MALLOC": "off"}, reexecuted=False
+    for name in ("KSEG_MALLOC", "LD_PRELOAD", "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"):
+        env.pop(name, None)
+    return {**env, **changes}
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
+def test_every_kseg_command_runs_with_the_allocator_unless_turned_off():
+    tcmalloc = allocator.tcmalloc_library()
+    environ, maps = _running_command(_clean_environment(), reexecuted=True)
+    if tcmalloc is not None:
+        assert environ["LD_PRELOAD"].split()[0] == tcmalloc
+        assert allocator.TCMALLOC_NAME in maps  # really loaded
+    else:
+        for name, value in ENVIRONMENT.items():
+            assert environ.get(name) == value
+    environ, _ = _running_command(
+        _clean_environment(KSEG_MALLOC="glibc"), reexecuted=True
     )
-    assert not any(name in plain for name in ENVIRONMENT)
+    assert "LD_PRELOAD" not in environ
+    for name, value in ENVIRONMENT.items():
+        assert environ.get(name) == value
+    environ, maps = _running_command(
+        _clean_environment(KSEG_MALLOC="off"), reexecuted=False
+    )
+    assert not any(name in environ for name in ENVIRONMENT)
+    assert "LD_PRELOAD" not in environ and allocator.TCMALLOC_NAME not in maps
+
+
+def test_an_unknown_choice_is_a_clear_error():
+    result = subprocess.run(
+        [sys.executable, "-c", _START],
+        env=_clean_environment(KSEG_MALLOC="fast"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert (
+        "KSEG_MALLOC='fast' is not one of auto, tcmalloc, glibc, off" in result.stderr
+    )

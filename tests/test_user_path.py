@@ -6,6 +6,9 @@ Each README command, and what runs it:
 
     pip install -e ".[test]" && ruff check . && pytest -q
         .ci/run, stage 1 (needs the network: not a test)
+    sudo apt-get install libtcmalloc-minimal4
+        .ci/run installs it; tests/test_allocator.py checks that every `kseg`
+        command then runs with it loaded
     kseg train
         test_user_path: `trained` (KSEG_RECIPES holds a tiny quickstart.yaml, so
         the bare command trains it into runs/quickstart/<timestamp>/)
