@@ -6,8 +6,9 @@ they see the same machine load, and prints per setting: the first epoch's
 ms per step (tracing / XLA compilation included), the later epochs' ms per
 step (steady state), user and system CPU seconds of the whole command, the
 system share and the peak RSS. An epoch's time includes its validation
-(50 images, one batch of the quickstart). Every run uses kseg's allocator settings
-(`kseg.allocator`; `benchmarks/allocator.py` compares allocators).
+(50 images, one batch of the quickstart). Every run uses kseg's default
+allocator (`kseg.allocator`; allocator variables inherited from the shell are
+dropped; `benchmarks/allocator.py` compares allocators).
 
     python benchmarks/train_settings.py --steps 60 --epochs 3 --rounds 2
     python benchmarks/train_settings.py --recipe panet_quickstart --only xla
@@ -35,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from kseg.allocator import ENVIRONMENT
+
 SETTINGS = {
     "graph": ({}, []),
     "xla": ({}, ["train.jit_compile=true"]),
@@ -49,7 +52,11 @@ SETTINGS = {
 
 def run_training(recipe, env_changes, overrides, steps, epochs, workdir):
     """One `kseg train` subprocess; its per-epoch seconds and resource use."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env_changes}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    # Inherited allocator settings would blur the comparison.
+    for name in (*ENVIRONMENT, "LD_PRELOAD", "KSEG_MALLOC"):
+        env.pop(name, None)
+    env.update(env_changes)
     run_dir = Path(tempfile.mkdtemp(dir=workdir)) / "run"
     command = [
         sys.executable, "-m", "kseg.cli", "train", "--recipe", recipe,
@@ -81,13 +88,16 @@ def run_training(recipe, env_changes, overrides, steps, epochs, workdir):
     }
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def compare(settings, description):
+    """Parses the command line, runs every setting of `settings` (`{name:
+    (environment changes, recipe overrides)}`) round by round and prints
+    the table."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--recipe", default="quickstart")
     parser.add_argument("--steps", type=int, default=64, help="steps per epoch")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--only", action="append", choices=list(SETTINGS))
+    parser.add_argument("--only", action="append", choices=list(settings))
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[],
         help="recipe override for every setting (repeatable)",
@@ -95,13 +105,13 @@ def main():
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (the first one includes tracing)")
-    names = args.only or list(SETTINGS)
+    names = args.only or list(settings)
     results = {name: [] for name in names}
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as workdir:
         for _ in range(args.rounds):
             for name in names:
-                env, overrides = SETTINGS[name]
+                env, overrides = settings[name]
                 results[name].append(
                     run_training(
                         args.recipe,
@@ -131,4 +141,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    compare(SETTINGS, __doc__.split("\n\n")[0])
