@@ -40,6 +40,26 @@ same boxes (its `rpn_post_nms_top_n_train` set to kseg's 1000 proposals).
 Targets (issue 11): baseline ≤ 0.6× torchvision's latency, PANet ≤ 0.8×, the
 PANet training step ≤ 0.8× torchvision's.
 
+Measured (2-core AMD EPYC shared with other jobs; torch 2.14.1, torchvision
+0.29.1, TensorFlow 2.21; `--runs 5`), median ms and ratio to torchvision:
+
+    load (1 min)          ~3 (2 CPUs)       ~5 (2 CPUs)
+    baseline, graph       2908  1.25×       6760  0.45×
+    baseline, XLA         2349  1.01×       6562  0.44×
+    PANet, graph          4901  2.11×      15215  1.02×
+    PANet, XLA            5844  2.52×      14304  0.96×
+    torchvision           2318             14954
+    PANet train step     56169  2.44×      59488  2.24×
+    torchvision train    23033             26602
+
+torch's threads degrade far more than TensorFlow's on an oversubscribed CPU,
+so the ratios depend on the machine's load: compare runs at similar load.
+On the lightly loaded run no target is met: PANet's adaptive pooling (four
+box-head fc1 and mask-head conv1 layers) and fully-connected fusion cost
+about twice torchvision's head FLOPs (108.9 M parameters against 44.5 M),
+and kseg's mask head trains on a fixed 128 RoIs per image (static shapes)
+where torchvision's takes only the positive ones.
+
 The peer's environment (once, outside the repository):
 
     python -m venv /work/tv-venv
