@@ -40,25 +40,38 @@ same boxes (its `rpn_post_nms_top_n_train` set to kseg's 1000 proposals).
 Targets (issue 11): baseline ≤ 0.6× torchvision's latency, PANet ≤ 0.8×, the
 PANet training step ≤ 0.8× torchvision's.
 
-Measured (2-core AMD EPYC shared with other jobs; torch 2.14.1, torchvision
-0.29.1, TensorFlow 2.21; `--runs 5`), median ms and ratio to torchvision:
+Both sides run on the same allocator: the script restarts itself with
+kseg's (`--allocator kseg`, the default: tcmalloc when installed, as every
+`kseg` command) and the torchvision worker inherits it; `--allocator
+process` keeps this Python's own malloc.
 
-    load (1 min)          ~3 (2 CPUs)       ~5 (2 CPUs)
-    baseline, graph       2908  1.25×       6760  0.45×
-    baseline, XLA         2349  1.01×       6562  0.44×
-    PANet, graph          4901  2.11×      15215  1.02×
-    PANet, XLA            5844  2.52×      14304  0.96×
-    torchvision           2318             14954
-    PANet train step     56169  2.44×      59488  2.24×
-    torchvision train    23033             26602
+Measured (2-core AMD EPYC; torch 2.14.1, torchvision 0.29.1, TensorFlow
+2.21; `--runs 5 --stage-runs 2 --train-runs 2`), median ms and ratio to
+torchvision:
+
+    allocator             tcmalloc          glibc malloc     glibc malloc
+    load (1 min)          1.4-1.7           ~3               ~5
+    baseline, graph       2009  0.97×       2908  1.25×      6760  0.45×
+    baseline, XLA         1868  0.90×       2349  1.01×      6562  0.44×
+    PANet, graph          3717  1.80×       4901  2.11×     15215  1.02×
+    PANet, XLA            3446  1.67×       5844  2.52×     14304  0.96×
+    torchvision           2066              2318            14954
+    PANet train step     28480  4.09×      56169  2.44×     59488  2.24×
+    torchvision train     6971             23033            26602
+
+Stage shares at tcmalloc (backbone+FPN / RPN+proposals / box head+NMS /
+mask head+paste): baseline graph 27/11/19/43%, PANet graph 18/5/33/44%,
+torchvision 27/9/27/37%.
 
 torch's threads degrade far more than TensorFlow's on an oversubscribed CPU,
 so the ratios depend on the machine's load: compare runs at similar load.
-On the lightly loaded run no target is met: PANet's adaptive pooling (four
-box-head fc1 and mask-head conv1 layers) and fully-connected fusion cost
-about twice torchvision's head FLOPs (108.9 M parameters against 44.5 M),
-and kseg's mask head trains on a fixed 128 RoIs per image (static shapes)
-where torchvision's takes only the positive ones.
+No target is met on the quiet runs: the baseline is at parity with
+torchvision; PANet's adaptive pooling (four box-head fc1 and mask-head conv1
+layers) and fully-connected fusion cost about twice torchvision's head FLOPs
+(108.9 M parameters against 44.5 M); kseg's training step runs its RoIAlign
+as dense matrix products over every pyramid level (fixed shapes, cheap
+gradient; at 512² the 128×128 level dominates) and its mask head on a fixed
+128 RoIs per image, where torchvision's takes only the positive ones.
 
 The peer's environment (once, outside the repository):
 
@@ -348,7 +361,8 @@ def print_table(rows, loads, threads, size, compile_times):
     print()
     print(
         f"PANet vs torchvision Mask R-CNN, {size}×{size}, batch 1, {NUM_CLASSES} "
-        f"classes, {DETECTIONS} detections with pasted masks, {threads} threads; "
+        f"classes, {DETECTIONS} detections with pasted masks, {threads} threads, "
+        f"allocator: {allocator_name()} (both sides); "
         f"load average (1, 5, 15 min) before {loads[0]}, after {loads[1]}"
     )
     print()
@@ -378,6 +392,27 @@ def load_average():
 # === Main ===
 
 
+def _restart_with_kseg_allocator():
+    """Runs this script again with kseg's allocator (`kseg.allocator`), once;
+    the torchvision worker, a child process, inherits it: both sides run on
+    the same allocator."""
+    from kseg.allocator import tuned_environment
+
+    environ = tuned_environment()
+    if environ is not None:
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, *sys.argv], environ)
+
+
+def allocator_name():
+    preload = os.environ.get("LD_PRELOAD", "")
+    if "tcmalloc" in preload:
+        return "tcmalloc"
+    if "MALLOC_TOP_PAD_" in os.environ:
+        return "glibc with kseg's MALLOC_* settings"
+    return "the process's own malloc"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512)
@@ -391,7 +426,17 @@ def main(argv=None):
     parser.add_argument("--no-xla", action="store_true")
     parser.add_argument("--no-train", action="store_true")
     parser.add_argument("--heavier-head", action="store_true")
+    parser.add_argument(
+        "--allocator",
+        default="kseg",
+        choices=("kseg", "process"),
+        help="kseg: restart with kseg's allocator (tcmalloc when installed, as "
+        "every kseg command), which the torchvision worker inherits; process: "
+        "this Python's own malloc for both",
+    )
     args = parser.parse_args(argv)
+    if args.allocator == "kseg" and argv is None:  # the script, not a caller's call
+        _restart_with_kseg_allocator()
 
     python = torch_python(args)
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
