@@ -99,6 +99,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from kseg.allocator import active_allocator, restart_with_allocator  # noqa: E402
 from kseg.export.instance_saved_model import axis_weights  # noqa: E402
 from kseg.models.panet import build_panet_resnet50_fpn, crop_instance_mask  # noqa: E402
 from kseg.models.panet.panet import _select_class_masks  # noqa: E402
@@ -362,7 +363,7 @@ def print_table(rows, loads, threads, size, compile_times):
     print(
         f"PANet vs torchvision Mask R-CNN, {size}×{size}, batch 1, {NUM_CLASSES} "
         f"classes, {DETECTIONS} detections with pasted masks, {threads} threads, "
-        f"allocator: {allocator_name()} (both sides); "
+        f"allocator: {active_allocator()} (both sides); "
         f"load average (1, 5, 15 min) before {loads[0]}, after {loads[1]}"
     )
     print()
@@ -392,27 +393,6 @@ def load_average():
 # === Main ===
 
 
-def _restart_with_kseg_allocator():
-    """Runs this script again with kseg's allocator (`kseg.allocator`), once;
-    the torchvision worker, a child process, inherits it: both sides run on
-    the same allocator."""
-    from kseg.allocator import tuned_environment
-
-    environ = tuned_environment()
-    if environ is not None:
-        sys.stdout.flush()
-        os.execve(sys.executable, [sys.executable, *sys.argv], environ)
-
-
-def allocator_name():
-    preload = os.environ.get("LD_PRELOAD", "")
-    if "tcmalloc" in preload:
-        return "tcmalloc"
-    if "MALLOC_TOP_PAD_" in os.environ:
-        return "glibc with kseg's MALLOC_* settings"
-    return "the process's own malloc"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512)
@@ -436,7 +416,7 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     if args.allocator == "kseg" and argv is None:  # the script, not a caller's call
-        _restart_with_kseg_allocator()
+        restart_with_allocator(sys.argv)
 
     python = torch_python(args)
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)

@@ -32,6 +32,7 @@ through `mallopt`) before building their model, or start Python with
 import ctypes
 import ctypes.util
 import os
+import sys
 from pathlib import Path
 
 ENV = "KSEG_MALLOC"
@@ -138,6 +139,38 @@ def tuned_environment(environ=None, tcmalloc=None):
     for name, value in ENVIRONMENT.items():
         environ.setdefault(name, value)
     return environ
+
+
+def restart_with_allocator(arguments):
+    """Replaces this process by `python *arguments` running with kseg's
+    allocator (`tuned_environment`), once: in the restarted process, or with
+    `KSEG_MALLOC=off`, it returns at once. Call it first thing (the
+    allocator acts from a process's first allocation).
+
+    Example (a benchmark script restarting itself):
+    >>> restart_with_allocator(sys.argv)  # doctest: +SKIP
+
+    Raises:
+        AllocatorError: see `tuned_environment`.
+    """
+    environ = tuned_environment()
+    if environ is None or not sys.executable:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *arguments], environ)
+
+
+def active_allocator(environ=None):
+    """Which allocator this process started with, in words (for reports)."""
+    environ = os.environ if environ is None else environ
+    preload = environ.get("LD_PRELOAD", "")
+    for name in ("tcmalloc", "jemalloc", "mimalloc"):
+        if name in preload:
+            return name
+    if all(name in environ for name in ENVIRONMENT):
+        return "glibc with kseg's MALLOC_* settings"
+    return "glibc malloc"
 
 
 def tune_cpu_allocator():

@@ -456,20 +456,13 @@ def _reexec_with_allocator_settings():
     tcmalloc preloaded when installed, else glibc's `MALLOC_*` settings),
     which acts only from a process's first allocation; once applied (or with
     `KSEG_MALLOC=off`) it returns at once."""
-    from kseg.allocator import AllocatorError, tuned_environment
+    from kseg.allocator import AllocatorError, restart_with_allocator
 
     try:
-        environ = tuned_environment()
+        restart_with_allocator(["-m", "kseg.cli", *sys.argv[1:]])
     except AllocatorError as error:
         print(f"kseg: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    if environ is None or not sys.executable:
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(
-        sys.executable, [sys.executable, "-m", "kseg.cli", *sys.argv[1:]], environ
-    )
 
 
 def main(argv=None):

@@ -151,3 +151,31 @@ def test_an_unknown_choice_is_a_clear_error():
     assert (
         "KSEG_MALLOC='fast' is not one of auto, tcmalloc, glibc, off" in result.stderr
     )
+
+
+def test_active_allocator_names_what_the_process_runs_with():
+    assert allocator.active_allocator({"LD_PRELOAD": TCMALLOC}) == "tcmalloc"
+    assert allocator.active_allocator({**ENVIRONMENT}).startswith("glibc with kseg")
+    assert allocator.active_allocator({}) == "glibc malloc"
+
+
+def test_a_script_restarts_itself_with_the_allocator(tmp_path):
+    # How the benchmarks use it: first thing, restart with kseg's allocator.
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import sys\n"
+        "from kseg.allocator import active_allocator, restart_with_allocator\n"
+        "restart_with_allocator(sys.argv)\n"
+        "print(active_allocator(), sys.argv[1:])\n"
+    )
+    expected = "tcmalloc" if allocator.tcmalloc_library() else "glibc with kseg"
+    for env, name in (({}, expected), ({"KSEG_MALLOC": "off"}, "glibc malloc")):
+        result = subprocess.run(
+            [sys.executable, str(script), "--flag"],
+            env=_clean_environment(**env),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(name) and "['--flag']" in result.stdout
