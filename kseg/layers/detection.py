@@ -1369,15 +1369,9 @@ class PyramidRoIAlign(KsegLayer):
         align = self.roi_align
         oh, ow = align.output_size
         sr = align.sampling_ratio or align.max_sampling_ratio
-        boxes = boxes / stride
-        if align.aligned:
-            boxes = boxes - 0.5
-        y_low, y_high, wy_low, wy_high, y_count = align._sample_axis(
-            boxes[:, 0], boxes[:, 2], oh, height
-        )
-        x_low, x_high, wx_low, wx_high, x_count = align._sample_axis(
-            boxes[:, 1], boxes[:, 3], ow, width
-        )
+        rows, cols = align._sample_boxes(boxes / stride, height, width)
+        y_low, y_high, wy_low, wy_high, y_count = rows
+        x_low, x_high, wx_low, wx_high, x_count = cols
         dtype = table.dtype
         width = ops.cast(width, "int32")
         y_low, y_high, wy_low, wy_high = (

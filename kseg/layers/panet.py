@@ -336,20 +336,24 @@ class RoIAlign(KsegLayer):
         high = ops.minimum(low + 1, ops.cast(size, "int32") - 1)
         return low, high, (1.0 - frac) * valid, frac * valid, count
 
+    def _sample_boxes(self, boxes, height, width):
+        """`_sample_axis` of the rows and of the columns of `(R, 4)` boxes
+        given in feature-map pixels (half a pixel shifted when aligned)."""
+        oh, ow = self.output_size
+        if self.aligned:
+            boxes = boxes - 0.5
+        rows = self._sample_axis(boxes[:, 0], boxes[:, 2], oh, height)
+        cols = self._sample_axis(boxes[:, 1], boxes[:, 3], ow, width)
+        return rows, cols
+
     def _pool(self, features, boxes, box_indices, stride):
         oh, ow = self.output_size
         sr = self.sampling_ratio or self.max_sampling_ratio
         shape = ops.shape(features)
         height, width, channels = shape[1], shape[2], features.shape[-1]
-        boxes = boxes * (1.0 / float(stride))
-        if self.aligned:
-            boxes = boxes - 0.5
-        y_low, y_high, wy_low, wy_high, y_count = self._sample_axis(
-            boxes[:, 0], boxes[:, 2], oh, height
-        )
-        x_low, x_high, wx_low, wx_high, x_count = self._sample_axis(
-            boxes[:, 1], boxes[:, 3], ow, width
-        )
+        rows, cols = self._sample_boxes(boxes * (1.0 / float(stride)), height, width)
+        y_low, y_high, wy_low, wy_high, y_count = rows
+        x_low, x_high, wx_low, wx_high, x_count = cols
         flat = ops.reshape(features, (-1, channels))
         base = box_indices * ops.cast(height * width, "int32")
         dtype = features.dtype
