@@ -16,10 +16,11 @@ frozen graph whose control flow is left unlowered, as `WHILE` ops that made
 the quickstart PANet's file 25% slower. Trace the function
 inside `swapped_nms(model, nms)` with one of the greedy NMS ops the format
 has instead: `CombinedNMS` (ONNX `NonMaxSuppression`), `SelectedNMS`
-(TFLite `NON_MAX_SUPPRESSION_V5`). Both keep boxes by decreasing score,
-drop those with `score <= score_threshold`, keep at most `max_detections`,
-zero-padded, and differ from keras-hub only at an IoU of exactly the
-threshold (keras-hub suppresses, TensorFlow keeps).
+(TFLite `NON_MAX_SUPPRESSION_V5`). `BatchedNMS` hands its NMS the
+candidates in order with distinct rank scores (`>= 1`; 0 for boxes that are
+no candidates), so every greedy NMS keeps the same boxes; TensorFlow's ops,
+like SPEC, suppress only an IoU greater than the threshold and so take
+`BatchedNMS`'s own threshold.
 """
 
 import contextlib
@@ -31,6 +32,9 @@ import tensorflow as tf
 from kseg.data import preprocess_images
 from kseg.export.instance_saved_model import DETECTION_OUTPUTS
 from kseg.export.saved_model import IMAGES
+
+# `BatchedNMS` gives its candidates rank scores >= 1 and the rest 0.
+RANK_THRESHOLD = 0.5
 
 
 class CombinedNMS:
@@ -50,7 +54,7 @@ class CombinedNMS:
             max_output_size_per_class=size,
             max_total_size=size,
             iou_threshold=self.layer.iou_threshold,
-            score_threshold=self.layer.score_threshold,
+            score_threshold=RANK_THRESHOLD,
             pad_per_class=False,
             clip_boxes=False,
         )
@@ -81,7 +85,7 @@ class SelectedNMS:
                 scores=scores[image],
                 max_output_size=size,
                 iou_threshold=self.layer.iou_threshold,
-                score_threshold=self.layer.score_threshold,
+                score_threshold=RANK_THRESHOLD,
                 soft_nms_sigma=0.0,
                 pad_to_max_output_size=True,
             )

@@ -106,6 +106,15 @@ def clip_boxes(boxes, height, width):
     return ops.minimum(ops.maximum(ops.cast(boxes, "float32"), 0.0), limit)
 
 
+def large_enough(boxes, min_size):
+    """Whether both sides of `[y1, x1, y2, x2]` boxes are at least `min_size`
+    (torchvision's `remove_small_boxes`)."""
+    return ops.logical_and(
+        boxes[..., 2] - boxes[..., 0] >= min_size,
+        boxes[..., 3] - boxes[..., 1] >= min_size,
+    )
+
+
 def pairwise_iou(boxes1, boxes2):
     """IoU `(B, M, N)` of `(B, M, 4)` and `(B, N, 4)` `[y1, x1, y2, x2]` boxes
     (`keras.utils.bounding_boxes.compute_iou`; empty boxes give 0)."""
@@ -471,16 +480,26 @@ class RPNHead(KsegLayer):
 class BatchedNMS(KsegLayer):
     """Padded, batched, class-aware non-maximum suppression.
 
-    Greedy NMS per image: boxes are taken by decreasing score; a box whose
-    IoU with an already kept box of the same class reaches `iou_threshold`
-    is dropped; boxes with `score <= score_threshold` never count; at most
-    `max_detections` are kept, padded with zeros. Classes are kept apart as
-    in torchvision's `batched_nms`: each box is shifted by
-    `class · (max coordinate + 1)`, so boxes of different classes never
-    overlap, and one NMS runs over all of them — no loop over classes.
-    The NMS itself is keras-hub's `NonMaxSuppression` (TensorFlow's padded
-    NMS algorithm in `keras.ops`, XLA- and TFLite-friendly). Computed in
-    float32.
+    Greedy NMS per image, with torchvision's and Detectron2's rules (SPEC):
+    boxes are taken by decreasing score, on tied scores the lower index
+    first; a box whose IoU with an already kept box of the same class is
+    greater than `iou_threshold` is dropped (equal is kept); boxes with
+    `score <= score_threshold` never count; at most `max_detections` are
+    kept, padded with zeros.
+
+    Classes are kept apart for the suppression as in torchvision's
+    `batched_nms`: each box is shifted by `class · (max coordinate + 1)`, so
+    boxes of different classes never overlap and one NMS runs over all of
+    them. What the NMS keeps is carried by index: the returned boxes, scores
+    and classes are the inputs' own values, never decoded from the shifted
+    coordinates. The candidates are put in the order above first (`top_k`,
+    which keeps the lower index first on ties) and the NMS sees their rank as
+    the score (`N − position`, exact in float32 for fewer than 2²⁴ boxes), so
+    any greedy NMS that keeps boxes by decreasing score gives the same kept
+    set, and the rank it returns is the index. The NMS itself is keras-hub's
+    `NonMaxSuppression` (TensorFlow's padded NMS algorithm in `keras.ops`,
+    XLA-friendly), which suppresses at an IoU equal to its threshold: it is
+    given the next float32 above `iou_threshold`. Computed in float32.
 
     Example:
     >>> nms = BatchedNMS(iou_threshold=0.5, max_detections=2)
@@ -490,8 +509,8 @@ class BatchedNMS(KsegLayer):
     array([[0.9, 0.7]], dtype=float32)
 
     Args:
-        iou_threshold: float. IoU at which a box is suppressed.
-            Defaults to `0.5`.
+        iou_threshold: float. A box with a greater IoU with a kept box is
+            suppressed. Defaults to `0.5`.
         max_detections: int. Boxes kept per image. Defaults to `100`.
         score_threshold: float. Boxes scoring at most this are dropped.
             Defaults to `0.0`.
@@ -500,7 +519,7 @@ class BatchedNMS(KsegLayer):
     Input shape:
         `[boxes (batch, N, 4), scores (batch, N)]` or, class-aware,
         `[boxes, scores, classes (batch, N) ints]`; boxes
-        `[y1, x1, y2, x2]` with non-negative coordinates.
+        `[y1, x1, y2, x2]` with non-negative coordinates, `N < 2²⁴`.
 
     Output shape:
         Dict `boxes (batch, D, 4)`, `scores (batch, D)`, `classes (batch, D)`
@@ -519,11 +538,22 @@ class BatchedNMS(KsegLayer):
     def build(self, input_shape):
         from keras_hub.layers import NonMaxSuppression
 
+        count = input_shape[1][-1]
+        if count is not None and count >= 2**24:
+            raise ValueError(
+                f"{self.name}: {count} boxes per image; BatchedNMS ranks them in "
+                "float32 and takes fewer than 2**24"
+            )
+        # keras-hub suppresses at IoU >= its threshold: the next float32 above
+        # ours suppresses exactly the IoUs greater than ours. Candidates carry
+        # rank scores >= 1 and the rest 0, so 0.5 separates them.
         self.nms = NonMaxSuppression(
             bounding_box_format="yxyx",
             from_logits=False,
-            iou_threshold=self.iou_threshold,
-            confidence_threshold=self.score_threshold,
+            iou_threshold=float(
+                np.nextafter(np.float32(self.iou_threshold), np.float32(np.inf))
+            ),
+            confidence_threshold=0.5,
             max_detections=self.max_detections,
             dtype="float32",
         )
@@ -531,24 +561,42 @@ class BatchedNMS(KsegLayer):
     def call(self, inputs):
         boxes = ops.cast(inputs[0], "float32")
         scores = ops.cast(inputs[1], "float32")
-        # Every coordinate of an image lies in [0, offset - 1], so a shifted
-        # box of class c starts in [c · offset, (c + 1) · offset - 1].
-        offset = ops.max(boxes) + 1.0
+        count = boxes.shape[1]
+        candidate = scores > self.score_threshold
+        # Decreasing score, lower index first on ties (top_k's order).
+        _, order = ops.top_k(ops.where(candidate, scores, -np.inf), count)
+        candidate = ops.take_along_axis(candidate, order, axis=1)
+        rank = ops.where(
+            candidate, float(count) - ops.arange(count, dtype="float32"), 0.0
+        )
+        shifted = boxes
         if len(inputs) > 2:
-            classes = ops.cast(inputs[2], "float32")
-            boxes = boxes + classes[..., None] * offset
-        out = self.nms(boxes, scores[..., None])
-        count = ops.cast(out["num_detections"], "int32")
-        valid = ops.arange(self.max_detections)[None, :] < count[:, None]
-        kept = ops.where(valid[..., None], out["boxes"], 0.0)
-        labels = ops.floor(kept[..., 0] / offset)
-        kept = kept - labels[..., None] * offset
+            classes = ops.cast(inputs[2], "int32")
+            # Every coordinate of an image lies in [0, offset - 1], so a
+            # shifted box of class c lies in [c · offset, (c + 1) · offset - 1].
+            offset = ops.max(boxes) + 1.0
+            shifted = boxes + ops.cast(classes, "float32")[..., None] * offset
+        else:
+            classes = ops.zeros(ops.shape(scores), "int32")
+        shifted = ops.take_along_axis(shifted, order[..., None], axis=1)
+        # Boxes that are no candidates are zeroed: never kept, never suppress.
+        shifted = ops.where(candidate[..., None], shifted, 0.0)
+        out = self.nms(shifted, rank[..., None])
+        kept = ops.cast(out["num_detections"], "int32")
+        valid = ops.arange(self.max_detections)[None, :] < kept[:, None]
+        position = ops.cast(float(count) - out["confidence"], "int32")
+        position = ops.where(valid, ops.clip(position, 0, count - 1), 0)
+        index = ops.take_along_axis(order, position, axis=1)
         return {
-            "boxes": kept,
-            "scores": ops.where(valid, out["confidence"], 0.0),
-            "classes": ops.cast(labels, "int32"),
+            "boxes": ops.where(
+                valid[..., None],
+                ops.take_along_axis(boxes, index[..., None], axis=1),
+                0.0,
+            ),
+            "scores": ops.where(valid, ops.take_along_axis(scores, index, axis=1), 0.0),
+            "classes": ops.where(valid, ops.take_along_axis(classes, index, axis=1), 0),
             "valid": valid,
-            "num_detections": count,
+            "num_detections": kept,
         }
 
     def compute_output_spec(self, inputs):
@@ -581,7 +629,7 @@ class ProposalLayer(KsegLayer):
 
     Per level the `pre_nms_top_k` anchors with the highest objectness are
     decoded (weights `(1, 1, 1, 1)`, `dh, dw` clipped at `log(1000 / 16)`),
-    clipped to the image, boxes with a side of at most `min_size` pixels are
+    clipped to the image, boxes with a side under `min_size` pixels are
     dropped, then one NMS at `iou_threshold` runs over all levels of an image
     (scores `sigmoid(objectness)`) and keeps the `post_nms_top_k` best. The
     counts differ in training (2000 / 1000) and inference (1000 / 1000).
@@ -604,7 +652,7 @@ class ProposalLayer(KsegLayer):
         pre_nms_top_k_test: int. Same at inference. Defaults to `1000`.
         post_nms_top_k_test: int. Same at inference. Defaults to `1000`.
         iou_threshold: float. NMS threshold. Defaults to `0.7`.
-        min_size: float. Boxes with a side `<= min_size` pixels are dropped.
+        min_size: float. Boxes with a side `< min_size` pixels are dropped.
             Defaults to `1e-3`.
         anchor_sizes, anchor_strides, aspect_ratios: the `AnchorGenerator`
             arguments. Default to SPEC's.
@@ -684,10 +732,7 @@ class ProposalLayer(KsegLayer):
                 height,
                 width,
             )
-            big = ops.logical_and(
-                level_boxes[..., 2] - level_boxes[..., 0] > self.min_size,
-                level_boxes[..., 3] - level_boxes[..., 1] > self.min_size,
-            )
+            big = large_enough(level_boxes, self.min_size)
             boxes.append(level_boxes)
             scores.append(ops.where(big, ops.sigmoid(level_logits), 0.0))
             start = stop
@@ -727,9 +772,10 @@ class DetectionLayer(KsegLayer):
     Class probabilities are the softmax of the logits (class 0 is the
     background); every proposal is decoded once per class with that class's
     deltas (weights `(10, 10, 5, 5)`) and clipped to the image; candidates
-    with probability `> score_threshold` go through one class-aware NMS
-    (`BatchedNMS`) at `iou_threshold`. Padding proposals (`valid` false)
-    never score.
+    with probability `> score_threshold` and both sides at least `min_size`
+    pixels (torchvision drops the boxes that clipping left under 1e-2 px)
+    go through one class-aware NMS (`BatchedNMS`) at `iou_threshold`.
+    Padding proposals (`valid` false) never score.
 
     Example:
     >>> layer = DetectionLayer(num_classes=2, max_detections=3)
@@ -745,6 +791,8 @@ class DetectionLayer(KsegLayer):
         score_threshold: float. Defaults to `0.05`.
         iou_threshold: float. Per-class NMS threshold. Defaults to `0.5`.
         max_detections: int. Detections per image `D`. Defaults to `100`.
+        min_size: float. Boxes with a side under `min_size` pixels are
+            dropped. Defaults to `1e-2`.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
     Input shape:
@@ -763,6 +811,7 @@ class DetectionLayer(KsegLayer):
         score_threshold=0.05,
         iou_threshold=0.5,
         max_detections=100,
+        min_size=1e-2,
         **kwargs,
     ):
         super().__init__(autocast=False, **kwargs)
@@ -770,6 +819,7 @@ class DetectionLayer(KsegLayer):
         self.score_threshold = float(score_threshold)
         self.iou_threshold = float(iou_threshold)
         self.max_detections = check_positive_int(max_detections, "max_detections")
+        self.min_size = float(min_size)
 
     def build(self, input_shape):
         self.nms = BatchedNMS(
@@ -789,6 +839,7 @@ class DetectionLayer(KsegLayer):
         deltas = ops.reshape(ops.cast(deltas, "float32"), (batch, rois, c, 4))
         boxes = decode_boxes(deltas, proposals[:, :, None, :], ROI_BOX_WEIGHTS)
         boxes = clip_boxes(boxes, height, width)
+        probs = ops.where(large_enough(boxes, self.min_size), probs, 0.0)
         classes = ops.broadcast_to(
             ops.arange(1, c + 1, dtype="int32"), (batch, rois, c)
         )
@@ -823,6 +874,7 @@ class DetectionLayer(KsegLayer):
             "score_threshold": self.score_threshold,
             "iou_threshold": self.iou_threshold,
             "max_detections": self.max_detections,
+            "min_size": self.min_size,
         }
 
 

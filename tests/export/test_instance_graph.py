@@ -11,13 +11,35 @@ from kseg.layers.detection import BatchedNMS
 
 def _boxes_and_scores(seed, batch=2, count=60):
     rng = np.random.default_rng(seed)
-    corners = rng.uniform(0, 100, (batch, count, 2))
-    sizes = rng.uniform(5, 40, (batch, count, 2))
+    # Whole-pixel boxes on a coarse grid: many pairs overlap at an IoU of
+    # exactly 0.5 (kept), and scores in steps of 1/8 tie often (the lower
+    # index wins).
+    corners = rng.integers(0, 10, (batch, count, 2)) * 10
+    sizes = rng.choice([10, 20, 40], (batch, count, 2))
     boxes = np.concatenate([corners, corners + sizes], axis=-1).astype(np.float32)
-    # Distinct scores: ties may be broken either way.
-    scores = rng.permutation(batch * count).reshape(batch, count) / (batch * count)
+    scores = rng.integers(1, 9, (batch, count)) / 8
     classes = rng.integers(1, 4, (batch, count))
     return boxes, scores.astype(np.float32), classes.astype(np.int32)
+
+
+def _loop_nms(boxes, scores, classes, iou_threshold, score_threshold):
+    """Greedy per-class NMS by a loop: SPEC's rules (stable order, IoU above
+    the threshold suppresses)."""
+
+    def iou(a, b):
+        ih = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        iw = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])
+        return ih * iw / (union - ih * iw)
+
+    kept = []
+    for i in sorted(range(len(scores)), key=lambda i: -scores[i]):
+        if scores[i] > score_threshold and all(
+            classes[i] != classes[k] or iou(boxes[i], boxes[k]) <= iou_threshold
+            for k in kept
+        ):
+            kept.append(i)
+    return kept
 
 
 @pytest.mark.parametrize("nms", [SelectedNMS, CombinedNMS])
@@ -29,6 +51,10 @@ def test_swapped_nms_keeps_what_keras_hub_keeps(nms):
         inputs = _boxes_and_scores(seed, count=20 + 40 * seed)
         expected = layer(list(inputs))
         counts.extend(np.asarray(expected["num_detections"]))
+        for image, count in enumerate(np.asarray(expected["num_detections"])):
+            boxes, scores, classes = (x[image] for x in inputs)
+            kept = _loop_nms(boxes, scores, classes, 0.5, 0.2)[:30]
+            np.testing.assert_array_equal(expected["boxes"][image, :count], boxes[kept])
         # What `swapped_nms` does to each BatchedNMS of a model.
         original = vars(layer)["nms"]
         object.__setattr__(layer, "nms", nms(layer))

@@ -61,14 +61,17 @@ def np_iou(a, b):
 
 
 def np_nms(boxes, scores, classes, iou_threshold, max_out, score_threshold):
-    """Greedy per-class NMS with a loop: returns kept indices, best first."""
+    """Greedy per-class NMS with a loop (SPEC, torchvision): by decreasing
+    score, the lower index first on ties (a stable sort); a box is dropped
+    when its IoU with a kept box of its class is greater than the threshold.
+    Returns kept indices, best first."""
     order = sorted(range(len(scores)), key=lambda i: -scores[i])
     kept = []
     for i in order:
         if scores[i] <= score_threshold:
             continue
         if all(
-            classes[i] != classes[k] or np_iou(boxes[i], boxes[k]) < iou_threshold
+            classes[i] != classes[k] or np_iou(boxes[i], boxes[k]) <= iou_threshold
             for k in kept
         ):
             kept.append(i)
@@ -190,8 +193,9 @@ class BatchedNMSTest(TestCase):
             kept = np_nms(boxes[b], scores[b], cls, iou, max_out, threshold)
             n = len(kept)
             self.assertEqual(out["num_detections"][b], n)
-            np.testing.assert_allclose(out["boxes"][b, :n], boxes[b, kept], atol=1e-3)
-            np.testing.assert_allclose(out["scores"][b, :n], scores[b, kept], atol=1e-6)
+            # The kept rows are the inputs' own values, carried by index.
+            np.testing.assert_array_equal(out["boxes"][b, :n], boxes[b, kept])
+            np.testing.assert_array_equal(out["scores"][b, :n], scores[b, kept])
             np.testing.assert_array_equal(out["classes"][b, :n], cls[kept])
             np.testing.assert_array_equal(out["valid"][b], np.arange(max_out) < n)
             self.assertTrue(np.all(out["boxes"][b, n:] == 0))
@@ -209,6 +213,70 @@ class BatchedNMSTest(TestCase):
         scores = rng.uniform(size=(2, 80)).astype("float32")
         classes = rng.integers(1, 4, size=(2, 80)).astype("int32")
         self._check(boxes, scores, classes, 0.5, 30, 0.05)
+
+    def test_class_and_box_survive_a_fractional_offset(self):
+        # The class offset max(boxes) + 1 = 601.05 is no integer: decoding the
+        # class from the shifted y1 = 31 · 601.05 gave class 30 and a box moved
+        # by the offset.
+        boxes = np.array([[[0, 10, 50, 60], [300, 300, 600.05, 600.05]]], "float32")
+        classes = np.array([[31, 1]], "int32")
+        scores = np.array([[0.9, 0.9]], "float32")
+        out = BatchedNMS(0.5, 10, score_threshold=0.05)([boxes, scores, classes])
+        self.assertEqual(int(_np(out["num_detections"])[0]), 2)
+        np.testing.assert_array_equal(_np(out["classes"])[0, :2], [31, 1])
+        np.testing.assert_array_equal(_np(out["boxes"])[0, :2], boxes[0])
+
+    def test_many_classes_on_the_borders_match_loop_nms(self):
+        # 80 classes, boxes touching every border of an image whose extent is
+        # no integer, many overlapping: the loop NMS keeps the same rows, with
+        # the same classes and coordinates.
+        rng = np.random.default_rng(7)
+        height, width = 1000.37, 777.77
+        for seed in range(3):
+            boxes = np.stack(
+                [random_boxes(rng, 300, size=height) for _ in range(2)]
+            ).astype("float32")
+            boxes[..., 3] = np.minimum(boxes[..., 3] * width / height, width)
+            boxes[..., 1] *= width / height
+            side = rng.integers(0, 5, (2, 300))
+            boxes[..., 0] = np.where(side == 0, 0.0, boxes[..., 0])
+            boxes[..., 1] = np.where(side == 1, 0.0, boxes[..., 1])
+            boxes[..., 2] = np.where(side == 2, np.float32(height), boxes[..., 2])
+            boxes[..., 3] = np.where(side == 3, np.float32(width), boxes[..., 3])
+            scores = rng.uniform(size=(2, 300)).astype("float32")
+            classes = rng.integers(1, 81, (2, 300)).astype("int32")
+            self._check(boxes, scores, classes, 0.5, 100, 0.05 * seed)
+
+    def test_ties_keep_the_lower_index(self):
+        # Equal scores, overlapping boxes of one class: the first one stays.
+        boxes = np.array([[[0, 0, 10, 10], [1, 0, 11, 10], [0, 1, 10, 11]]], "float32")
+        scores = np.full((1, 3), 0.7, "float32")
+        out = BatchedNMS(0.5, 3)([boxes, scores])
+        self.assertEqual(int(_np(out["num_detections"])[0]), 1)
+        np.testing.assert_array_equal(_np(out["boxes"])[0, 0], boxes[0, 0])
+        # Reversed: again the lower index, now the other box.
+        out = BatchedNMS(0.5, 3)([boxes[:, ::-1].copy(), scores])
+        np.testing.assert_array_equal(_np(out["boxes"])[0, 0], boxes[0, 2])
+        rng = np.random.default_rng(3)
+        boxes = np.stack([random_boxes(rng, 80) for _ in range(2)]).astype("float32")
+        scores = rng.integers(1, 5, (2, 80)).astype("float32") / 4
+        classes = rng.integers(1, 3, (2, 80)).astype("int32")
+        self._check(boxes, scores, classes, 0.3, 40, 0.0)
+
+    def test_iou_equal_to_the_threshold_is_kept(self):
+        # IoU exactly 0.5 (50 / 100) and 0.25 (25 / 100): kept at that
+        # threshold, suppressed just below it.
+        boxes = np.array([[[0, 0, 10, 10], [0, 0, 10, 5], [0, 0, 5, 5]]], "float32")
+        scores = np.array([[0.9, 0.8, 0.7]], "float32")
+        out = BatchedNMS(0.5, 3)([boxes, scores])
+        self.assertEqual(int(_np(out["num_detections"])[0]), 3)
+        out = BatchedNMS(0.25, 3)([boxes, scores])
+        # [0, 0, 10, 5] (IoU 0.5) is suppressed; [0, 0, 5, 5] has IoU 0.25
+        # with the first box and 0.5 with the suppressed one: kept.
+        self.assertEqual(int(_np(out["num_detections"])[0]), 2)
+        np.testing.assert_array_equal(_np(out["boxes"])[0, 1], boxes[0, 2])
+        out = BatchedNMS(0.2499, 3)([boxes, scores])
+        self.assertEqual(int(_np(out["num_detections"])[0]), 1)
 
     def test_no_boxes_above_threshold(self):
         boxes = np.ones((1, 5, 4), "float32") * [0, 0, 4, 4]
@@ -390,8 +458,11 @@ class DetectionLayerTest(TestCase):
                     box = np_decode(
                         deltas[b, i, 4 * j : 4 * j + 4], proposals[b, i], (10, 10, 5, 5)
                     )
-                    boxes.append([min(max(v, 0.0), 64.0) for v in box])
-                    scores.append(p[j + 1] if valid[b, i] else 0.0)
+                    box = [min(max(v, 0.0), 64.0) for v in box]
+                    # torchvision's remove_small_boxes(1e-2) after clipping.
+                    small = min(box[2] - box[0], box[3] - box[1]) < 1e-2
+                    boxes.append(box)
+                    scores.append(p[j + 1] if valid[b, i] and not small else 0.0)
                     classes.append(j + 1)
             kept = np_nms(boxes, scores, classes, 0.5, 15, 0.05)
             n = len(kept)
@@ -406,6 +477,45 @@ class DetectionLayerTest(TestCase):
                 out["classes"][b, :n], [classes[k] for k in kept]
             )
             np.testing.assert_array_equal(out["classes"][b, n:], 0)
+
+    def test_classes_survive_many_classes_and_a_fractional_offset(self):
+        # The issue's reproduction: 80 classes on a 1024² image; proposal 0
+        # is class 31, proposal 1 class 1, with equal scores.
+        c = 80
+        proposals = np.array([[[0, 10, 50, 60], [300, 300, 600.05, 600.05]]], "float32")
+        logits = np.zeros((1, 2, c + 1), "float32")
+        logits[0, 0, 31] = logits[0, 1, 1] = 10.0
+        out = DetectionLayer(c, max_detections=10)(
+            [
+                logits,
+                np.zeros((1, 2, 4 * c)),
+                proposals,
+                np.ones((1, 2), bool),
+                np.zeros((1, 1024, 1024, 3)),
+            ]
+        )
+        self.assertEqual(int(_np(out["num_detections"])[0]), 2)
+        np.testing.assert_array_equal(_np(out["classes"])[0, :2], [31, 1])
+        np.testing.assert_allclose(_np(out["boxes"])[0, :2], proposals[0], atol=1e-3)
+
+    def test_boxes_clipped_to_nothing_are_dropped(self):
+        # Both proposals score high; the second lies past the right border and
+        # clips to zero width (and a sliver of 1e-3 px stays under 1e-2).
+        proposals = np.array(
+            [[[4, 4, 20, 20], [4, 70, 20, 90], [30, 63.999, 40, 70]]], "float32"
+        )
+        logits = np.array([[[0.0, 6.0], [0.0, 6.0], [0.0, 6.0]]], "float32")
+        out = DetectionLayer(1, max_detections=5)(
+            [
+                logits,
+                np.zeros((1, 3, 4)),
+                proposals,
+                np.ones((1, 3), bool),
+                np.zeros((1, 64, 64, 3)),
+            ]
+        )
+        self.assertEqual(int(_np(out["num_detections"])[0]), 1)
+        np.testing.assert_allclose(_np(out["boxes"])[0, 0], proposals[0, 0], atol=1e-4)
 
 
 class PyramidLevelTest(TestCase):
