@@ -33,16 +33,23 @@ def _check_shape_list(input_shape, what, min_levels):
         check_rank(shape, 4, f"{what} inputs[{i}]")
 
 
-def _conv(filters, kernel_size, name, dtype, strides=1, activation="relu"):
+def _conv(
+    filters, kernel_size, name, dtype, strides=1, activation="relu", padding="same"
+):
     return keras.layers.Conv2D(
         filters,
         kernel_size,
         strides=strides,
-        padding="same",
+        padding=padding,
         activation=activation,
         dtype=dtype,
         name=name,
     )
+
+
+def _padded_shape(shape):
+    """`(batch, H + 2, W + 2, C)`: one pixel of padding on every side."""
+    return (shape[0], *(None if s is None else s + 2 for s in shape[1:3]), shape[3])
 
 
 @keras.saving.register_keras_serializable(package="kseg")
@@ -52,8 +59,11 @@ class BottomUpPathAugmentation(KsegLayer):
     PANet section 3.1 (Figure 2). A short path from the fine FPN level to the
     coarse ones: `N2 = P2` and
     `N_{i+1} = relu(conv3×3(relu(conv3×3_stride2(N_i)) + P_{i+1}))`.
-    Each level has its own two convolutions (with bias, "same" padding, so a
-    level of height `H` goes to `ceil(H / 2)`).
+    Each level has its own two convolutions (with bias). The stride-2 one
+    pads one pixel on every side, as the paper's code and PyTorch's
+    `padding=1` (Keras' "same" would pad only the bottom and right of an even
+    size, moving every window by a pixel for weights from PyTorch), so a
+    level of height `H` goes to `ceil(H / 2)`; the other is "same".
 
     Example:
     >>> layer = BottomUpPathAugmentation(filters=8)
@@ -104,9 +114,14 @@ class BottomUpPathAugmentation(KsegLayer):
         self.fuse_convs = []
         for i in range(1, len(input_shape)):
             down = _conv(
-                self.filters, 3, f"downsample_{i}", self.dtype_policy, strides=2
+                self.filters,
+                3,
+                f"downsample_{i}",
+                self.dtype_policy,
+                strides=2,
+                padding="valid",
             )
-            down.build(input_shape[i - 1])
+            down.build(_padded_shape(input_shape[i - 1]))
             fuse = _conv(self.filters, 3, f"fuse_{i}", self.dtype_policy)
             fuse.build(input_shape[i])
             self.downsample_convs.append(down)
@@ -117,7 +132,8 @@ class BottomUpPathAugmentation(KsegLayer):
         for down, fuse, lateral in zip(
             self.downsample_convs, self.fuse_convs, inputs[1:], strict=True
         ):
-            outputs.append(fuse(down(outputs[-1]) + lateral))
+            padded = ops.pad(outputs[-1], [[0, 0], [1, 1], [1, 1], [0, 0]])
+            outputs.append(fuse(down(padded) + lateral))
         return outputs
 
     def compute_output_shape(self, input_shape):

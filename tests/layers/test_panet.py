@@ -39,6 +39,22 @@ def conv2d_same(x, kernel, bias, stride=1):
     return out
 
 
+def conv2d_padded(x, kernel, bias, stride, pad):
+    """PyTorch's `Conv2d(padding=pad, stride=stride)`: `pad` zeros on every
+    side, then the windows from the top-left corner."""
+    n, h, w, _ = x.shape
+    kh, kw, _, filters = kernel.shape
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    oh = (h + 2 * pad - kh) // stride + 1
+    ow = (w + 2 * pad - kw) // stride + 1
+    out = np.zeros((n, oh, ow, filters))
+    for i in range(oh):
+        for j in range(ow):
+            patch = xp[:, i * stride : i * stride + kh, j * stride : j * stride + kw]
+            out[:, i, j] = np.einsum("nabc,abco->no", patch, kernel) + bias
+    return out
+
+
 def deconv2x2(x, kernel, bias):
     """2×2 stride-2 transposed conv; Keras kernel layout (kh, kw, out, in)."""
     n, h, w, _ = x.shape
@@ -317,11 +333,13 @@ def _pyramid(seed=0, channels=2, sizes=((6, 5), (3, 3), (2, 2))):
 
 def _bottom_up_reference(layer, pyramid):
     """[N2, N3, ...] in float64: N_{i+1} = ReLU(conv3×3(ReLU(conv3×3 stride
-    2(N_i)) + P_{i+1})), N2 = P2."""
+    2(N_i)) + P_{i+1})), N2 = P2; the stride-2 conv pads one pixel on every
+    side (SPEC, PyTorch's padding=1)."""
     n = pyramid[0].astype("float64")
     outputs = [n]
     for i in range(1, len(pyramid)):
-        down = relu(conv2d_same(n, *conv_weights(layer.downsample_convs[i - 1]), 2))
+        down = conv2d_padded(n, *conv_weights(layer.downsample_convs[i - 1]), 2, 1)
+        down = relu(down)
         n = relu(conv2d_same(down + pyramid[i], *conv_weights(layer.fuse_convs[i - 1])))
         outputs.append(n)
     return outputs
