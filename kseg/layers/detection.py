@@ -1309,7 +1309,8 @@ class PyramidRoIAlign(KsegLayer):
     faster in training, above all its gradient (dense products instead of
     scatter-adds of every sample into the feature maps).
 
-    At inference (`training` not true) the dense products cost
+    At inference (`training` not true) with a fixed sampling ratio (the
+    adaptive one's bound grows with the map) the dense products cost
     `R·oh·H·W·C` multiply-adds per level — 29 G for 1000 RoIs on the 128×128
     level of a 512×512 image, most of them zero weights — so the grids are
     gathered instead where that is cheaper: `4·(oh·sr)·(ow·sr)·C` values per
@@ -1371,24 +1372,6 @@ class PyramidRoIAlign(KsegLayer):
             name="level_select",
         )
 
-    def _axis_matrix(self, start, end, bins, size):
-        """`(N, bins, size)` float32: the weight of each map row (or column)
-        in each bin's average, from `RoIAlign._sample_axis`."""
-        align = self.roi_align
-        low, high, w_low, w_high, count = align._sample_axis(start, end, bins, size)
-        sr = align.sampling_ratio or align.max_sampling_ratio
-        matrix = (
-            ops.one_hot(low, size) * w_low[..., None]
-            + ops.one_hot(high, size) * (w_high[..., None])
-        )
-        matrix = ops.sum(ops.reshape(matrix, (-1, bins, sr, size)), axis=2)
-        if count is None:
-            return matrix / float(sr)
-        # Adaptive: RoIAlign divides by max(count_y · count_x, 1); an axis with
-        # count 0 has all weights 0, so dividing each axis by max(count, 1)
-        # gives the same numbers.
-        return matrix / ops.maximum(count, 1.0)[:, None, None]
-
     def _pool(self, features, boxes, stride):
         """`(B·R, oh, ow, C)` RoIAlign of `(B, R, 4)` boxes from one level."""
         height, width, channels = features.shape[1:4]
@@ -1398,8 +1381,8 @@ class PyramidRoIAlign(KsegLayer):
         if self.roi_align.aligned:
             flat = flat - 0.5
         dtype = features.dtype
-        rows = self._axis_matrix(flat[:, 0], flat[:, 2], oh, height)
-        cols = self._axis_matrix(flat[:, 1], flat[:, 3], ow, width)
+        rows = self.roi_align.axis_matrix(flat[:, 0], flat[:, 2], oh, height)
+        cols = self.roi_align.axis_matrix(flat[:, 1], flat[:, 3], ow, width)
         # Boxes carry no gradient (RoIAlign's is not taken either).
         rows = ops.stop_gradient(ops.reshape(rows, (batch, rois * oh, height)))
         cols = ops.stop_gradient(ops.reshape(cols, (batch, rois, 1, ow, width)))
@@ -1420,10 +1403,10 @@ class PyramidRoIAlign(KsegLayer):
         when each box has its own level). `RoIAlign`'s own sampling code."""
         align = self.roi_align
         oh, ow = align.output_size
-        sr = align.sampling_ratio or align.max_sampling_ratio
+        sr = align.sampling_ratio
         rows, cols = align._sample_boxes(boxes / stride, height, width)
-        y_low, y_high, wy_low, wy_high, y_count = rows
-        x_low, x_high, wx_low, wx_high, x_count = cols
+        y_low, y_high, wy_low, wy_high, _, _ = rows
+        x_low, x_high, wx_low, wx_high, _, _ = cols
         dtype = table.dtype
         width = ops.cast(width, "int32")
         y_low, y_high, wy_low, wy_high = (
@@ -1443,10 +1426,7 @@ class PyramidRoIAlign(KsegLayer):
                     weight = ops.cast(wy[:, :, None, sy] * wx[:, None, :, sx], dtype)
                     term = ops.take(table, index, axis=0) * weight[..., None]
                     pooled = term if pooled is None else pooled + term
-        if align.sampling_ratio > 0:
-            return pooled / float(sr * sr)
-        count = ops.maximum(y_count * x_count, 1.0)
-        return pooled / ops.cast(count, dtype)[:, None, None, None]
+        return pooled / float(sr * sr)
 
     def _gather_is_cheaper(self, height, width):
         """Whether gathers pool a `height × width` level faster than the
@@ -1455,7 +1435,7 @@ class PyramidRoIAlign(KsegLayer):
         `GATHER_COST` multiply-adds (TensorFlow on CPU, measured at 512²:
         gathers for the 128×128 level, products for the smaller ones)."""
         oh, ow = self.roi_align.output_size
-        sr = self.roi_align.sampling_ratio or self.roi_align.max_sampling_ratio
+        sr = self.roi_align.sampling_ratio
         products = oh * height * width + oh * ow * width
         return products > GATHER_COST * 4 * sr * sr * oh * ow
 
@@ -1504,7 +1484,9 @@ class PyramidRoIAlign(KsegLayer):
         static = boxes.shape[1] is not None and all(
             None not in tuple(f.shape[1:4]) for f in features
         )
-        if static and not training:
+        # The gathers take every sample of a bin: a fixed sampling ratio only
+        # (the adaptive bound grows with the map).
+        if static and not training and self.sampling_ratio > 0:
             return self._gather_levels([ops.cast(f, dtype) for f in features], boxes)
         if static:
             grids = [

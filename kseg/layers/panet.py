@@ -163,10 +163,13 @@ class RoIAlign(KsegLayer):
     `y = y1 + (iy + (s + 0.5) / sampling_ratio) · bin_h`. With
     `sampling_ratio=0` (Detectron2's adaptive ratio) each RoI uses
     `ceil(roi_h / oh)` samples along y and `ceil(roi_w / ow)` along x (RoI
-    sizes in feature pixels; an empty RoI pools 0); static shapes need a
-    bound, so the grid holds `max_sampling_ratio` samples per bin and axis,
-    the unused ones weighted 0, and a larger adaptive count is capped at
-    `max_sampling_ratio` (then it differs from Detectron2). A sample further
+    sizes in feature pixels; an empty RoI pools 0). Static shapes need a
+    bound on that count: by default it is `ceil(H / oh)` (and `ceil(W / ow)`)
+    for an `H × W` map, the count of a RoI as large as the map, so the
+    adaptive ratio is exact for every box inside the image (every box PANet
+    pools); the unused samples weigh 0. `max_sampling_ratio` sets a smaller
+    bound instead (a larger count is then capped, and differs from
+    Detectron2), as does a box reaching beyond the map. A sample further
     than one pixel outside the map (`y < −1` or `y > H`, same for `x`)
     contributes zero; others are clamped into the map. Written with
     `keras.ops` gathers (no `crop_and_resize`) so it compiles with XLA and
@@ -194,8 +197,10 @@ class RoIAlign(KsegLayer):
         aligned: bool. Half-pixel correction (Detectron2 `aligned=True`);
             when `False` the original Mask R-CNN definition, which clamps RoI
             sizes to at least one feature pixel. Defaults to `True`.
-        max_sampling_ratio: int. With `sampling_ratio=0`, the most samples
-            per bin and axis (memory grows with its square). Defaults to `4`.
+        max_sampling_ratio: int or `None`. With `sampling_ratio=0`, the most
+            samples per bin and axis; `None` takes the bound of a RoI as large
+            as the map (exact for every box inside the image; needs static
+            map sizes). Defaults to `None`.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
     Input shape:
@@ -216,7 +221,7 @@ class RoIAlign(KsegLayer):
         sampling_ratio=2,
         strides=1,
         aligned=True,
-        max_sampling_ratio=4,
+        max_sampling_ratio=None,
         **kwargs,
     ):
         # Autocasting would turn the box coordinates into float16 under mixed
@@ -238,11 +243,14 @@ class RoIAlign(KsegLayer):
                 f"sampling_ratio must be an int >= 1, or 0 (adaptive), got "
                 f"{sampling_ratio}"
             )
-        self.max_sampling_ratio = int(max_sampling_ratio)
-        if self.max_sampling_ratio < 1:
-            raise ValueError(
-                f"max_sampling_ratio must be an int >= 1, got {max_sampling_ratio}"
-            )
+        self.max_sampling_ratio = max_sampling_ratio
+        if max_sampling_ratio is not None:
+            self.max_sampling_ratio = int(max_sampling_ratio)
+            if self.max_sampling_ratio < 1:
+                raise ValueError(
+                    "max_sampling_ratio must be an int >= 1 or None, got "
+                    f"{max_sampling_ratio}"
+                )
         if isinstance(strides, (list, tuple)):
             self.strides = tuple(strides)
             stride_values = self.strides
@@ -317,22 +325,39 @@ class RoIAlign(KsegLayer):
                 f"box_indices"
             )
 
-    def _sample_axis(self, start, end, bins, size):
-        """Sample positions along one axis: flat `(R, bins·sr)` low/high
-        indices, their bilinear weights (zero for out-of-range and unused
-        samples) and the `(R,)` samples per bin (adaptive) or `None`."""
+    def samples_per_bin(self, size, bins):
+        """Samples per bin along an axis of `size` map pixels split into
+        `bins`: the sampling ratio, or with `sampling_ratio=0` the bound on
+        the adaptive count (see the class docstring)."""
+        if self.sampling_ratio > 0:
+            return self.sampling_ratio
+        if self.max_sampling_ratio is not None:
+            return self.max_sampling_ratio
+        if not isinstance(size, (int, np.integer)):
+            raise ValueError(
+                f"{self.name}: sampling_ratio=0 bounds the adaptive sample count "
+                "by the feature map's size, which is not static here; pass "
+                "max_sampling_ratio"
+            )
+        return max(1, math.ceil(int(size) / bins))
+
+    def _sample_coords(self, start, end, bins, size):
+        """Samples along one axis of RoIs spanning `[start, end]` (feature
+        pixels, shifted when aligned): `(R, bins·sr)` positions clamped into
+        the map, their weights (0 for samples beyond the one-pixel border and
+        unused adaptive ones, else 1), the `(R,)` samples per bin (adaptive)
+        or `None`, and the static `sr` (`samples_per_bin`)."""
+        sr = self.samples_per_bin(size, bins)
         length = end - start
         if not self.aligned:
             length = ops.maximum(length, 1.0)
         bin_size = length / bins
         bin_index = np.arange(bins, dtype="float32")[:, None]
         if self.sampling_ratio > 0:
-            sr = self.sampling_ratio
             steps = (np.arange(sr, dtype="float32")[None, :] + 0.5) / sr
             offsets = (bin_index + steps).reshape(-1)[None, :]
             used, count = 1.0, None
         else:
-            sr = self.max_sampling_ratio
             count = ops.minimum(ops.ceil(length / bins), float(sr))
             sample = np.arange(sr, dtype="float32")
             steps = (sample[None, None, :] + 0.5) / ops.maximum(count, 1.0)[
@@ -344,13 +369,17 @@ class RoIAlign(KsegLayer):
         coords = start[:, None] + offsets * bin_size[:, None]
         size_f = ops.cast(size, "float32")
         valid = ops.cast(ops.logical_and(coords >= -1.0, coords <= size_f), "float32")
-        valid = valid * used
-        coords = ops.clip(coords, 0.0, size_f - 1.0)
+        return ops.clip(coords, 0.0, size_f - 1.0), valid * used, count, sr
+
+    def _sample_axis(self, start, end, bins, size):
+        """`_sample_coords` as bilinear corners: flat `(R, bins·sr)` low and
+        high indices and their weights, the count and `sr`."""
+        coords, weight, count, sr = self._sample_coords(start, end, bins, size)
         low = ops.floor(coords)
         frac = coords - low
         low = ops.cast(low, "int32")
         high = ops.minimum(low + 1, ops.cast(size, "int32") - 1)
-        return low, high, (1.0 - frac) * valid, frac * valid, count
+        return low, high, (1.0 - frac) * weight, frac * weight, count, sr
 
     def _sample_boxes(self, boxes, height, width):
         """`_sample_axis` of the rows and of the columns of `(R, 4)` boxes
@@ -362,32 +391,68 @@ class RoIAlign(KsegLayer):
         cols = self._sample_axis(boxes[:, 1], boxes[:, 3], ow, width)
         return rows, cols
 
+    def axis_matrix(self, start, end, bins, size):
+        """`(R, bins, size)` float32: the weight of each map row (or column)
+        in each bin's average, for RoIs spanning `[start, end]` (feature
+        pixels, shifted when aligned). A bin's average is separable, so a
+        RoI pools `rows · F · colsᵀ` (`PyramidRoIAlign`'s matrix form). A
+        sample at (clamped) `c` gives row `h` the weight `max(0, 1 − |c − h|)`:
+        its two bilinear weights, `1 − frac` and `frac`; one sample at a time,
+        so the memory does not grow with the adaptive bound."""
+        coords, weight, count, sr = self._sample_coords(start, end, bins, size)
+        coords = ops.reshape(coords, (-1, bins, sr))
+        weight = ops.reshape(weight, (-1, bins, sr))
+        rows = np.arange(size, dtype="float32")
+        matrix = None
+        for s in range(sr):
+            hat = ops.relu(1.0 - ops.abs(coords[..., s, None] - rows))
+            term = hat * weight[..., s, None]
+            matrix = term if matrix is None else matrix + term
+        if count is None:
+            return matrix / float(sr)
+        # Adaptive: RoIAlign divides by max(count_y · count_x, 1); an axis with
+        # count 0 has all weights 0, so dividing each axis by max(count, 1)
+        # gives the same numbers.
+        return matrix / ops.maximum(count, 1.0)[:, None, None]
+
     def _pool(self, features, boxes, box_indices, stride):
         oh, ow = self.output_size
-        sr = self.sampling_ratio or self.max_sampling_ratio
         shape = ops.shape(features)
         height, width, channels = shape[1], shape[2], features.shape[-1]
+        if features.shape[1] is not None and features.shape[2] is not None:
+            height, width = features.shape[1], features.shape[2]
         rows, cols = self._sample_boxes(boxes * (1.0 / float(stride)), height, width)
-        y_low, y_high, wy_low, wy_high, y_count = rows
-        x_low, x_high, wx_low, wx_high, x_count = cols
+        y_low, y_high, wy_low, wy_high, y_count, sr_y = rows
+        x_low, x_high, wx_low, wx_high, x_count, sr_x = cols
         flat = ops.reshape(features, (-1, channels))
         base = box_indices * ops.cast(height * width, "int32")
         dtype = features.dtype
-        pooled = None
-        for rows, wy in ((y_low, wy_low), (y_high, wy_high)):
-            row_start = base[:, None] + rows * ops.cast(width, "int32")
-            for cols, wx in ((x_low, wx_low), (x_high, wx_high)):
-                index = row_start[:, :, None] + cols[:, None, :]
-                weight = ops.cast(wy[:, :, None] * wx[:, None, :], dtype)
-                term = ops.take(flat, index, axis=0) * weight[..., None]
-                pooled = term if pooled is None else pooled + term
-        pooled = ops.reshape(pooled, (-1, oh, sr, ow, sr, channels))
-        if self.sampling_ratio > 0:
-            return ops.mean(pooled, axis=(2, 4))
-        count = ops.maximum(y_count * x_count, 1.0)
-        return (
-            ops.sum(pooled, axis=(2, 4)) / ops.cast(count, dtype)[:, None, None, None]
+        # A fixed ratio gathers every sample at once; the adaptive bound can
+        # be large, so it gathers one row of samples per bin at a time.
+        chunk = sr_y if self.sampling_ratio > 0 else 1
+        y_low, y_high, wy_low, wy_high = (
+            ops.reshape(t, (-1, oh, sr_y)) for t in (y_low, y_high, wy_low, wy_high)
         )
+        pooled = None
+        for first in range(0, sr_y, chunk):
+            pick = slice(first, first + chunk)
+            for rows, wy in ((y_low, wy_low), (y_high, wy_high)):
+                rows = ops.reshape(rows[:, :, pick], (-1, oh * chunk))
+                wy = ops.reshape(wy[:, :, pick], (-1, oh * chunk))
+                row_start = base[:, None] + rows * ops.cast(width, "int32")
+                for cols, wx in ((x_low, wx_low), (x_high, wx_high)):
+                    index = row_start[:, :, None] + cols[:, None, :]
+                    weight = ops.cast(wy[:, :, None] * wx[:, None, :], dtype)
+                    term = ops.take(flat, index, axis=0) * weight[..., None]
+                    term = ops.sum(
+                        ops.reshape(term, (-1, oh, chunk, ow, sr_x, channels)),
+                        axis=(2, 4),
+                    )
+                    pooled = term if pooled is None else pooled + term
+        if self.sampling_ratio > 0:
+            return pooled / float(sr_y * sr_x)
+        count = ops.maximum(y_count * x_count, 1.0)
+        return pooled / ops.cast(count, dtype)[:, None, None, None]
 
     def call(self, inputs):
         features, boxes, box_indices = inputs

@@ -35,12 +35,15 @@ def _bilinear(feature, y, x):
     )
 
 
-def roi_align_reference(feature, box, size, stride, max_ratio):
-    """Adaptive-ratio aligned RoIAlign of one box, one loop per sample."""
+def roi_align_reference(feature, box, size, stride, max_ratio=None):
+    """Adaptive-ratio aligned RoIAlign of one box, one loop per sample
+    (Detectron2: `ceil(roi / bins)` samples, no bound unless `max_ratio`)."""
     y1, x1, y2, x2 = (v / stride - 0.5 for v in box)
     bin_h, bin_w = (y2 - y1) / size, (x2 - x1) / size
-    grid_h = min(math.ceil((y2 - y1) / size), max_ratio)
-    grid_w = min(math.ceil((x2 - x1) / size), max_ratio)
+    grid_h = math.ceil((y2 - y1) / size)
+    grid_w = math.ceil((x2 - x1) / size)
+    if max_ratio is not None:
+        grid_h, grid_w = min(grid_h, max_ratio), min(grid_w, max_ratio)
     count = max(grid_h * grid_w, 1)
     out = np.zeros((size, size, feature.shape[-1]))
     for i in range(size):
@@ -54,7 +57,7 @@ def roi_align_reference(feature, box, size, stride, max_ratio):
 
 
 class AdaptiveRoIAlignTest(TestCase):
-    def _case(self, boxes, max_ratio=4, stride=2):
+    def _case(self, boxes, max_ratio=None, stride=2):
         rng = np.random.default_rng(0)
         features = rng.normal(size=(2, 12, 10, 3)).astype("float32")
         indices = np.arange(len(boxes)) % 2
@@ -74,6 +77,56 @@ class AdaptiveRoIAlignTest(TestCase):
         h, w = rng.uniform(0.5, 22, 12), rng.uniform(0.5, 22, 12)
         boxes = np.stack([y1, x1, y1 + h, x1 + w], 1).astype("float32")
         self._case(boxes)
+
+    def test_exact_for_every_box_inside_the_image(self):
+        # A 12×10 map at stride 2 (a 24×20 image): boxes up to the whole
+        # image need up to ceil(12 / 3) = 4 samples per bin; a 40×30 map at
+        # stride 1 up to 14 (the old cap was 4: 20-60 px boxes were off).
+        rng = np.random.default_rng(3)
+        y1, x1 = rng.uniform(0, 12, 16), rng.uniform(0, 10, 16)
+        y2, x2 = rng.uniform(y1, 24), rng.uniform(x1, 20)
+        boxes = np.stack([y1, x1, y2, x2], 1).astype("float32")
+        boxes[0] = [0, 0, 24, 20]
+        self._case(boxes)
+        features = rng.normal(size=(1, 40, 30, 2)).astype("float32")
+        boxes = np.array(
+            [[0, 0, 40, 30], [3.3, 1.7, 39.1, 29.9], [10, 2, 31, 7]], "float32"
+        )
+        got = keras.ops.convert_to_numpy(
+            RoIAlign(3, sampling_ratio=0, strides=1)([features, boxes, np.zeros(3)])
+        )
+        for box, pooled in zip(boxes, got, strict=True):
+            want = roi_align_reference(features[0].astype("float64"), box, 3, 1)
+            np.testing.assert_allclose(pooled, want, rtol=1e-4, atol=1e-4)
+
+    def test_pyramid_roi_align_is_exact_in_both_forms(self):
+        from kseg.layers.detection import PyramidRoIAlign
+
+        rng = np.random.default_rng(4)
+        # A 64×64 image: up to 8 samples per bin on the stride-4 level.
+        levels = [
+            rng.normal(size=(2, 64 // s, 64 // s, 2)).astype("float32") for s in (4, 8)
+        ]
+        y1, x1 = rng.uniform(0, 30, (2, 5)), rng.uniform(0, 30, (2, 5))
+        y2, x2 = rng.uniform(y1 + 20, 64), rng.uniform(x1 + 20, 64)
+        boxes = np.stack([y1, x1, y2, x2], -1).astype("float32")
+        boxes[0, 0] = [0, 0, 64, 64]
+        layer = PyramidRoIAlign(2, sampling_ratio=0, strides=(4, 8))
+        for training in (False, True):
+            grids = layer([levels, boxes], training=training)
+            for level, stride, grid in zip(levels, (4, 8), grids, strict=True):
+                grid = keras.ops.convert_to_numpy(grid)
+                for r, box in enumerate(boxes.reshape(-1, 4)):
+                    want = roi_align_reference(
+                        level[r // 5].astype("float64"), box, 2, stride
+                    )
+                    np.testing.assert_allclose(grid[r], want, rtol=1e-4, atol=1e-4)
+
+    def test_dynamic_map_size_needs_a_bound(self):
+        layer = RoIAlign(3, sampling_ratio=0, strides=1)
+        with self.assertRaisesRegex(ValueError, "max_sampling_ratio"):
+            layer.samples_per_bin(keras.ops.convert_to_tensor(5), 3)
+        self.assertEqual(layer.samples_per_bin(40, 3), 14)
 
     def test_empty_box_pools_zero(self):
         boxes = np.array([[4.0, 4.0, 4.0, 9.0]], "float32")

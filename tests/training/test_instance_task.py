@@ -18,8 +18,7 @@ from kseg.training.schedules import StepWarmup
 
 REPO = Path(__file__).resolve().parents[2]
 LABELME_COCO = Path(
-    "/usr/share/doc/labelme-examples/examples/instance_segmentation/"
-    "data_dataset_coco"
+    "/usr/share/doc/labelme-examples/examples/instance_segmentation/data_dataset_coco"
 )
 
 # A PANet small enough to build, trace and train in seconds on a CPU.
