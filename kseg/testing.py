@@ -185,6 +185,41 @@ class TestCase(testing.TestCase):
             np.testing.assert_allclose(_to_numpy(g), _to_numpy(e), atol=atol)
 
 
+def rounding_tolerance(scale, terms, depth=1, dtype="float32"):
+    """How far two evaluations of one computation in `dtype` may differ when
+    they differ only in the order of their sums: XLA's fusions against
+    TensorFlow's kernels, or the oneDNN kernels a CPU picks (AVX2, AVX-512,
+    AMX). `depth` chained reductions of at most `terms` products each, on
+    values up to `scale` in magnitude.
+
+    A sum of `n` terms rounds to within about `√n · eps` of its magnitude
+    (the probabilistic bound of Higham and Mary, 2019; `n · eps` is the worst
+    case, far from what rounding does), each of the two evaluations that
+    far from the exact value, and the errors of chained layers add up:
+    `2 · depth · √terms · eps · scale`. Derived from the computation, so it
+    holds on every CPU; never a number measured on one machine.
+
+    Args:
+        scale: float. The largest magnitude among the values compared (or
+            the intermediate values they come from).
+        terms: int. The longest reduction (a conv's `kh · kw · C_in`).
+        depth: int. Chained reductions on the path to the output.
+        dtype: the computation's float dtype. Defaults to `"float32"`.
+    """
+    eps = float(np.finfo(dtype).eps)
+    return 2.0 * depth * math.sqrt(terms) * eps * float(scale)
+
+
+def network_reductions(model):
+    """`(depth, terms)` of `model` for `rounding_tolerance`: the number of
+    kernels (conv, dense, transposed conv: an upper bound on the chained
+    reductions of any path) and the longest reduction, the largest kernel
+    fan-in."""
+    kernels = [w for w in model.weights if len(w.shape) >= 2 and "kernel" in w.path]
+    fan_in = max(int(np.prod(w.shape[:-1])) for w in kernels)
+    return len(kernels), fan_in
+
+
 def _config_json(config):
     """A config as canonical JSON, so tuples and lists compare equal."""
     return json.dumps(config, sort_keys=True, default=repr)
