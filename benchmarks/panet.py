@@ -102,7 +102,7 @@ import tensorflow as tf  # noqa: E402
 from kseg.allocator import active_allocator, restart_with_allocator  # noqa: E402
 from kseg.export.instance_saved_model import axis_weights  # noqa: E402
 from kseg.models.panet import build_panet_resnet50_fpn, crop_instance_mask  # noqa: E402
-from kseg.models.panet.panet import _select_class_masks  # noqa: E402
+from kseg.models.panet.roi_heads import select_class_masks  # noqa: E402
 
 NUM_CLASSES = 80
 DETECTIONS = 100
@@ -155,7 +155,7 @@ class KsegRow:
             **switches,
         )
         model = self.model
-        self.detection = model.get_layer("detections")
+        heads = model.roi_heads
 
         def full(images):
             out = model(images, training=False)
@@ -170,15 +170,15 @@ class KsegRow:
             return pyramid, levels
 
         def rpn_proposals(pyramid, images):
-            logits, deltas = model.rpn_head(pyramid)
-            return model.proposal_layer([logits, deltas, images], training=False)
+            out = model.rpn([pyramid, images], training=False)
+            return out["proposals"], out["valid"]
 
         def box_head_nms(levels, proposals, valid, images):
-            class_logits, box_deltas = model.box_head(
-                model.box_pool([levels, proposals])
+            class_logits, box_deltas = heads.box_head(
+                heads.box_pool([levels, proposals])
             )
             rois = proposals.shape[1]
-            out = self.detection(
+            out = heads.detection(
                 [
                     tf.reshape(class_logits, (-1, rois, NUM_CLASSES + 1)),
                     tf.reshape(box_deltas, (-1, rois, 4 * NUM_CLASSES)),
@@ -190,8 +190,8 @@ class KsegRow:
             return out["boxes"], out["classes"], out["num_detections"]
 
         def mask_head_paste(levels, boxes, classes):
-            logits = model.mask_head(model.mask_pool([levels, boxes]))
-            masks = _select_class_masks(logits, classes, NUM_CLASSES)
+            logits = heads.mask_head(heads.mask_pool([levels, boxes]))
+            masks = select_class_masks(logits, classes)
             return paste(boxes[0], tf.reshape(masks, (-1, 28, 28)), size)
 
         compile_ = lambda f: tf.function(f, jit_compile=jit)  # noqa: E731

@@ -43,6 +43,9 @@ class CombinedNMS:
     `CombinedNonMaxSuppression` with one class, for any batch size; tf2onnx
     converts it to ONNX's `NonMaxSuppression`."""
 
+    # Runs on a batch of unknown size as it is (no map over the images).
+    any_batch = True
+
     def __init__(self, layer):
         self.layer = layer
 

@@ -339,7 +339,15 @@ class AnchorGenerator(KsegLayer):
         return [(math.ceil(height / s), math.ceil(width / s)) for s in self.strides]
 
     def anchors(self, image_size):
-        """The `(K, 4)` float32 NumPy anchors for a static `(H, W)`."""
+        """The `(K, 4)` float32 NumPy anchors for a static `(H, W)`, computed
+        once per size (proposals and training targets share them)."""
+        image_size = tuple(int(s) for s in image_size)
+        cache = self.__dict__.setdefault("_anchor_cache", {})
+        if image_size not in cache:
+            cache[image_size] = self._compute_anchors(image_size)
+        return cache[image_size]
+
+    def _compute_anchors(self, image_size):
         ratios = np.asarray(self.aspect_ratios, "float64")
         levels = []
         for size, stride, (h, w) in zip(
@@ -581,10 +589,10 @@ class BatchedNMS(KsegLayer):
         shifted = ops.take_along_axis(shifted, order[..., None], axis=1)
         # Boxes that are no candidates are zeroed: never kept, never suppress.
         shifted = ops.where(candidate[..., None], shifted, 0.0)
-        out = self.nms(shifted, rank[..., None])
-        kept = ops.cast(out["num_detections"], "int32")
+        confidence, kept = self._select(shifted, rank)
+        kept = ops.cast(kept, "int32")
         valid = ops.arange(self.max_detections)[None, :] < kept[:, None]
-        position = ops.cast(float(count) - out["confidence"], "int32")
+        position = ops.cast(float(count) - confidence, "int32")
         position = ops.where(valid, ops.clip(position, 0, count - 1), 0)
         index = ops.take_along_axis(order, position, axis=1)
         return {
@@ -598,6 +606,21 @@ class BatchedNMS(KsegLayer):
             "valid": valid,
             "num_detections": kept,
         }
+
+    def _select(self, boxes, rank):
+        """The NMS on ranked candidates: `(confidence (B, D), kept (B,))`.
+        keras-hub's NMS needs a static batch size; with an unknown one (a
+        Keras `fit` or `predict` on arrays, whose last batch may be smaller)
+        it runs image by image, unless the NMS in use takes any batch."""
+        if boxes.shape[0] is None and not getattr(self.nms, "any_batch", False):
+
+            def one_image(inputs):
+                out = self.nms(inputs[0][None], inputs[1][None, :, None])
+                return out["confidence"][0], out["num_detections"][0]
+
+            return ops.map(one_image, (boxes, rank))
+        out = self.nms(boxes, rank[..., None])
+        return out["confidence"], out["num_detections"]
 
     def compute_output_spec(self, inputs):
         batch = inputs[0].shape[0]

@@ -18,6 +18,7 @@ from kseg.models.panet import (
     build_panet_resnext101_fpn as build_panet_resnext101_fpn,
 )
 from kseg.models.saving import load_model as load_model
+from kseg.models.segmenter import InstanceSegmenter as InstanceSegmenter
 from kseg.models.segmenter import Segmenter as Segmenter
 from kseg.models.segmodel import SegModel as SegModel
 from kseg.models.segmodel import build_segmodel_resnet101 as build_segmodel_resnet101

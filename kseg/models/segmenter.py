@@ -36,7 +36,13 @@ class Segmenter(keras.Model):
 
     A keyword argument that is neither the subclass's own nor `name` or
     `trainable` raises `TypeError` naming it.
+
+    `task` says what the model predicts: `"semantic"` (a class per pixel,
+    `"logits"`) here, `"instance"` for `InstanceSegmenter`s. Training,
+    evaluation, prediction and export dispatch on it.
     """
+
+    task = "semantic"
 
     def __init__(self, inputs, outputs, backbone=None, dtype=None, **kwargs):
         check_keyword_arguments(type(self), kwargs, MODEL_KEYWORD_ARGUMENTS)
@@ -119,6 +125,18 @@ class Segmenter(keras.Model):
         if isinstance(config.get("backbone"), dict):
             config["backbone"] = keras.layers.deserialize(config["backbone"])
         return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="kseg")
+class InstanceSegmenter(Segmenter):
+    """A `Segmenter` that detects instances: its outputs are `boxes`
+    `(batch, D, 4)` `[y1, x1, y2, x2]` in input pixels, `scores`, `classes`
+    (int32, `1..C`, 0 for padding rows), `masks` `(batch, D, s, s)`
+    probabilities of the detected class inside its box, `num_detections`.
+    Every model of this class takes a fixed input size (`image_size`) and
+    has `num_classes` and `mask_size` attributes."""
+
+    task = "instance"
 
 
 def float32_output(x, name):

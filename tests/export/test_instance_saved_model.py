@@ -485,7 +485,7 @@ def test_tiny_panet_export_matches_predict_instances(tmp_path):
     )  # fmt: skip
     # Masks of an untrained model are nearly all ≥ 0.5: a sharper mask
     # predictor makes the threshold decide about half of the pixels.
-    mask_logits = model.mask_head.mask_logits
+    mask_logits = model.roi_heads.mask_head.mask_logits
     mask_logits.kernel.assign(mask_logits.kernel.numpy() * 30)
     path = export_saved_model(model, tmp_path / "panet")
     serve = tf.saved_model.load(str(path)).signatures["serving_default"]

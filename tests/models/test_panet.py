@@ -13,8 +13,14 @@ import numpy as np
 import pytest
 
 from kseg.backbones import build_resnet
-from kseg.models.panet import LOSS_NAMES, PANet, crop_instance_mask
-from kseg.models.panet import targets as T
+from kseg.models.panet import (
+    LOSS_NAMES,
+    PANet,
+    crop_instance_mask,
+    roi_heads,
+    rpn,
+    sampling,
+)
 from kseg.testing import TestCase, network_reductions, rounding_tolerance
 
 SIZE = 64
@@ -113,8 +119,8 @@ class PANetTest(TestCase):
         model = tiny_panet(**BASELINE)
         names = {layer.name for layer in model.layers}
         self.assertNotIn(model.bottom_up.name, names)
-        self.assertFalse(model.box_pool.adaptive)
-        self.assertFalse(model.mask_head.fully_connected_fusion)
+        self.assertFalse(model.roi_heads.box_pool.adaptive)
+        self.assertFalse(model.roi_heads.mask_head.fully_connected_fusion)
 
     def test_keras_round_trip(self):
         model = tiny_panet(heavier_head=True, mask_fusion="max")
@@ -164,11 +170,11 @@ class PANetTest(TestCase):
         eager = model.predict(x["images"], verbose=0)
         # The head outputs before the sigmoid / softmax / box decoding give
         # the scale of the values whose float32 rounding XLA may reorder.
-        heads = keras.Model(
-            model.input,
-            [model.get_layer("mask_head").output, *model.get_layer("box_head").output],
-        ).predict(x["images"], verbose=0)
-        mask_scale, class_scale, delta_scale = (np.abs(h).max() for h in heads)
+        stages = model.detect(x["images"])
+        mask_scale, class_scale, delta_scale = (
+            np.abs(keras.ops.convert_to_numpy(stages[name])).max()
+            for name in ("mask_logits", "class_logits", "box_deltas")
+        )
         depth, terms = network_reductions(model)
         model.compile(jit_compile=True)
         compiled = model.predict(x["images"], verbose=0)
@@ -249,7 +255,7 @@ class TargetsTest(TestCase):
         gt[0, 1] = [0, 0, 3, 3]  # small: only its best anchor
         valid = np.array([[True, True, False]])
         seed = keras.random.SeedGenerator(0)
-        labels, sampled, positive, targets = T.rpn_targets(
+        labels, sampled, positive, targets = rpn.rpn_targets(
             anchors.astype("float32"),
             gt,
             valid,
@@ -274,7 +280,9 @@ class TargetsTest(TestCase):
     def test_sampling_respects_counts(self):
         seed = keras.random.SeedGenerator(1)
         candidates = np.random.default_rng(0).uniform(size=(3, 500)) < 0.3
-        kept = np.asarray(T.sample_mask(candidates, np.array([10, 0, 400]), seed))
+        kept = np.asarray(
+            sampling.sample_mask(candidates, np.array([10, 0, 400]), seed)
+        )
         self.assertTrue(np.all(kept <= candidates))
         np.testing.assert_array_equal(
             kept.sum(1), np.minimum([10, 0, 400], candidates.sum(1))
@@ -285,7 +293,7 @@ class TargetsTest(TestCase):
         proposals = np.tile(
             np.array([[1, 1, 20, 20], [40, 0, 50, 10]], "float32"), (1, 10, 1)
         )
-        samples = T.sample_rois(
+        samples = roi_heads.sample_rois(
             proposals,
             np.ones((1, 20), bool),
             gt,
@@ -312,7 +320,7 @@ class TargetsTest(TestCase):
         crop = crop_instance_mask(full, box)
         from kseg.layers.panet import RoIAlign
 
-        target = T.mask_targets(
+        target = roi_heads.mask_targets(
             box[None, None],
             np.zeros((1, 1), "int32"),
             box[None, None],

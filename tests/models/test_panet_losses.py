@@ -15,8 +15,7 @@ import pytest
 
 from kseg.backbones import build_resnet
 from kseg.layers.panet import RoIAlign
-from kseg.models.panet import PANet
-from kseg.models.panet import targets as T
+from kseg.models.panet import PANet, roi_heads, rpn, sampling
 from kseg.testing import TestCase
 
 # float32 losses against float64 sums of a few hundred terms.
@@ -66,15 +65,17 @@ class SmoothL1Test(TestCase):
         x = np.array([0.05, -0.5, 2.0, 0.0], "float32")
         # β = 1/9: 0.5·x²·9 below 1/9, |x| − 1/18 above.
         np.testing.assert_allclose(
-            _np(T.smooth_l1(x, 1.0 / 9.0)),
+            _np(sampling.smooth_l1(x, 1.0 / 9.0)),
             [0.01125, 0.5 - 1 / 18, 2.0 - 1 / 18, 0.0],
             rtol=1e-6,
         )
         # β = 1: 0.5·x² below 1, |x| − 0.5 above.
         np.testing.assert_allclose(
-            _np(T.smooth_l1(x, 1.0)), [0.00125, 0.125, 1.5, 0.0], rtol=1e-6
+            _np(sampling.smooth_l1(x, 1.0)), [0.00125, 0.125, 1.5, 0.0], rtol=1e-6
         )
-        np.testing.assert_allclose(_np(T.smooth_l1(x, 0.0)), np.abs(x), rtol=1e-7)
+        np.testing.assert_allclose(
+            _np(sampling.smooth_l1(x, 0.0)), np.abs(x), rtol=1e-7
+        )
 
 
 class RPNLossTest(TestCase):
@@ -89,7 +90,7 @@ class RPNLossTest(TestCase):
         targets = np.zeros((1, 3, 4), "float32")
         deltas[0, 0] = [0.05, 0.5, 0.0, -1.0]
         deltas[0, 1] = [9.0, 9.0, 9.0, 9.0]  # a negative: no box loss
-        objectness, box = T.rpn_losses(
+        objectness, box = rpn.rpn_losses(
             logits, deltas, labels, sampled, positive, targets, batch_size=4
         )
         # BCE(1, 0) = log 2, BCE(0, 2) = log(1 + e²); over 4 · 1 anchors.
@@ -109,7 +110,7 @@ class RPNLossTest(TestCase):
             positive = rng.uniform(size=(b, k)) < 0.1
             sampled = positive | (rng.uniform(size=(b, k)) < 0.4)
             labels = positive.astype("float32")
-            objectness, box = T.rpn_losses(
+            objectness, box = rpn.rpn_losses(
                 logits, deltas, labels, sampled, positive, targets, batch_size
             )
             norm = batch_size * b
@@ -160,7 +161,7 @@ class BoxLossTest(TestCase):
         foreground = np.array([[True, False, False]])
         valid = np.array([[True, True, False]])
         targets = np.zeros((1, 3, 4))
-        box_class, box_regression = T.box_losses(
+        box_class, box_regression = roi_heads.box_losses(
             logits, deltas, self._samples(classes, foreground, valid, targets), 3
         )
         # RoI 0: p(class 2) = 2 / 5; RoI 1: p(background) = 1 / 4.
@@ -179,7 +180,7 @@ class BoxLossTest(TestCase):
         valid = rng.uniform(size=(b, r)) < 0.8
         foreground = valid & (rng.uniform(size=(b, r)) < 0.3)
         classes = np.where(foreground, rng.integers(1, c + 1, (b, r)), 0)
-        got = T.box_losses(
+        got = roi_heads.box_losses(
             logits, deltas, self._samples(classes, foreground, valid, targets), c
         )
         want = np_box_losses(logits, deltas, classes, foreground, valid, targets)
@@ -206,7 +207,7 @@ class MaskLossTest(TestCase):
         logits[0, 0, :, :, 0] = 50.0
         logits[0, 1] = -50.0
         targets = np.array([[[[1, 1], [0, 0]], [[1, 1], [1, 1]]]], "float32")
-        loss = T.mask_loss(
+        loss = roi_heads.mask_loss(
             logits, np.array([[2, 0]]), np.array([[True, False]]), targets
         )
         want = (
@@ -221,11 +222,11 @@ class MaskLossTest(TestCase):
         targets = (rng.uniform(size=(b, f, s, s)) < 0.5).astype("float32")
         foreground = rng.uniform(size=(b, f)) < 0.6
         classes = np.where(foreground, rng.integers(1, c + 1, (b, f)), 0)
-        got = T.mask_loss(logits, classes, foreground, targets)
+        got = roi_heads.mask_loss(logits, classes, foreground, targets)
         want = np_mask_loss(logits, classes, foreground, targets)
         self.assertAllClose(float(got), want, rtol=RTOL)
         # No foreground RoI: zero, not NaN.
-        none = T.mask_loss(logits, classes * 0, foreground & False, targets)
+        none = roi_heads.mask_loss(logits, classes * 0, foreground & False, targets)
         self.assertEqual(float(none), 0.0)
 
 
@@ -237,7 +238,7 @@ class RoIBoxTargetTest(TestCase):
             [gt + rng.normal(scale=1.5, size=gt.shape), random_boxes(rng, (2, 12))],
             axis=1,
         ).astype("float32")
-        samples = T.sample_rois(
+        samples = roi_heads.sample_rois(
             proposals,
             np.ones((2, 15), bool),
             gt,
@@ -304,7 +305,9 @@ class MaskTargetTest(TestCase):
         rois = np.take_along_axis(gt, matched[..., None], axis=1)
         rois = rois + rng.normal(scale=3, size=rois.shape).astype("float32")
         rois[..., 2:] = np.maximum(rois[..., 2:], rois[..., :2] + 2)
-        got = _np(T.mask_targets(rois, matched, gt, crops, RoIAlign(28, 2, strides=1)))
+        got = _np(
+            roi_heads.mask_targets(rois, matched, gt, crops, RoIAlign(28, 2, strides=1))
+        )
         compared = 0
         for b in range(2):
             for f in range(5):
@@ -362,7 +365,7 @@ def test_pooled_grids_match_reference_at_the_level_strides(adaptive):
         adaptive_pooling=adaptive,
         bottom_up_path=False,
     )
-    pool = model.get_layer("box_roi_align")
+    pool = model.roi_heads.box_pool
     fpn_out = model.fpn.output[:4]
     boxes = random_boxes(np.random.default_rng(5), (1, 6), size=size)
     levels_model = keras.Model(model.input, fpn_out)

@@ -1,5 +1,6 @@
 """PANet: Mask R-CNN + FPN with path aggregation, trained end to end."""
 
+import math
 import warnings
 
 import keras
@@ -12,46 +13,57 @@ from kseg.backbones import (
     resnext101_32x4d,
 )
 from kseg.layers.common import check_choice, check_positive_int
-from kseg.layers.detection import (
-    AnchorGenerator,
-    BoxHead,
-    DetectionLayer,
-    FeaturePyramid,
-    MaskHead,
-    ProposalLayer,
-    PyramidRoIAlign,
-    RPNHead,
-)
-from kseg.layers.panet import BottomUpPathAugmentation, RoIAlign
-from kseg.models.panet import targets as T
-from kseg.models.segmenter import Segmenter
+from kseg.layers.detection import FeaturePyramid
+from kseg.layers.panet import BottomUpPathAugmentation
+from kseg.models.panet.roi_heads import RoIHeads
+from kseg.models.panet.rpn import RegionProposalNetwork
+from kseg.models.segmenter import InstanceSegmenter
 
 LOSS_NAMES = ("rpn_objectness", "rpn_box", "box_class", "box_regression", "mask")
-_LEVEL_STRIDES = (4, 8, 16, 32)
+# Strides of P2..P5 (N2..N5), which the RoI heads pool from; P6 adds 64.
+LEVEL_STRIDES = (4, 8, 16, 32)
 # ImageNet statistics of RGB images in 0–255 (kseg's training inputs).
 _IMAGENET_MEAN = (123.675, 116.28, 103.53)
 _IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
-def _select_class_masks(mask_logits, classes, num_classes):
-    """`(N, s, s)` probabilities of each RoI's class (0 for class 0)."""
-    pick = ops.one_hot(ops.reshape(classes, (-1,)) - 1, num_classes)
-    logits = ops.sum(mask_logits * pick[:, None, None, :], axis=-1)
-    return ops.sigmoid(logits) * ops.max(pick, axis=-1)[:, None, None]
+def check_loss_weights(loss_weights):
+    """`{name: weight}` for every name of `LOSS_NAMES` (1.0 where `loss_weights`
+    leaves a loss out); unknown names and negative or non-finite weights
+    raise `ValueError`."""
+    loss_weights = dict(loss_weights or {})
+    unknown = sorted(set(loss_weights) - set(LOSS_NAMES))
+    if unknown:
+        raise ValueError(
+            f"loss_weights: unknown losses {unknown}; PANet's losses are "
+            f"{list(LOSS_NAMES)}"
+        )
+    weights = {}
+    for name in LOSS_NAMES:
+        value = loss_weights.get(name, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"loss_weights[{name!r}] must be a number, got {value!r}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(
+                f"loss_weights[{name!r}] must be finite and >= 0, got {value}"
+            )
+        weights[name] = float(value)
+    return weights
 
 
 @keras.saving.register_keras_serializable(package="kseg")
-class PANet(Segmenter):
+class PANet(InstanceSegmenter):
     """Path Aggregation Network for instance segmentation (Liu et al., CVPR
     2018) on Mask R-CNN + FPN, with every PANet component as a switch.
 
-    The graph: backbone → `FeaturePyramid` (P2..P6) → bottom-up path
-    augmentation (N2..N5, `bottom_up_path`) → `RPNHead` on P2..P6 →
-    `ProposalLayer` → RoIAlign from N2..N5 (every level with
-    `adaptive_pooling`, else the RoI's FPN level) → `BoxHead` →
-    `DetectionLayer` → RoIAlign of the detections → `MaskHead`. All numbers
-    are fixed by SPEC "The PANet system"; sizes (proposal counts, widths)
-    can be lowered so a tiny model trains on a CPU.
+    The graph is three stages: backbone → `FeaturePyramid` (P2..P6) and the
+    bottom-up path augmentation (N2..N5, `bottom_up_path`); the region
+    proposal stage (`RegionProposalNetwork`: head, anchors, proposals, its
+    targets and losses) on P2..P6; the RoI heads (`RoIHeads`: RoIAlign from
+    N2..N5, every level with `adaptive_pooling`, else the RoI's FPN level;
+    box head, detections, mask head; RoI sampling, targets and losses). All
+    numbers are fixed by SPEC "The PANet system" and are the defaults; every
+    one a user tunes is an argument.
 
     Every ablation row (`b` = `build_panet_resnet50_fpn`'s backbone, `C`
     classes; MST is a recipe setting, multi-scale training data):
@@ -72,12 +84,16 @@ class PANet(Segmenter):
       sum / max (36.9 / 37.6 / 37.1) is
       `mask_fusion="product" | "sum" | "max"`.
 
-    Training is `model.compile(optimizer=...)` then `model.fit(dataset)` on
-    `(x, y)` with `x = {"images": (B, H, W, 3)}` RGB in 0–255 and
-    `y = {"boxes": (B, M, 4), "classes": (B, M), "masks": (B, M, S, S)}`
-    (`kseg.models.panet.crop_instance_mask`); `compute_loss` builds every
-    target in `keras.ops` and logs the five losses (`LOSS_NAMES`) beside
-    `loss`. Instances beyond `max_instances` are dropped with a warning.
+    A Keras model like any other: `model.compile(optimizer=...)`, then
+    `fit`, `evaluate` and `predict` on NumPy arrays or `tf.data`, any batch
+    size, with `x` images `(B, H, W, 3)` RGB in 0–255 (or `{"images": ...}`)
+    and `y = {"boxes": (B, M, 4), "classes": (B, M), "masks": (B, M, S, S)}`
+    (`kseg.models.panet.crop_instance_mask`; class 0 marks padding rows).
+    `compute_loss` asks each stage for its losses and sums them weighted by
+    `loss_weights`; each loss is also logged under its name (`LOSS_NAMES`),
+    `evaluate` and `validation_data` included (they run the training graph
+    in inference mode). Instances beyond `max_instances` are dropped with a
+    warning.
 
     Example:
     >>> from kseg.backbones import build_resnet
@@ -113,14 +129,32 @@ class PANet(Segmenter):
         fc_units: int. Box head fc units. Defaults to `1024`.
         max_detections: int. Detections per image `D`. Defaults to `100`.
         max_instances: int. Ground-truth rows `M` per image. Defaults to `100`.
+        anchor_sizes: floats, one per level P2..P6. Defaults to
+            `(32, 64, 128, 256, 512)`.
+        aspect_ratios: floats `h / w`; their count is the anchors per
+            position. Defaults to `(0.5, 1.0, 2.0)`.
         rpn_pre_nms_top_k_train, rpn_post_nms_top_k_train,
         rpn_pre_nms_top_k_test, rpn_post_nms_top_k_test: ints. Proposal
             counts (2000, 1000, 1000, 1000).
+        rpn_nms_threshold: float. Proposal NMS IoU. Defaults to `0.7`.
+        rpn_positive_iou: float. Anchors at least this IoU with a ground-truth
+            box are positive. Defaults to `0.7`.
+        rpn_negative_iou: float. Anchors under it are negative.
+            Defaults to `0.3`.
         rpn_batch_size: int. Anchors sampled per image. Defaults to `256`.
         roi_batch_size: int. RoIs sampled per image. Defaults to `512`.
         roi_positive_fraction: float. Defaults to `0.25`.
-        sampling_ratio: int. RoIAlign samples per bin. Defaults to `2`.
+        roi_foreground_iou: float. RoIs at least this IoU with a ground-truth
+            box are foreground. Defaults to `0.5`.
+        mask_size: int. Side of the predicted masks (even). Defaults to `28`.
+        sampling_ratio: int. RoIAlign samples per bin (0 = adaptive).
+            Defaults to `2`.
         score_threshold: float. Detection score threshold. Defaults to `0.05`.
+        detection_nms_threshold: float. Per-class NMS IoU of the detections.
+            Defaults to `0.5`.
+        loss_weights: dict or `None`. Weight of each loss by name
+            (`LOSS_NAMES`); missing ones weigh 1 (SPEC: equal weights).
+            Defaults to `None`.
         seed: int or `None`. Seed of the target sampling. Defaults to `None`.
         dtype: dtype or policy of the layers above the backbone.
         **kwargs: `keras.Model` keyword arguments (`name`, `trainable`).
@@ -131,8 +165,8 @@ class PANet(Segmenter):
     Output shape:
         Dict `boxes (batch, D, 4)` `[y1, x1, y2, x2]` image pixels,
         `scores (batch, D)`, `classes (batch, D)` int32 in `1..C` (0 for
-        padding), `masks (batch, D, 28, 28)` probabilities of the detected
-        class inside its box, `num_detections (batch,)` int32.
+        padding), `masks (batch, D, mask_size, mask_size)` probabilities of
+        the detected class inside its box, `num_detections (batch,)` int32.
     """
 
     def __init__(
@@ -153,15 +187,24 @@ class PANet(Segmenter):
         fc_units=1024,
         max_detections=100,
         max_instances=100,
+        anchor_sizes=(32, 64, 128, 256, 512),
+        aspect_ratios=(0.5, 1.0, 2.0),
         rpn_pre_nms_top_k_train=2000,
         rpn_post_nms_top_k_train=1000,
         rpn_pre_nms_top_k_test=1000,
         rpn_post_nms_top_k_test=1000,
+        rpn_nms_threshold=0.7,
+        rpn_positive_iou=0.7,
+        rpn_negative_iou=0.3,
         rpn_batch_size=256,
         roi_batch_size=512,
         roi_positive_fraction=0.25,
+        roi_foreground_iou=0.5,
+        mask_size=28,
         sampling_ratio=2,
         score_threshold=0.05,
+        detection_nms_threshold=0.5,
+        loss_weights=None,
         seed=None,
         dtype=None,
         **kwargs,
@@ -169,9 +212,10 @@ class PANet(Segmenter):
         num_classes = check_positive_int(num_classes, "num_classes")
         check_choice(fusion, ("max", "sum"), "fusion")
         check_choice(fusion_position, ("after", "before"), "fusion_position")
-        policy = Segmenter.resolve_dtype(dtype)
+        weights = check_loss_weights(loss_weights)
+        policy = InstanceSegmenter.resolve_dtype(dtype)
         if image_size is None:
-            image_size = tuple(Segmenter.make_inputs(backbone).shape[1:3])
+            image_size = tuple(InstanceSegmenter.make_inputs(backbone).shape[1:3])
         image_size = tuple(image_size)
         if len(image_size) != 2 or None in image_size:
             raise ValueError(
@@ -180,110 +224,72 @@ class PANet(Segmenter):
                 f"input_shape; got {image_size}"
             )
         normalization = "sync_batch" if synchronized_bn else None
-        channels = Segmenter.make_inputs(backbone).shape[-1]
+        channels = InstanceSegmenter.make_inputs(backbone).shape[-1]
 
         # === Layers ===
         fpn = FeaturePyramid(filters, normalization=normalization, dtype=policy)
         bottom_up = BottomUpPathAugmentation(filters, dtype=policy)
-        rpn_head = RPNHead(3, filters, normalization=normalization, dtype=policy)
-        proposals_layer = ProposalLayer(
-            rpn_pre_nms_top_k_train,
-            rpn_post_nms_top_k_train,
-            rpn_pre_nms_top_k_test,
-            rpn_post_nms_top_k_test,
-            dtype=policy,
-            name="proposals",
-        )
-        box_pool = PyramidRoIAlign(
-            7,
-            sampling_ratio,
-            _LEVEL_STRIDES,
-            adaptive_pooling,
-            dtype=policy,
-            name="box_roi_align",
-        )
-        mask_pool = PyramidRoIAlign(
-            14,
-            sampling_ratio,
-            _LEVEL_STRIDES,
-            adaptive_pooling,
-            dtype=policy,
-            name="mask_roi_align",
-        )
-        box_head = BoxHead(
-            num_classes,
-            fc_units=fc_units,
-            conv_filters=filters,
-            heavier_head=heavier_head,
-            fusion=fusion,
-            fusion_position=fusion_position,
+        rpn = RegionProposalNetwork(
+            filters,
+            anchor_sizes=anchor_sizes,
+            aspect_ratios=aspect_ratios,
+            pre_nms_top_k_train=rpn_pre_nms_top_k_train,
+            post_nms_top_k_train=rpn_post_nms_top_k_train,
+            pre_nms_top_k_test=rpn_pre_nms_top_k_test,
+            post_nms_top_k_test=rpn_post_nms_top_k_test,
+            nms_threshold=rpn_nms_threshold,
+            positive_iou=rpn_positive_iou,
+            negative_iou=rpn_negative_iou,
+            batch_size_per_image=rpn_batch_size,
             normalization=normalization,
+            seed=seed,
             dtype=policy,
-            name="box_head",
+            name="rpn",
         )
-        mask_head = MaskHead(
+        roi_heads = RoIHeads(
             num_classes,
             filters=filters,
+            fc_units=fc_units,
+            adaptive_pooling=adaptive_pooling,
             fusion=fusion,
+            fusion_position=fusion_position,
+            heavier_head=heavier_head,
             fully_connected_fusion=fully_connected_fusion,
             fusion_branch=fusion_branch,
             mask_fusion=mask_fusion,
-            normalization=normalization,
-            dtype=policy,
-            name="mask_head",
-        )
-        detection = DetectionLayer(
-            num_classes,
+            mask_size=mask_size,
+            sampling_ratio=sampling_ratio,
+            strides=LEVEL_STRIDES,
+            batch_size_per_image=roi_batch_size,
+            positive_fraction=roi_positive_fraction,
+            foreground_iou=roi_foreground_iou,
             score_threshold=score_threshold,
+            nms_threshold=detection_nms_threshold,
             max_detections=max_detections,
-            name="detections",
+            normalization=normalization,
+            seed=None if seed is None else seed + 1,
+            dtype=policy,
+            name="roi_heads",
         )
 
         # === Functional Model ===
         images = keras.Input(shape=(*image_size, channels), name="images")
-        features = Segmenter.backbone_features(backbone, images)
-        stages = [features[name] for name in ("res2", "res3", "res4", "res5")]
-        pyramid = fpn(stages)
+        features = InstanceSegmenter.backbone_features(backbone, images)
+        pyramid = fpn([features[name] for name in ("res2", "res3", "res4", "res5")])
         levels = bottom_up(pyramid[:4]) if bottom_up_path else pyramid[:4]
-        rpn_logits, rpn_deltas = rpn_head(pyramid)
-        proposals, valid = proposals_layer([rpn_logits, rpn_deltas, images])
-        class_logits, box_deltas = box_head(box_pool([levels, proposals]))
-        rois = proposals.shape[1]
-        detections = detection(
-            [
-                ops.reshape(class_logits, (-1, rois, num_classes + 1)),
-                ops.reshape(box_deltas, (-1, rois, 4 * num_classes)),
-                proposals,
-                valid,
-                images,
-            ]
+        proposals = rpn([pyramid, images])
+        outputs = roi_heads(
+            [levels, proposals["proposals"], proposals["valid"], images]
         )
-        mask_logits = mask_head(mask_pool([levels, detections["boxes"]]))
-        masks = _select_class_masks(mask_logits, detections["classes"], num_classes)
-        masks = ops.reshape(masks, (-1, max_detections, 28, 28))
-        outputs = {
-            "boxes": detections["boxes"],
-            "scores": detections["scores"],
-            "classes": detections["classes"],
-            "masks": masks,
-            "num_detections": detections["num_detections"],
-        }
         super().__init__(
             inputs=images, outputs=outputs, backbone=backbone, dtype=policy, **kwargs
         )
 
-        # === Training parts ===
+        # === Stages ===
         self.fpn = fpn
         self.bottom_up = bottom_up
-        self.rpn_head = rpn_head
-        self.proposal_layer = proposals_layer
-        self.box_pool = box_pool
-        self.mask_pool = mask_pool
-        self.box_head = box_head
-        self.mask_head = mask_head
-        self.anchor_generator = AnchorGenerator(name="anchor_generator")
-        self.mask_target_align = RoIAlign(28, sampling_ratio=2, strides=1)
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.rpn = rpn
+        self.roi_heads = roi_heads
         self.loss_trackers = [keras.metrics.Mean(name=name) for name in LOSS_NAMES]
 
         # === Config ===
@@ -302,40 +308,56 @@ class PANet(Segmenter):
         self.fc_units = fc_units
         self.max_detections = max_detections
         self.max_instances = check_positive_int(max_instances, "max_instances")
+        self.anchor_sizes = tuple(float(v) for v in anchor_sizes)
+        self.aspect_ratios = tuple(float(v) for v in aspect_ratios)
         self.rpn_pre_nms_top_k_train = rpn_pre_nms_top_k_train
         self.rpn_post_nms_top_k_train = rpn_post_nms_top_k_train
         self.rpn_pre_nms_top_k_test = rpn_pre_nms_top_k_test
         self.rpn_post_nms_top_k_test = rpn_post_nms_top_k_test
+        self.rpn_nms_threshold = float(rpn_nms_threshold)
+        self.rpn_positive_iou = float(rpn_positive_iou)
+        self.rpn_negative_iou = float(rpn_negative_iou)
         self.rpn_batch_size = check_positive_int(rpn_batch_size, "rpn_batch_size")
         self.roi_batch_size = check_positive_int(roi_batch_size, "roi_batch_size")
         self.roi_positive_fraction = float(roi_positive_fraction)
+        self.roi_foreground_iou = float(roi_foreground_iou)
+        self.mask_size = mask_size
         self.sampling_ratio = sampling_ratio
         self.score_threshold = float(score_threshold)
+        self.detection_nms_threshold = float(detection_nms_threshold)
+        self.loss_weights = weights
         self.seed = seed
 
     # === Training ===
+
+    def stage_outputs(self, images, training=False):
+        """The training graph up to the RoI heads: `{"levels": [N2..N5],
+        "rpn": the region proposal stage's outputs}`."""
+        features = self.backbone(images, training=training)
+        stages = [features[name] for name in ("res2", "res3", "res4", "res5")]
+        pyramid = self.fpn(stages, training=training)
+        levels = pyramid[:4]
+        if self.bottom_up_path:
+            levels = self.bottom_up(levels, training=training)
+        return {"levels": levels, "rpn": self.rpn([pyramid, images], training=training)}
+
+    def detect(self, images):
+        """Inference with every stage's intermediate values: `stage_outputs`
+        and `RoIHeads.forward` (detections, class logits, box deltas, mask
+        logits), for inspection and stage-by-stage comparisons."""
+        images = ops.convert_to_tensor(images, "float32")
+        stages = self.stage_outputs(images, training=False)
+        rpn = stages["rpn"]
+        heads = self.roi_heads.forward(
+            stages["levels"], rpn["proposals"], rpn["valid"], images, training=False
+        )
+        return {**stages, **heads}
 
     def call(self, inputs, training=None, mask=None):
         if not training:
             return super().call(inputs, training=training, mask=mask)
         images = inputs["images"] if isinstance(inputs, dict) else inputs
-        features = self.backbone(images, training=True)
-        stages = [features[name] for name in ("res2", "res3", "res4", "res5")]
-        pyramid = self.fpn(stages, training=True)
-        levels = pyramid[:4]
-        if self.bottom_up_path:
-            levels = self.bottom_up(levels, training=True)
-        rpn_logits, rpn_deltas = self.rpn_head(pyramid, training=True)
-        proposals, valid = self.proposal_layer(
-            [rpn_logits, rpn_deltas, images], training=True
-        )
-        return {
-            "levels": levels,
-            "rpn_logits": rpn_logits,
-            "rpn_deltas": rpn_deltas,
-            "proposals": proposals,
-            "proposal_valid": valid,
-        }
+        return self.stage_outputs(images, training=True)
 
     def _ground_truth(self, y):
         boxes = ops.cast(y["boxes"], "float32")
@@ -355,68 +377,38 @@ class PANet(Segmenter):
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
-        """The five PANet losses (float32), summed; each is also tracked
-        under its name in `LOSS_NAMES`."""
+        """The five PANet losses (float32), each stage's own, summed with
+        `loss_weights`; each is also tracked under its name in `LOSS_NAMES`.
+
+        In training `y_pred` is the training call's output. Keras evaluates
+        (`evaluate`, `validation_data`) with the inference outputs, which
+        hold no training values: then the training graph runs again on `x`
+        in inference mode (batch statistics and weights untouched)."""
+        if not training:
+            images = x["images"] if isinstance(x, dict) else x
+            y_pred = self.stage_outputs(images, training=False)
         gt_boxes, gt_classes, gt_masks, gt_valid = self._ground_truth(y)
-        anchors = ops.convert_to_tensor(
-            self.anchor_generator.anchors(self.image_size), "float32"
-        )
-        labels, sampled, positive, anchor_targets = T.rpn_targets(
-            anchors, gt_boxes, gt_valid, self.seed_generator, self.rpn_batch_size
-        )
-        rpn_objectness, rpn_box = T.rpn_losses(
-            y_pred["rpn_logits"],
-            y_pred["rpn_deltas"],
-            labels,
-            sampled,
-            positive,
-            anchor_targets,
-            self.rpn_batch_size,
-        )
-        samples = T.sample_rois(
-            y_pred["proposals"],
-            y_pred["proposal_valid"],
-            gt_boxes,
-            gt_classes,
-            gt_valid,
-            self.seed_generator,
-            self.roi_batch_size,
-            self.roi_positive_fraction,
-        )
-        levels = y_pred["levels"]
-        rois = samples["rois"]
-        count = rois.shape[1]
-        # training=True: RoIAlign's matrix form, whose gradient is cheap.
-        class_logits, box_deltas = self.box_head(
-            self.box_pool([levels, rois], training=True), training=True
-        )
-        box_class, box_regression = T.box_losses(
-            ops.reshape(class_logits, (-1, count, self.num_classes + 1)),
-            ops.reshape(box_deltas, (-1, count, 4 * self.num_classes)),
-            samples,
-            self.num_classes,
-        )
-        # Foreground RoIs come first: the mask head sees only those rows.
-        fg_count = min(count, int(self.roi_batch_size * self.roi_positive_fraction))
-        fg_rois = rois[:, :fg_count]
-        fg_matched = samples["matched"][:, :fg_count]
-        mask_logits = self.mask_head(
-            self.mask_pool([levels, fg_rois], training=True), training=True
-        )
-        mask_logits = ops.reshape(mask_logits, (-1, fg_count, 28, 28, self.num_classes))
-        mask_targets = T.mask_targets(
-            fg_rois, fg_matched, gt_boxes, gt_masks, self.mask_target_align
-        )
-        mask = T.mask_loss(
-            mask_logits,
-            samples["classes"][:, :fg_count],
-            samples["foreground"][:, :fg_count],
-            mask_targets,
-        )
-        losses = (rpn_objectness, rpn_box, box_class, box_regression, mask)
-        for tracker, value in zip(self.loss_trackers, losses, strict=True):
-            tracker.update_state(value)
-        total = rpn_objectness + rpn_box + box_class + box_regression + mask
+        rpn = y_pred["rpn"]
+        losses = {
+            **self.rpn.losses_for(rpn, gt_boxes, gt_valid),
+            **self.roi_heads.losses_for(
+                y_pred["levels"],
+                rpn["proposals"],
+                rpn["valid"],
+                gt_boxes,
+                gt_classes,
+                gt_masks,
+                gt_valid,
+                # The matrix form of RoIAlign, whose gradient is cheap.
+                training=bool(training),
+            ),
+        }
+        # Weighted by the batch size, as Keras tracks `loss`: epoch means
+        # that add up even when the last batch is smaller.
+        batch = ops.shape(gt_boxes)[0]
+        for tracker, name in zip(self.loss_trackers, LOSS_NAMES, strict=True):
+            tracker.update_state(losses[name], sample_weight=batch)
+        total = sum(self.loss_weights[name] * losses[name] for name in LOSS_NAMES)
         return total + ops.cast(sum(self.losses), "float32") if self.losses else total
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
@@ -440,15 +432,24 @@ class PANet(Segmenter):
             "fc_units": self.fc_units,
             "max_detections": self.max_detections,
             "max_instances": self.max_instances,
+            "anchor_sizes": self.anchor_sizes,
+            "aspect_ratios": self.aspect_ratios,
             "rpn_pre_nms_top_k_train": self.rpn_pre_nms_top_k_train,
             "rpn_post_nms_top_k_train": self.rpn_post_nms_top_k_train,
             "rpn_pre_nms_top_k_test": self.rpn_pre_nms_top_k_test,
             "rpn_post_nms_top_k_test": self.rpn_post_nms_top_k_test,
+            "rpn_nms_threshold": self.rpn_nms_threshold,
+            "rpn_positive_iou": self.rpn_positive_iou,
+            "rpn_negative_iou": self.rpn_negative_iou,
             "rpn_batch_size": self.rpn_batch_size,
             "roi_batch_size": self.roi_batch_size,
             "roi_positive_fraction": self.roi_positive_fraction,
+            "roi_foreground_iou": self.roi_foreground_iou,
+            "mask_size": self.mask_size,
             "sampling_ratio": self.sampling_ratio,
             "score_threshold": self.score_threshold,
+            "detection_nms_threshold": self.detection_nms_threshold,
+            "loss_weights": self.loss_weights,
             "seed": self.seed,
         }
 
