@@ -189,6 +189,7 @@ class InstanceTask(Task):
             self.train_set.num_classes,
             image_size=size,
             max_instances=recipe.data.max_instances,
+            loss_weights=recipe.loss.weights,
             seed=recipe.train.seed,
             **recipe.model.kwargs,
         )

@@ -23,6 +23,7 @@ Example:
 import dataclasses
 import difflib
 import inspect
+import math
 import re
 import types
 import typing
@@ -32,6 +33,7 @@ import yaml
 
 from kseg.backbones import BACKBONES, build_resnet
 from kseg.models import FCN, GCN, PAN, ExFuse, PANet, SegModel
+from kseg.models.panet import LOSS_NAMES
 from kseg.training.recipe_files import (  # noqa: F401 (re-exported)
     CHECKOUT_RECIPES,
     RECIPE_SUFFIX,
@@ -182,16 +184,21 @@ class LossConfig:
     pipeline, the loss and the metric.
 
     Attributes:
-        aux_weights: loss weight of each auxiliary model output, by output
-            name (the main `"logits"` output has weight 1).
-        class_weights: one weight per class, or `None` for equal weights.
-        top_k_percent_pixels: fraction of the hardest pixels kept (OHEM);
-            `1.0` keeps all.
+        aux_weights: semantic task: loss weight of each auxiliary model
+            output, by output name (the main `"logits"` output has weight 1).
+        class_weights: semantic task: one weight per class, or `None` for
+            equal weights.
+        top_k_percent_pixels: semantic task: fraction of the hardest pixels
+            kept (OHEM); `1.0` keeps all.
+        weights: instance task: weight of each of the model's losses by name
+            (`rpn_objectness`, `rpn_box`, `box_class`, `box_regression`,
+            `mask`); missing ones weigh 1 (SPEC: equal weights).
     """
 
     aux_weights: dict[str, float] = dataclasses.field(default_factory=dict)
     class_weights: list[float] | None = None
     top_k_percent_pixels: float = 1.0
+    weights: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -496,6 +503,8 @@ def _check_choice(value, choices, path):
 
 
 def _check_positive(value, path, allow_zero=False):
+    if not math.isfinite(value):
+        raise RecipeError(f"{path}: must be a finite number, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise RecipeError(f"{path}: must be {bound}, got {value!r}")
@@ -523,6 +532,32 @@ def _check_range(pair, path, low_bound):
         raise RecipeError(
             f"{path}: expected [low, high] with {low_bound} < low <= high, got "
             f"{list(pair)}"
+        )
+
+
+def _check_loss_task(loss, task):
+    """The `loss:` keys of the other task are refused, never ignored."""
+    default = LossConfig()
+    if task == "instance":
+        for key in ("aux_weights", "class_weights", "top_k_percent_pixels"):
+            if getattr(loss, key) != getattr(default, key):
+                raise RecipeError(
+                    f"loss.{key}: a semantic segmentation setting; an instance "
+                    "recipe weighs its losses with loss.weights "
+                    f"({', '.join(LOSS_NAMES)})"
+                )
+        for name, weight in loss.weights.items():
+            if name not in LOSS_NAMES:
+                raise RecipeError(
+                    f"loss.weights.{name}: not a loss of the instance model "
+                    f"(valid: {', '.join(LOSS_NAMES)})"
+                    f"{_suggest(name, LOSS_NAMES, 'loss.weights')}"
+                )
+            _check_positive(weight, f"loss.weights.{name}", allow_zero=True)
+    elif loss.weights:
+        raise RecipeError(
+            "loss.weights: an instance segmentation setting; a semantic recipe "
+            "weighs auxiliary outputs with loss.aux_weights"
         )
 
 
@@ -554,6 +589,7 @@ def validate_recipe(recipe):
             "dtype",
             "image_size",
             "max_instances",
+            "loss_weights",
         ),
     )
     _check_choice(recipe.backbone.name, BACKBONE_BUILDERS, "backbone.name")
@@ -605,6 +641,7 @@ def validate_recipe(recipe):
                 )
 
     loss = recipe.loss
+    _check_loss_task(loss, recipe.task)
     if "logits" in loss.aux_weights:
         raise RecipeError(
             "loss.aux_weights.logits: the main output always has weight 1; "

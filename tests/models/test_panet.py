@@ -153,6 +153,17 @@ class PANetTest(TestCase):
         self.assertTrue(all(np.isfinite(v) for v in logs.values()))
         self.assertEqual(logs["mask"], 0.0)
 
+    def test_loss_weights_weigh_the_total(self):
+        model = tiny_panet(loss_weights={"mask": 2.0, "rpn_box": 0.0})
+        model.compile(optimizer=keras.optimizers.SGD(0.0), run_eagerly=True)
+        logs = model.train_on_batch(*batch(), return_dict=True)
+        weights = {**dict.fromkeys(LOSS_NAMES, 1.0), "mask": 2.0, "rpn_box": 0.0}
+        total = sum(weights[name] * logs[name] for name in LOSS_NAMES)
+        np.testing.assert_allclose(logs["loss"], total, rtol=1e-5)
+        self.assertGreater(logs["rpn_box"], 0.0)
+        with self.assertRaisesRegex(ValueError, "unknown losses"):
+            tiny_panet(loss_weights={"masks": 1.0})
+
     def test_mixed_precision_train_step(self):
         keras.config.set_dtype_policy("mixed_float16")
         model = tiny_panet()

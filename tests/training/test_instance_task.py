@@ -140,6 +140,27 @@ def test_evaluation_of_an_untrained_panet_gives_the_coco_table():
     assert result.summary().startswith("mask AP ")
 
 
+def test_recipe_tunables_and_loss_weights_reach_the_model():
+    from kseg.training.task import task_for
+
+    task = task_for(
+        tiny_recipe(
+            "loss.weights={mask: 2.0}",
+            "model.kwargs.anchor_sizes=[16, 32, 64, 128, 256]",
+            "model.kwargs.aspect_ratios=[1.0]",
+            "model.kwargs.mask_size=14",
+            "model.kwargs.roi_foreground_iou=0.6",
+        )
+    )
+    task.prepare()
+    model = task.build_model()
+    assert model.loss_weights["mask"] == 2.0 and model.loss_weights["rpn_box"] == 1.0
+    assert model.rpn.anchor_generator.sizes == (16, 32, 64, 128, 256)
+    assert model.rpn.head.num_anchors == 1
+    assert model.roi_heads.foreground_iou == 0.6
+    assert model.output["masks"].shape[-2:] == (14, 14)
+
+
 @pytest.mark.slow
 def test_kseg_train_and_evaluate_an_instance_recipe(tmp_path, capsys):
     options = [f"--set={override}" for override in TINY]

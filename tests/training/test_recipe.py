@@ -239,3 +239,42 @@ def test_the_task_must_fit_the_model():
     assert recipe.task == "semantic"
     with pytest.raises(RecipeError, match="task: model 'pan' is a semantic model"):
         apply_overrides(recipe, ["task=instance"])
+
+
+def test_instance_loss_weights_reach_the_model_and_others_are_refused():
+    recipe = apply_overrides(
+        load_recipe("panet_quickstart"),
+        ["loss.weights={mask: 2.0, rpn_box: 0.5}"],
+    )
+    assert recipe.loss.weights == {"mask": 2.0, "rpn_box": 0.5}
+    with pytest.raises(RecipeError, match=r"loss\.weights\.mask_loss.*did you mean"):
+        apply_overrides(recipe, ["loss.weights={mask_loss: 1.0}"])
+    with pytest.raises(RecipeError, match=r"loss\.weights\.mask: must be >= 0"):
+        apply_overrides(recipe, ["loss.weights={mask: -1.0}"])
+    with pytest.raises(RecipeError, match=r"loss\.weights\.mask: must be a finite"):
+        apply_overrides(recipe, ["loss.weights={mask: .nan}"])
+    # The semantic settings are refused in an instance recipe, never ignored.
+    with pytest.raises(RecipeError, match=r"loss\.top_k_percent_pixels: a semantic"):
+        apply_overrides(recipe, ["loss.top_k_percent_pixels=0.5"])
+    with pytest.raises(RecipeError, match=r"loss\.aux_weights: a semantic"):
+        apply_overrides(recipe, ["loss.aux_weights={ecre_logits: 0.5}"])
+    with pytest.raises(RecipeError, match=r"loss\.weights: an instance"):
+        apply_overrides(load_recipe("quickstart"), ["loss.weights={mask: 1.0}"])
+    with pytest.raises(RecipeError, match=r"model\.kwargs\.loss_weights"):
+        apply_overrides(recipe, ["model.kwargs.loss_weights={mask: 1.0}"])
+
+
+def test_instance_tunables_are_recipe_fields():
+    recipe = apply_overrides(
+        load_recipe("panet_quickstart"),
+        [
+            "model.kwargs.anchor_sizes=[8, 16, 32, 64, 128]",
+            "model.kwargs.aspect_ratios=[1.0]",
+            "model.kwargs.rpn_positive_iou=0.6",
+            "model.kwargs.rpn_negative_iou=0.2",
+            "model.kwargs.roi_foreground_iou=0.6",
+            "model.kwargs.mask_size=14",
+        ],
+    )
+    assert recipe.model.kwargs["anchor_sizes"] == [8, 16, 32, 64, 128]
+    assert recipe.model.kwargs["mask_size"] == 14
