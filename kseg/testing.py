@@ -470,3 +470,103 @@ def matched_detections(expected, actual, min_score=0.5, min_iou=0.9):
                 free[iou.argmax()] = False
                 matched += 1
     return matched, total
+
+
+@keras.saving.register_keras_serializable(package="kseg_testing")
+class FixedDetections(keras.layers.Layer):
+    """Hand-made detections (the same for every image whose mean pixel
+    exceeds 1, none for nearly black images), in the outputs of an
+    `InstanceSegmenter`: for tests of everything downstream of a detector
+    (prediction, pasting, COCO results, exports) with known answers.
+
+    Args:
+        boxes: `(D, 4)` boxes in input pixels.
+        scores: `(D,)`.
+        classes: `(D,)` ints (0 for padding rows).
+        masks: `(D, s, s)` probabilities.
+        count: int. Detections reported for a non-black image.
+    """
+
+    def __init__(self, boxes, scores, classes, masks, count, **kwargs):
+        super().__init__(**kwargs)
+        self.boxes = np.asarray(boxes, np.float32)
+        self.scores = np.asarray(scores, np.float32)
+        self.classes = np.asarray(classes, np.int32)
+        self.masks = np.asarray(masks, np.float32)
+        self.count = int(count)
+
+    def call(self, images):
+        found = keras.ops.mean(images, axis=(1, 2, 3)) > 1.0
+        batch = keras.ops.shape(images)[0]
+
+        def tile(value):
+            value = keras.ops.convert_to_tensor(value)
+            return keras.ops.repeat(value[None], batch, axis=0)
+
+        keep = keras.ops.cast(found, "int32")
+        return {
+            "boxes": tile(self.boxes),
+            "scores": tile(self.scores),
+            "classes": tile(self.classes) * keep[:, None],
+            "masks": tile(self.masks),
+            "num_detections": self.count * keep,
+        }
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "boxes": self.boxes.tolist(),
+            "scores": self.scores.tolist(),
+            "classes": self.classes.tolist(),
+            "masks": self.masks.tolist(),
+            "count": self.count,
+        }
+
+
+def fixed_detector(boxes, scores, classes, masks, count, image_size=(64, 64)):
+    """A `kseg.models.InstanceSegmenter` returning `FixedDetections` for
+    `image_size` inputs; saves and loads as a `.keras` file."""
+    return _fixed_detector_class()(
+        np.asarray(boxes).tolist(),
+        np.asarray(scores).tolist(),
+        np.asarray(classes).tolist(),
+        np.asarray(masks).tolist(),
+        count,
+        tuple(image_size),
+    )
+
+
+def _fixed_detector_class():
+    # Defined on first use: kseg.models imports TensorFlow-backed layers,
+    # which kseg.testing's layer helpers do not need.
+    if "FixedDetector" in _FIXED:
+        return _FIXED["FixedDetector"]
+    from kseg.models.segmenter import InstanceSegmenter
+
+    @keras.saving.register_keras_serializable(package="kseg_testing")
+    class FixedDetector(InstanceSegmenter):
+        """`FixedDetections` as an instance model."""
+
+        def __init__(self, boxes, scores, classes, masks, count, image_size, **kwargs):
+            inputs = keras.Input((*image_size, 3), name="images")
+            layer = FixedDetections(boxes, scores, classes, masks, count)
+            super().__init__(inputs=inputs, outputs=layer(inputs), **kwargs)
+            self.config = {
+                "boxes": boxes,
+                "scores": scores,
+                "classes": classes,
+                "masks": masks,
+                "count": count,
+                "image_size": tuple(image_size),
+            }
+            self.num_classes = int(max(classes))
+            self.mask_size = int(np.shape(masks)[-1])
+
+        def get_config(self):
+            return {"name": self.name, "trainable": self.trainable, **self.config}
+
+    _FIXED["FixedDetector"] = FixedDetector
+    return FixedDetector
+
+
+_FIXED = {}

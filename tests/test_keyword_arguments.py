@@ -10,6 +10,8 @@ from kseg.backbones import build_resnet
 from kseg.layers import detection
 from kseg.layers import segmodel as segmodel_layers
 from kseg.models.gcn.gcn import CropLike
+from kseg.models.panet.roi_heads import RoIHeads
+from kseg.models.panet.rpn import RegionProposalNetwork
 
 
 def _backbone(output_stride=16):
@@ -18,20 +20,20 @@ def _backbone(output_stride=16):
     )
 
 
-def _segmenter(**kwargs):
+def _segmenter(cls=models.Segmenter, **kwargs):
     images = keras.Input((None, None, 3))
-    return models.Segmenter(inputs=images, outputs={"logits": images}, **kwargs)
+    return cls(inputs=images, outputs={"logits": images}, **kwargs)
 
 
 # The smallest valid constructor call of each class, as `lambda **kwargs:`.
 CONSTRUCTORS = {
     "AdaptiveFeaturePooling": lambda **kw: layers.AdaptiveFeaturePooling(4, **kw),
     "AnchorGenerator": lambda **kw: detection.AnchorGenerator(**kw),
-    "BatchedNMS": lambda **kw: detection.BatchedNMS(**kw),
-    "BoxHead": lambda **kw: detection.BoxHead(2, **kw),
+    "BatchedNMS": lambda **kw: layers.BatchedNMS(**kw),
+    "BoxHead": lambda **kw: layers.BoxHead(2, **kw),
     "DetectionLayer": lambda **kw: detection.DetectionLayer(2, **kw),
     "FeaturePyramid": lambda **kw: detection.FeaturePyramid(**kw),
-    "MaskHead": lambda **kw: detection.MaskHead(2, **kw),
+    "MaskHead": lambda **kw: layers.MaskHead(2, **kw),
     "PANet": lambda **kw: models.PANet(
         build_resnet((1, 1, 1, 1), (4, 4, 4, 4), input_shape=(64, 64, 3)),
         2,
@@ -39,9 +41,12 @@ CONSTRUCTORS = {
         fc_units=16,
         **kw,
     ),
+    "InstanceSegmenter": lambda **kw: _segmenter(cls=models.InstanceSegmenter, **kw),
     "ProposalLayer": lambda **kw: detection.ProposalLayer(**kw),
-    "PyramidLevelSelect": lambda **kw: detection.PyramidLevelSelect(**kw),
-    "PyramidRoIAlign": lambda **kw: detection.PyramidRoIAlign(7, **kw),
+    "RegionProposalNetwork": lambda **kw: RegionProposalNetwork(**kw),
+    "RoIHeads": lambda **kw: RoIHeads(2, **kw),
+    "PyramidLevelSelect": lambda **kw: layers.PyramidLevelSelect(**kw),
+    "PyramidRoIAlign": lambda **kw: layers.PyramidRoIAlign(7, **kw),
     "RPNHead": lambda **kw: detection.RPNHead(**kw),
     "BottomUpPathAugmentation": lambda **kw: layers.BottomUpPathAugmentation(4, **kw),
     "BoundaryRefinement": lambda **kw: layers.BoundaryRefinement(**kw),

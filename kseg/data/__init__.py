@@ -24,6 +24,7 @@ from kseg.data.dataset import (
     load_image_file,
     read_label,
 )
+from kseg.data.instance_masks import paste_masks
 from kseg.data.instance_pipeline import (
     augment_instances,
     crop_masks_to_boxes,

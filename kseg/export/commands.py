@@ -27,13 +27,15 @@ training images: the train split of --recipe (read from --data as for
 import argparse
 from pathlib import Path
 
-# TensorFlow and Keras load only when the command runs (`kseg --help`
-# answers at once).
 from kseg.export.defaults import (
     DEFAULT_CALIBRATION_IMAGES,
     DEFAULT_MAX_PIXELS,
     QUANTIZATIONS,
 )
+
+# TensorFlow and Keras load only when the command runs (`kseg --help`
+# answers at once).
+from kseg.tasks import is_instance_model
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -166,7 +168,7 @@ def run_export(args):
     refuse_existing(model_dir / str(version), "SavedModel version")
     model = load_model(model_path)
     check_segmentation_model(model, instances=True)
-    instance = _is_instance_model(model)
+    instance = is_instance_model(model)
 
     tflite_paths = {}
     if args.tflite:
@@ -212,18 +214,12 @@ def run_export(args):
     return 0
 
 
-def _is_instance_model(model):
-    from kseg.export.instance_saved_model import is_instance_model
-
-    return is_instance_model(model)
-
-
 def _instance_settings(run_recipe):
     """The export settings of an instance model (PANet): the run's
     evaluation resize and category ids when its recipe is known."""
     if run_recipe is None:
         return {}
-    from kseg.inference.instance_outputs import recipe_categories
+    from kseg.training.instance import recipe_categories
     from kseg.training.recipe import load_recipe
 
     recipe = load_recipe(run_recipe)
@@ -241,7 +237,7 @@ def _instance_settings(run_recipe):
 def _tflite_size(args, model, run_recipe, load_recipe):
     """--input-size, else the model's fixed input size, else the training
     crop of the run's recipe; an instance model's own size only."""
-    if _is_instance_model(model):
+    if is_instance_model(model):
         from kseg.export.instance_graph import instance_input_size
 
         return instance_input_size(model, args.input_size)

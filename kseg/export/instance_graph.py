@@ -111,7 +111,7 @@ def swapped_nms(model, nms):
     Only the layer instances' `nms` attribute is swapped (a plain callable,
     no state): the model's weights and its saved form are untouched.
     """
-    from kseg.layers.detection import BatchedNMS
+    from kseg.layers.nms import BatchedNMS
 
     # Private API: Keras <= 3.15 lists the sublayers built in `build` nowhere public.
     if any(isinstance(layer, BatchedNMS) for layer in model._flatten_layers()):

@@ -25,7 +25,7 @@ In the graph each image is fitted into the model's fixed input as the
 evaluation pipeline fits it (`kseg.data.instance_eval_transform`: resize so
 it fits, optionally to a shorter edge, zero padding), the boxes are divided by
 the resize scale, and the masks are pasted with the sampling of
-`kseg.inference.instances.paste_masks` (bilinear, mask pixel centres spread
+`kseg.data.instance_masks.paste_masks` (bilinear, mask pixel centres spread
 evenly over the box, edge values held) as two small matrix products per
 detection, one detection at a time, so memory stays O(N·H·W).
 """
@@ -33,7 +33,7 @@ detection, one detection at a time, so memory stays O(N·H·W).
 import tensorflow as tf
 
 from kseg.data import instance_eval_transform
-from kseg.export.saved_model import check_request, decode_images
+from kseg.export.requests import check_request, decode_images
 
 NUM_DETECTIONS = "num_detections"
 BOXES = "boxes"
@@ -44,12 +44,6 @@ INSTANCE_MAP = "instance_map"
 INSTANCE_OUTPUTS = (NUM_DETECTIONS, BOXES, SCORES, CLASSES, MASKS, INSTANCE_MAP)
 # What the model, and the ONNX and TFLite files, return.
 DETECTION_OUTPUTS = (BOXES, SCORES, CLASSES, MASKS, NUM_DETECTIONS)
-
-
-def is_instance_model(model):
-    """Whether `model` returns instance detections (`masks`, no `logits`)."""
-    outputs = getattr(model, "output", None)
-    return isinstance(outputs, dict) and "masks" in outputs and "logits" not in outputs
 
 
 def check_instance_model(model):

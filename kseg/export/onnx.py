@@ -52,7 +52,6 @@ from kseg.export.instance_graph import (
     instance_function,
     swapped_nms,
 )
-from kseg.export.instance_saved_model import is_instance_model
 from kseg.export.saved_model import (
     CLASS_MAP,
     IMAGES,
@@ -62,6 +61,7 @@ from kseg.export.saved_model import (
     refuse_existing,
 )
 from kseg.files import write_bytes
+from kseg.tasks import is_instance_model
 
 # ONNX Runtime >= 1.14 runs opset 17 on every execution provider; it has
 # every op a kseg semantic model needs (Resize with half-pixel centres).
@@ -223,6 +223,8 @@ class ONNXSegmenter:
         num_threads: int or `None`. Intra-op threads; `None` lets ONNX
             Runtime choose. Defaults to `None`.
     """
+
+    task = "semantic"
 
     def __init__(self, model, num_threads=None):
         try:

@@ -26,7 +26,6 @@ The SavedModel holds only TensorFlow ops: it loads without kseg (or Keras) in
 TF Serving, `saved_model_cli` and `tf.saved_model.load`.
 """
 
-import json
 import re
 import shutil
 import uuid
@@ -35,14 +34,20 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from kseg.data import decode_image, preprocess_images
+from kseg.data import preprocess_images
+from kseg.export.categories import categories_file, categories_json
 from kseg.export.defaults import DEFAULT_MAX_PIXELS
+from kseg.export.requests import (  # noqa: F401 (the export's names, re-exported)
+    BYTES_SIGNATURE,
+    IMAGE_BYTES,
+    IMAGES,
+    SERVING_SIGNATURE,
+    check_request,
+    decode_images,
+)
 from kseg.layers.common import resize
+from kseg.tasks import is_instance_model
 
-SERVING_SIGNATURE = "serving_default"
-BYTES_SIGNATURE = "serving_bytes"
-IMAGES = "images"
-IMAGE_BYTES = "image_bytes"
 CLASS_MAP = "class_map"
 PROBABILITIES = "probabilities"
 
@@ -73,7 +78,7 @@ def check_segmentation_model(model, instances=False):
             f"its input shape is {shape}"
         )
     outputs = model.output
-    if isinstance(outputs, dict) and "masks" in outputs and "logits" not in outputs:
+    if is_instance_model(model):
         if not instances:
             raise ValueError(
                 "This is an instance segmentation model (PANet): it has no "
@@ -95,52 +100,6 @@ def check_segmentation_model(model, instances=False):
             "The model's 'logits' must be (batch, height, width, classes), got "
             f"shape {outputs['logits'].shape}"
         )
-
-
-def check_request(images, max_pixels):
-    """`images` once checked: rank 4 `(N, H, W, 3)` and at most `max_pixels`
-    pixels in all (N·H·W); otherwise an `InvalidArgumentError` that says
-    what was sent and what is allowed. In the graph, so TF Serving answers
-    a bad request with an error instead of running it: TF Serving does not
-    check request shapes against the signature.
-
-    The rank and shape come from `Rank` / `Shape` ops (`tf.raw_ops`): the
-    public `tf.rank` and `tf.debugging.assert_rank` answer from the traced
-    static shape, so the check would vanish from the graph.
-    """
-    # Only range slices of the shape: an index past a rank-3 shape would
-    # fail first, with TensorFlow's "slice index out of bounds". Where the
-    # traced rank 4 lets Grappler fold `Rank` away (a Python call of the
-    # loaded signature), the size check still catches an (H, W, 3) image:
-    # its H·W·3·3 differs from its size H·W·3.
-    shape = tf.raw_ops.Shape(input=images, out_type=tf.int64)
-    leading = shape[:3]
-    batch = tf.debugging.Assert(
-        tf.logical_and(
-            tf.equal(tf.raw_ops.Rank(input=images), 4),
-            tf.equal(tf.reduce_prod(leading) * 3, tf.size(images, out_type=tf.int64)),
-        ),
-        [
-            "images must be a batch (N, H, W, 3) of RGB images (3 channels); "
-            "send one image (H, W, 3) as a batch of one, [image]; got shape",
-            shape,
-        ],
-    )
-    channels = tf.debugging.Assert(
-        tf.reduce_all(tf.equal(shape[-1:], 3)), ["images must have 3 (RGB) channels"]
-    )
-    pixels = tf.reduce_prod(leading)
-    cap = tf.debugging.Assert(
-        tf.less_equal(pixels, max_pixels),
-        [
-            f"the request holds more than the exported cap of {max_pixels} "
-            "pixels (N·H·W): send smaller images or fewer per request, or "
-            "export with a larger --max-pixels; pixels sent:",
-            pixels,
-        ],
-    )
-    with tf.control_dependencies([batch, channels, cap]):
-        return tf.identity(images)
 
 
 def predict_images(model, images):
@@ -165,39 +124,6 @@ def predict_images(model, images):
     }
 
 
-def decode_images(image_bytes):
-    """Decodes a string batch `(N,)` of encoded images to uint8 `(N, H, W, 3)`.
-
-    Every image must have the size of the first: a batch is one tensor. An
-    empty batch is an `InvalidArgumentError`.
-    """
-    not_empty = tf.debugging.assert_positive(
-        tf.size(image_bytes),
-        message=f"{BYTES_SIGNATURE}: the request holds no image; send at least one",
-    )
-    with tf.control_dependencies([not_empty]):
-        image_bytes = tf.identity(image_bytes)
-    size = tf.shape(decode_image(image_bytes[0]))[:2]
-
-    def decode_one(contents):
-        image = decode_image(contents)
-        same_size = tf.debugging.assert_equal(
-            tf.shape(image)[:2],
-            size,
-            message=f"{BYTES_SIGNATURE}: every image of one request must have "
-            "the same height and width; send images of other sizes in separate "
-            "requests",
-        )
-        with tf.control_dependencies([same_size]):
-            return tf.identity(image)
-
-    return tf.map_fn(
-        decode_one,
-        image_bytes,
-        fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8),
-    )
-
-
 def build_serving_module(
     model, max_pixels=DEFAULT_MAX_PIXELS, short_edge=None, max_size=None
 ):
@@ -215,10 +141,7 @@ def build_serving_module(
     """
     check_segmentation_model(model, instances=True)
     max_pixels = _check_max_pixels(max_pixels)
-    from kseg.export.instance_saved_model import (
-        build_instance_serving_module,
-        is_instance_model,
-    )
+    from kseg.export.instance_saved_model import build_instance_serving_module
 
     if is_instance_model(model):
         return build_instance_serving_module(model, max_pixels, short_edge, max_size)
@@ -286,41 +209,14 @@ def refuse_existing(path, what):
         )
 
 
-def categories_json(model, categories):
-    """The categories file of an instance model's export (a SavedModel's
-    `assets.extra/categories.json`, a `.tflite` file's `.categories.json`
-    beside it): `[{"id", "name"}, ...]` of classes 1..C as JSON text, or
-    `None` (not an instance model, or no categories and no class count).
-
-    Args:
-        model: the exported model.
-        categories: `(category_ids, class_names)`, or `None` for ids 1..C
-            named `class_<k>`.
-    """
-    from kseg.export.instance_saved_model import is_instance_model
-
-    if not is_instance_model(model):
-        return None
-    if categories is None:
-        count = getattr(model, "num_classes", None)
-        if count is None:
-            return None  # `kseg predict` numbers the classes it sees
-        categories = (range(1, count + 1), [f"class_{k}" for k in range(1, count + 1)])
-    ids, names = (list(values) for values in categories)
-    if len(ids) != len(names):
-        raise ValueError(f"categories: {len(ids)} ids for {len(names)} names")
-    entries = [{"id": int(c), "name": str(n)} for c, n in zip(ids, names, strict=True)]
-    return json.dumps(entries, indent=1) + "\n"
-
-
 def _write_categories(model, path, categories):
     """An instance model's `assets.extra/categories.json`."""
     text = categories_json(model, categories)
     if text is None:
         return
-    folder = path / "assets.extra"
-    folder.mkdir(exist_ok=True)
-    (folder / "categories.json").write_text(text)
+    file = categories_file(path)
+    file.parent.mkdir(exist_ok=True)
+    file.write_text(text)
 
 
 def _check_max_pixels(max_pixels):

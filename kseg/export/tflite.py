@@ -60,6 +60,7 @@ from tensorflow.python.framework.convert_to_constants import (
 )
 
 from kseg.data import instance_eval_transform
+from kseg.export.categories import categories_file
 from kseg.export.defaults import DEFAULT_CALIBRATION_IMAGES, QUANTIZATIONS
 from kseg.export.instance_graph import (
     SelectedNMS,
@@ -70,7 +71,6 @@ from kseg.export.instance_graph import (
 from kseg.export.instance_saved_model import (
     DETECTION_OUTPUTS,
     check_instance_model,
-    is_instance_model,
 )
 from kseg.export.saved_model import (
     IMAGES,
@@ -81,10 +81,11 @@ from kseg.export.saved_model import (
     refuse_existing,
 )
 from kseg.files import write_bytes
-from kseg.inference.instance_outputs import categories_file
 from kseg.layers.common import check_choice, resize
-from kseg.layers.detection import DetectionLayer, ProposalLayer, PyramidRoIAlign
+from kseg.layers.detection import DetectionLayer, ProposalLayer
 from kseg.layers.guided_filter import GuidanceCRF, GuidedFilter
+from kseg.layers.roi_align import PyramidRoIAlign
+from kseg.tasks import is_instance_model
 
 # Layers that compute in float32 under every dtype policy: their ops stay
 # float32 in int8 files too. The guided filter's window statistics and its
@@ -463,6 +464,8 @@ class TFLiteSegmenter:
         output_names: the names of the file's outputs, sorted.
     """
 
+    task = "semantic"
+
     def __init__(self, model, num_threads=None):
         try:
             from ai_edge_litert.interpreter import Interpreter
@@ -520,6 +523,8 @@ class TFLiteInstanceSegmenter(TFLiteSegmenter):
         num_threads: int or `None`. Interpreter threads; `None` lets LiteRT
             choose. Defaults to `None`.
     """
+
+    task = "instance"
 
     def __init__(self, model, num_threads=None):
         super().__init__(model, num_threads)

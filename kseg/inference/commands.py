@@ -25,9 +25,11 @@ import re
 import sys
 from pathlib import Path
 
+from kseg.inference.defaults import DEFAULT_SCORE_THRESHOLD, PAN_TTA_SCALES
+
 # TensorFlow and Keras load only when the command runs: `kseg --help` and
 # argument errors answer at once.
-from kseg.inference.defaults import DEFAULT_SCORE_THRESHOLD, PAN_TTA_SCALES
+from kseg.tasks import is_instance_model
 
 # The names of `kseg.inference.visualize.PALETTES` (a test keeps them equal).
 PALETTE_NAMES = ("ade20k", "cityscapes", "voc")
@@ -172,7 +174,7 @@ def run_predict(args):
         _error(str(error))
         return 1
 
-    if _is_instance_model(source.model):
+    if is_instance_model(source.model):
         return _run_instances(args, source)
     window = tuple(args.window) if args.window else source.input_size
     options = {
@@ -232,18 +234,13 @@ def _claim(output, image_path, claimed):
     claimed[output] = image_path
 
 
-def _is_instance_model(model):
-    from kseg.inference.instance_predict import is_instance_model
-
-    return is_instance_model(model)
-
-
 def _run_instances(args, source):
     """`kseg predict` on an instance model (see `kseg.inference.instance_outputs`)."""
     import json
 
     from kseg.inference import instance_outputs as outputs
-    from kseg.inference.instance_predict import InstanceSavedModel, predict_instances
+    from kseg.inference.instance_predict import predict_instances
+    from kseg.inference.sources import InstanceSavedModel
 
     model = source.model
     exported = isinstance(model, InstanceSavedModel)

@@ -30,10 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from kseg.data.instances import mask_api
+from kseg.export.categories import categories_file
+from kseg.training.instance import recipe_categories
 
 DETECTIONS_FILE = "detections.json"
 IMAGES_FILE = "images.json"
-CATEGORIES_FILE = "categories.json"  # in a SavedModel's assets.extra/
 
 _FONT_SCALE = 0.4
 
@@ -162,53 +163,6 @@ def find_recipe_path(model_path):
         if model_path.parent.name == "checkpoints":
             candidates.append(model_path.parent.parent / "recipe.yaml")
     return next((path for path in candidates if path.is_file()), None)
-
-
-def _coco_categories(root, split):
-    from kseg.data.instances import NON_OBJECT_CATEGORIES
-
-    root = Path(root).expanduser()
-    for path in (root / "annotations" / f"instances_{split}.json",
-                 root / "annotations.json"):  # fmt: skip
-        if path.is_file():
-            categories = {
-                int(c["id"]): str(c["name"])
-                for c in json.loads(path.read_text())["categories"]
-                if c["name"] not in NON_OBJECT_CATEGORIES
-            }
-            ids = tuple(sorted(categories))
-            return ids, tuple(categories[c] for c in ids)
-    raise FileNotFoundError(f"no COCO annotations for split {split!r} under {root}")
-
-
-def recipe_categories(recipe):
-    """`(category_ids, class_names)` of an instance recipe's dataset."""
-    dataset = recipe.data.dataset
-    if dataset == "synthetic":
-        from kseg.data.synthetic_instances import SYNTHETIC_INSTANCE_CLASSES
-
-        count = len(SYNTHETIC_INSTANCE_CLASSES)
-        return tuple(range(1, count + 1)), tuple(SYNTHETIC_INSTANCE_CLASSES)
-    if dataset == "cityscapes":
-        from kseg.data.instances import CITYSCAPES_INSTANCE_CATEGORIES
-
-        return (
-            tuple(c for c, _ in CITYSCAPES_INSTANCE_CATEGORIES),
-            tuple(n for _, n in CITYSCAPES_INSTANCE_CATEGORIES),
-        )
-    if recipe.data.root is None:
-        raise FileNotFoundError("data.root is not set")
-    return _coco_categories(recipe.data.root, recipe.data.train_split)
-
-
-def categories_file(export_path):
-    """Where an exported instance model keeps its categories: a SavedModel's
-    `assets.extra/categories.json`, a `.tflite` file's `NAME.categories.json`
-    beside it."""
-    export_path = Path(export_path)
-    if export_path.suffix == ".tflite":
-        return export_path.with_name(f"{export_path.stem}.{CATEGORIES_FILE}")
-    return export_path / "assets.extra" / CATEGORIES_FILE
 
 
 def find_categories(model_path, source_path, num_classes):

@@ -6,12 +6,13 @@ resize so the whole image fits, optionally to a given shorter edge, then zero
 padding below and right), the model runs, and its detections go back to the
 image: boxes divided by the resize scale and clipped to the image, the 28 × 28
 mask probabilities pasted inside the boxes at image resolution
-(`kseg.inference.instances.paste_masks`) — what `detections_to_coco` does for
+(`kseg.data.instance_masks.paste_masks`) — what `detections_to_coco` does for
 the COCO evaluation.
 
 An exported PANet SavedModel (`kseg.export`) does the fitting and the box
-mapping in its graph; `open_model` wraps it as an `InstanceSavedModel`, which
-`predict_instances` runs the same way. A PANet `.tflite` file
+mapping in its graph; `open_model` wraps it as a
+`kseg.inference.sources.InstanceSavedModel`, which `predict_instances` runs
+the same way. A PANet `.tflite` file
 (`kseg.export.tflite.TFLiteInstanceSegmenter`) takes uint8 images of its
 fixed size only: it gets the fitted images, rounded to uint8, like a Keras
 model.
@@ -21,8 +22,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from kseg.data.instance_masks import paste_masks
 from kseg.inference.defaults import DEFAULT_SCORE_THRESHOLD
-from kseg.inference.instances import paste_masks
+from kseg.inference.sources import InstanceSavedModel
+from kseg.tasks import is_instance_model
 
 DEFAULT_BATCH_SIZE = 4
 
@@ -53,15 +56,6 @@ class Instances(NamedTuple):
         return result
 
 
-def is_instance_model(model):
-    """Whether `model` is an instance segmentation model: a Keras model
-    returning `masks` (and no `logits`), or an exported one."""
-    if isinstance(model, InstanceSavedModel) or _is_tflite(model):
-        return True
-    outputs = getattr(model, "output", None)
-    return isinstance(outputs, dict) and "masks" in outputs and "logits" not in outputs
-
-
 def _is_tflite(model):
     from kseg.export.tflite import TFLiteInstanceSegmenter
 
@@ -78,31 +72,6 @@ def model_input_size(model):
             f"an instance model takes a fixed input size, this one takes {size}"
         )
     return size
-
-
-class InstanceSavedModel:
-    """An exported PANet SavedModel's `serving_default` as a detector:
-    `detect(image)` returns its detections in image pixels."""
-
-    def __init__(self, loaded, signature):
-        self._loaded = loaded
-        self._signature = signature
-
-    def detect(self, image):
-        """`{"boxes", "scores", "classes", "masks"}` of the first
-        `num_detections` detections of one uint8 `(H, W, 3)` image."""
-        import tensorflow as tf
-
-        from kseg.inference.sources import call_signature
-
-        outputs = call_signature(
-            self._signature, images=tf.constant(np.asarray(image)[None])
-        )
-        count = int(outputs["num_detections"][0])
-        return {
-            key: np.asarray(outputs[key][0, :count])
-            for key in ("boxes", "scores", "classes", "masks")
-        }
 
 
 def _fitted(model, images, short_edge, max_size, batch_size):
@@ -217,8 +186,8 @@ def predict_instances(
     else:
         if not is_instance_model(model):
             raise ValueError(
-                "predict_instances needs an instance segmentation model (one "
-                "returning 'masks', such as PANet)"
+                "predict_instances needs an instance segmentation model (a "
+                "kseg.models.InstanceSegmenter such as PANet, or its export)"
             )
         raw = _fitted(model, images, short_edge, max_size, batch_size)
     return [

@@ -13,7 +13,7 @@ kseg Keras model on float32 RGB batches in 0–255 and returns `{"logits"}`
 (for exports: the log of their probabilities, whose softmax is the
 probabilities), so `kseg.inference.predict` runs all of them the same way.
 An exported instance model comes as a
-`kseg.inference.instance_predict.InstanceSavedModel` (PANet SavedModel, whose
+`kseg.inference.sources.InstanceSavedModel` (PANet SavedModel, whose
 signature returns an `instance_map`) or a
 `kseg.export.tflite.TFLiteInstanceSegmenter` (PANet `.tflite` file), which
 `predict_instances` runs like the Keras PANet.
@@ -86,6 +86,8 @@ def _keras(path):
 class _SavedModelRunner:
     """A kseg SavedModel's `serving_default` as a kseg-model-like callable."""
 
+    task = "semantic"
+
     def __init__(self, path):
         import tensorflow as tf
 
@@ -125,11 +127,34 @@ def call_signature(signature, **inputs):
         raise ValueError(f"the SavedModel refused the image: {reason}") from None
 
 
+class InstanceSavedModel:
+    """An exported PANet SavedModel's `serving_default` as a detector:
+    `detect(image)` returns its detections in image pixels."""
+
+    task = "instance"
+
+    def __init__(self, loaded, signature):
+        self._loaded = loaded
+        self._signature = signature
+
+    def detect(self, image):
+        """`{"boxes", "scores", "classes", "masks"}` of the first
+        `num_detections` detections of one uint8 `(H, W, 3)` image."""
+        import tensorflow as tf
+
+        outputs = call_signature(
+            self._signature, images=tf.constant(np.asarray(image)[None])
+        )
+        count = int(outputs["num_detections"][0])
+        return {
+            key: np.asarray(outputs[key][0, :count])
+            for key in ("boxes", "scores", "classes", "masks")
+        }
+
+
 def _saved_model(path):
     runner = _SavedModelRunner(path)
     if "instance_map" in runner._signature.structured_outputs:
-        from kseg.inference.instance_predict import InstanceSavedModel
-
         # An exported instance model (PANet): `predict_instances` runs it.
         runner = InstanceSavedModel(runner._loaded, runner._signature)
     return ModelSource(runner, "saved_model", path, None)
@@ -140,6 +165,8 @@ class _TFLiteRunner:
     the file's fixed one (test-time scales) are resized to it and the
     probabilities back (bilinear, half-pixel centres, as the SavedModel does
     for a fixed-size model)."""
+
+    task = "semantic"
 
     def __init__(self, path):
         from kseg.export.tflite import TFLiteSegmenter

@@ -17,14 +17,9 @@ On JAX, importing and calling kseg.layers does not import TensorFlow.
 from kseg.layers.common import ConvBNReLU, ResizeLike, depth_to_space, resize
 from kseg.layers.detection import (
     AnchorGenerator,
-    BatchedNMS,
-    BoxHead,
     DetectionLayer,
     FeaturePyramid,
-    MaskHead,
     ProposalLayer,
-    PyramidLevelSelect,
-    PyramidRoIAlign,
     RPNHead,
 )
 from kseg.layers.exfuse import (
@@ -36,6 +31,8 @@ from kseg.layers.exfuse import (
     SubPixelUpsample,
 )
 from kseg.layers.guided_filter import GuidanceCRF, GuidedFilter, guided_filter
+from kseg.layers.heads import BoxHead, MaskHead
+from kseg.layers.nms import BatchedNMS
 from kseg.layers.pan import FeaturePyramidAttention, GlobalAttentionUpsample
 from kseg.layers.panet import (
     AdaptiveFeaturePooling,
@@ -43,6 +40,7 @@ from kseg.layers.panet import (
     FullyConnectedFusionMaskHead,
     RoIAlign,
 )
+from kseg.layers.roi_align import PyramidLevelSelect, PyramidRoIAlign
 from kseg.layers.segmodel import (
     ContextCRF,
     LearnableUpsampling,

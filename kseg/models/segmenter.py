@@ -7,6 +7,7 @@ from kseg.layers.common import ResizeLike, check_keyword_arguments
 
 # Re-exported: the models and kseg.inference validate their options with it.
 from kseg.layers.common import check_positive_int as check_positive_int
+from kseg.tasks import INSTANCE, SEMANTIC
 
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
 # The keyword arguments a functional `keras.Model` reads besides its inputs
@@ -42,7 +43,7 @@ class Segmenter(keras.Model):
     evaluation, prediction and export dispatch on it.
     """
 
-    task = "semantic"
+    task = SEMANTIC
 
     def __init__(self, inputs, outputs, backbone=None, dtype=None, **kwargs):
         check_keyword_arguments(type(self), kwargs, MODEL_KEYWORD_ARGUMENTS)
@@ -136,7 +137,7 @@ class InstanceSegmenter(Segmenter):
     Every model of this class takes a fixed input size (`image_size`) and
     has `num_classes` and `mask_size` attributes."""
 
-    task = "instance"
+    task = INSTANCE
 
 
 def float32_output(x, name):

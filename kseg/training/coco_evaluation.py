@@ -27,8 +27,8 @@ import math
 
 import numpy as np
 
+from kseg.data.instance_masks import paste_masks
 from kseg.data.instances import mask_api, segmentation_to_rle
-from kseg.inference.instances import paste_masks
 
 SUMMARY_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 IOU_TYPES = {"bbox": "box", "segm": "mask"}

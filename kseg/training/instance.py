@@ -8,6 +8,7 @@ size and compiled with its five in-model losses, validation by COCO mask AP
 each epoch (`val_mask_ap`, which `best.keras` maximises), and the COCO table.
 """
 
+import json
 import math
 from pathlib import Path
 
@@ -26,6 +27,43 @@ from kseg.training.coco_evaluation import CocoEvaluator, format_coco_table
 from kseg.training.optimizers import build_optimizer
 from kseg.training.recipe import BACKBONE_BUILDERS, RecipeError
 from kseg.training.task import Task, with_input_normalization
+
+
+def _coco_categories(root, split):
+    from kseg.data.instances import NON_OBJECT_CATEGORIES
+
+    root = Path(root).expanduser()
+    for path in (root / "annotations" / f"instances_{split}.json",
+                 root / "annotations.json"):  # fmt: skip
+        if path.is_file():
+            categories = {
+                int(c["id"]): str(c["name"])
+                for c in json.loads(path.read_text())["categories"]
+                if c["name"] not in NON_OBJECT_CATEGORIES
+            }
+            ids = tuple(sorted(categories))
+            return ids, tuple(categories[c] for c in ids)
+    raise FileNotFoundError(f"no COCO annotations for split {split!r} under {root}")
+
+
+def recipe_categories(recipe):
+    """`(category_ids, class_names)` of an instance recipe's dataset."""
+    dataset = recipe.data.dataset
+    if dataset == "synthetic":
+        from kseg.data.synthetic_instances import SYNTHETIC_INSTANCE_CLASSES
+
+        count = len(SYNTHETIC_INSTANCE_CLASSES)
+        return tuple(range(1, count + 1)), tuple(SYNTHETIC_INSTANCE_CLASSES)
+    if dataset == "cityscapes":
+        from kseg.data.instances import CITYSCAPES_INSTANCE_CATEGORIES
+
+        return (
+            tuple(c for c, _ in CITYSCAPES_INSTANCE_CATEGORIES),
+            tuple(n for _, n in CITYSCAPES_INSTANCE_CATEGORIES),
+        )
+    if recipe.data.root is None:
+        raise FileNotFoundError("data.root is not set")
+    return _coco_categories(recipe.data.root, recipe.data.train_split)
 
 
 def read_instances(data, split, data_dir=None, seed=0):

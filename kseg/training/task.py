@@ -71,17 +71,6 @@ class Task:
         raise NotImplementedError
 
 
-def task_for(recipe, data_dir=None):
-    """The `Task` of a recipe (`recipe.task`)."""
-    if recipe.task == "instance":
-        from kseg.training.instance import InstanceTask
-
-        return InstanceTask(recipe, data_dir)
-    from kseg.training.semantic import SemanticTask
-
-    return SemanticTask(recipe, data_dir)
-
-
 def with_input_normalization(backbone):
     """`backbone` taking RGB images in 0–255 (`kseg.data.preprocess_images`).
 

@@ -13,7 +13,7 @@ everything in a new run directory `runs/<recipe name>/<timestamp>/`:
     result.json          the final evaluation's numbers, steps, times
 
 The run is the same for every task; what depends on the task (data, model,
-losses, metrics, evaluation) comes from `kseg.training.task.task_for`.
+losses, metrics, evaluation) comes from `task_for`.
 
 A kill at any instant loses at most the current epoch: every file is
 written under a temporary name and renamed into place (`kseg.files`), the
@@ -45,8 +45,11 @@ from kseg.files import (
     write_text,
 )
 from kseg.models import load_model
+from kseg.tasks import INSTANCE
 from kseg.training.callbacks import Checkpoint, EpochSummary, RunBackup
+from kseg.training.instance import InstanceTask
 from kseg.training.recipe import RecipeError, load_recipe, save_recipe
+from kseg.training.semantic import SemanticTask
 from kseg.training.strategy import (
     build_strategy,
     is_chief,
@@ -54,13 +57,20 @@ from kseg.training.strategy import (
     set_synchronized_batch_norm,
     worker_index,
 )
-from kseg.training.task import task_for
 
 RECIPE_FILE = "recipe.yaml"
 MODEL_FILE = "model.keras"
 RESULT_FILE = "result.json"
 EVALUATION_FILE = "evaluation.txt"
 BACKUP_DIR = "backup"
+
+
+def task_for(recipe, data_dir=None):
+    """The `Task` of a recipe (`recipe.task`): `InstanceTask` or
+    `SemanticTask`."""
+    if recipe.task == INSTANCE:
+        return InstanceTask(recipe, data_dir)
+    return SemanticTask(recipe, data_dir)
 
 
 @dataclasses.dataclass

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from kseg.export.instance_graph import CombinedNMS, SelectedNMS
-from kseg.layers.detection import BatchedNMS
+from kseg.layers.nms import BatchedNMS
 
 
 def _boxes_and_scores(seed, batch=2, count=60):

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from kseg import testing
+from kseg.data.instance_masks import paste_masks
 from kseg.export import export_saved_model
 from kseg.export.instance_saved_model import INSTANCE_OUTPUTS
-from kseg.inference.instances import paste_masks
 
 SIZE = 64
 BOXES = np.array(
@@ -39,32 +40,8 @@ def _masks():
     return masks
 
 
-@keras.saving.register_keras_serializable("kseg_export_tests")
-class FixedDetections(keras.layers.Layer):
-    """The hand-made detections for images whose mean exceeds 1; none for
-    black images."""
-
-    def call(self, images):
-        found = keras.ops.mean(images, axis=(1, 2, 3)) > 1.0
-        batch = keras.ops.shape(images)[0]
-
-        def tile(value):
-            value = keras.ops.convert_to_tensor(value)
-            return keras.ops.repeat(value[None], batch, axis=0)
-
-        keep = keras.ops.cast(found, "int32")
-        return {
-            "boxes": tile(BOXES),
-            "scores": tile(SCORES),
-            "classes": tile(CLASSES) * keep[:, None],
-            "masks": tile(_masks()),
-            "num_detections": 3 * keep,
-        }
-
-
 def fixed_detector():
-    inputs = keras.Input((SIZE, SIZE, 3))
-    return keras.Model(inputs, FixedDetections()(inputs))
+    return testing.fixed_detector(BOXES, SCORES, CLASSES, _masks(), 3, (SIZE, SIZE))
 
 
 def _images(shape, seed=0):

@@ -241,7 +241,7 @@ def test_panet_converts_with_nms(synthetic_val):
     binary = (actual["masks"] > 0.5) != (expected["masks"] > 0.5)
     assert np.mean(binary[~padding]) <= 0.02, np.mean(binary[~padding])
     # The NMS swap is undone: Keras still runs keras-hub's NMS.
-    from kseg.layers.detection import BatchedNMS
+    from kseg.layers.nms import BatchedNMS
 
     assert all(
         type(vars(layer)["nms"]).__name__ == "NonMaxSuppression"

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 
+from kseg import testing
 from kseg.data import instance_eval_transform
 from kseg.inference import Instances, paste_masks, predict_instances, register
 from kseg.inference.instance_outputs import (
@@ -35,32 +36,8 @@ def _masks():
     return masks
 
 
-@keras.saving.register_keras_serializable("kseg_tests")
-class FixedDetections(keras.layers.Layer):
-    """The hand-made detections for every image whose mean pixel exceeds 1;
-    none for (nearly) black images."""
-
-    def call(self, images):
-        found = keras.ops.mean(images, axis=(1, 2, 3)) > 1.0
-        batch = keras.ops.shape(images)[0]
-
-        def tile(value):
-            value = keras.ops.convert_to_tensor(value)
-            return keras.ops.repeat(value[None], batch, axis=0)
-
-        keep = keras.ops.cast(found, "int32")
-        return {
-            "boxes": tile(BOXES),
-            "scores": tile(SCORES),
-            "classes": tile(CLASSES) * keep[:, None],
-            "masks": tile(_masks()),
-            "num_detections": 3 * keep,
-        }
-
-
 def fixed_detector():
-    inputs = keras.Input((SIZE, SIZE, 3))
-    return keras.Model(inputs, FixedDetections()(inputs))
+    return testing.fixed_detector(BOXES, SCORES, CLASSES, _masks(), 3, (SIZE, SIZE))
 
 
 def _image(height, width, seed=0):

@@ -8,22 +8,18 @@ import keras
 import numpy as np
 import pytest
 
+from kseg.layers.boxes import decode_boxes, encode_boxes, pairwise_iou
 from kseg.layers.detection import (
     AnchorGenerator,
-    BatchedNMS,
-    BoxHead,
     DetectionLayer,
     FeaturePyramid,
-    MaskHead,
     ProposalLayer,
-    PyramidLevelSelect,
-    PyramidRoIAlign,
     RPNHead,
-    decode_boxes,
-    encode_boxes,
-    pairwise_iou,
 )
+from kseg.layers.heads import BoxHead, MaskHead
+from kseg.layers.nms import BatchedNMS
 from kseg.layers.panet import FullyConnectedFusionMaskHead, RoIAlign
+from kseg.layers.roi_align import PyramidLevelSelect, PyramidRoIAlign
 from kseg.testing import TestCase
 
 

@@ -100,7 +100,7 @@ class AdaptiveRoIAlignTest(TestCase):
             np.testing.assert_allclose(pooled, want, rtol=1e-4, atol=1e-4)
 
     def test_pyramid_roi_align_is_exact_in_both_forms(self):
-        from kseg.layers.detection import PyramidRoIAlign
+        from kseg.layers.roi_align import PyramidRoIAlign
 
         rng = np.random.default_rng(4)
         # A 64×64 image: up to 8 samples per bin on the stride-4 level.

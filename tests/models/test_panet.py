@@ -364,7 +364,7 @@ def _coco_mask_ap50(gt_masks, gt_classes, predictions, num_classes):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from kseg.inference.instances import paste_masks
+    from kseg.data.instance_masks import paste_masks
 
     def rle(mask):
         encoded = mask_utils.encode(np.asfortranarray(mask.astype("uint8")))

@@ -124,7 +124,7 @@ def test_data_inspect_counts_the_labelme_coco_photos(capsys):
 
 
 def test_evaluation_of_an_untrained_panet_gives_the_coco_table():
-    from kseg.training.task import task_for
+    from kseg.training.trainer import task_for
 
     keras.utils.set_random_seed(0)
     task = task_for(tiny_recipe())
@@ -141,7 +141,7 @@ def test_evaluation_of_an_untrained_panet_gives_the_coco_table():
 
 
 def test_recipe_tunables_and_loss_weights_reach_the_model():
-    from kseg.training.task import task_for
+    from kseg.training.trainer import task_for
 
     task = task_for(
         tiny_recipe(

@@ -4,7 +4,7 @@ The training targets carry each instance's mask resampled inside its own
 box (`crop_instance_mask`), a fixed `S × S` array however large the image.
 `kseg.data.instance_pipeline.crop_masks_to_boxes` is the same definition in
 TensorFlow for the input pipeline (a test checks they agree); predictions are
-pasted back by `kseg.inference.instances`.
+pasted back by `kseg.data.instance_masks`.
 """
 
 import numpy as np

@@ -10,16 +10,12 @@ Instance Segmentation", CVPR 2018, sections 3.2-3.3.
 import keras
 from keras import ops
 
+from kseg.layers.boxes import ROI_BOX_WEIGHTS, encode_boxes
 from kseg.layers.common import KsegLayer, check_choice, check_positive_int
-from kseg.layers.detection import (
-    ROI_BOX_WEIGHTS,
-    BoxHead,
-    DetectionLayer,
-    MaskHead,
-    PyramidRoIAlign,
-    encode_boxes,
-)
+from kseg.layers.detection import DetectionLayer
+from kseg.layers.heads import BoxHead, MaskHead
 from kseg.layers.panet import RoIAlign
+from kseg.layers.roi_align import PyramidRoIAlign
 from kseg.models.panet.sampling import masked_iou, match, sample_mask, smooth_l1
 
 # SPEC: 7×7 box grids; the mask grid is half the mask side (the deconv doubles).

@@ -8,13 +8,9 @@ for Object Detection", CVPR 2017.
 import keras
 from keras import ops
 
+from kseg.layers.boxes import RPN_BOX_WEIGHTS, encode_boxes
 from kseg.layers.common import KsegLayer, check_positive_int
-from kseg.layers.detection import (
-    RPN_BOX_WEIGHTS,
-    ProposalLayer,
-    RPNHead,
-    encode_boxes,
-)
+from kseg.layers.detection import ProposalLayer, RPNHead
 from kseg.models.panet.sampling import masked_iou, match, sample_mask, smooth_l1
 
 # Detectron2's RPN box loss: smooth-L1 with beta 1/9.

@@ -8,7 +8,7 @@ Random sampling draws from a `keras.random.SeedGenerator`.
 import keras
 from keras import ops
 
-from kseg.layers.detection import pairwise_iou
+from kseg.layers.boxes import pairwise_iou
 
 
 def masked_iou(boxes, gt_boxes, gt_valid):

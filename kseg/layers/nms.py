@@ -1,0 +1,165 @@
+"""Padded, batched, class-aware non-maximum suppression (SPEC's rules)."""
+
+import keras
+import numpy as np
+from keras import ops
+
+from kseg.layers.common import KsegLayer, check_positive_int
+
+
+@keras.saving.register_keras_serializable(package="kseg")
+class BatchedNMS(KsegLayer):
+    """Padded, batched, class-aware non-maximum suppression.
+
+    Greedy NMS per image, with torchvision's and Detectron2's rules (SPEC):
+    boxes are taken by decreasing score, on tied scores the lower index
+    first; a box whose IoU with an already kept box of the same class is
+    greater than `iou_threshold` is dropped (equal is kept); boxes with
+    `score <= score_threshold` never count; at most `max_detections` are
+    kept, padded with zeros.
+
+    Classes are kept apart for the suppression as in torchvision's
+    `batched_nms`: each box is shifted by `class · (max coordinate + 1)`, so
+    boxes of different classes never overlap and one NMS runs over all of
+    them. What the NMS keeps is carried by index: the returned boxes, scores
+    and classes are the inputs' own values, never decoded from the shifted
+    coordinates. The candidates are put in the order above first (`top_k`,
+    which keeps the lower index first on ties) and the NMS sees their rank as
+    the score (`N − position`, exact in float32 for fewer than 2²⁴ boxes), so
+    any greedy NMS that keeps boxes by decreasing score gives the same kept
+    set, and the rank it returns is the index. The NMS itself is keras-hub's
+    `NonMaxSuppression` (TensorFlow's padded NMS algorithm in `keras.ops`,
+    XLA-friendly), which suppresses at an IoU equal to its threshold: it is
+    given the next float32 above `iou_threshold`. Computed in float32.
+
+    Example:
+    >>> nms = BatchedNMS(iou_threshold=0.5, max_detections=2)
+    >>> boxes = np.array([[[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]]])
+    >>> out = nms([boxes, np.array([[0.9, 0.8, 0.7]])])
+    >>> ops.convert_to_numpy(out["scores"])
+    array([[0.9, 0.7]], dtype=float32)
+
+    Args:
+        iou_threshold: float. A box with a greater IoU with a kept box is
+            suppressed. Defaults to `0.5`.
+        max_detections: int. Boxes kept per image. Defaults to `100`.
+        score_threshold: float. Boxes scoring at most this are dropped.
+            Defaults to `0.0`.
+        **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
+
+    Input shape:
+        `[boxes (batch, N, 4), scores (batch, N)]` or, class-aware,
+        `[boxes, scores, classes (batch, N) ints]`; boxes
+        `[y1, x1, y2, x2]` with non-negative coordinates, `N < 2²⁴`.
+
+    Output shape:
+        Dict `boxes (batch, D, 4)`, `scores (batch, D)`, `classes (batch, D)`
+        int32, `valid (batch, D)` bool, `num_detections (batch,)` int32, with
+        `D = max_detections`; padding rows are zero (`classes` 0).
+    """
+
+    def __init__(
+        self, iou_threshold=0.5, max_detections=100, score_threshold=0.0, **kwargs
+    ):
+        super().__init__(autocast=False, **kwargs)
+        self.iou_threshold = float(iou_threshold)
+        self.max_detections = check_positive_int(max_detections, "max_detections")
+        self.score_threshold = float(score_threshold)
+
+    def build(self, input_shape):
+        from keras_hub.layers import NonMaxSuppression
+
+        count = input_shape[1][-1]
+        if count is not None and count >= 2**24:
+            raise ValueError(
+                f"{self.name}: {count} boxes per image; BatchedNMS ranks them in "
+                "float32 and takes fewer than 2**24"
+            )
+        # keras-hub suppresses at IoU >= its threshold: the next float32 above
+        # ours suppresses exactly the IoUs greater than ours. Candidates carry
+        # rank scores >= 1 and the rest 0, so 0.5 separates them.
+        self.nms = NonMaxSuppression(
+            bounding_box_format="yxyx",
+            from_logits=False,
+            iou_threshold=float(
+                np.nextafter(np.float32(self.iou_threshold), np.float32(np.inf))
+            ),
+            confidence_threshold=0.5,
+            max_detections=self.max_detections,
+            dtype="float32",
+        )
+
+    def call(self, inputs):
+        boxes = ops.cast(inputs[0], "float32")
+        scores = ops.cast(inputs[1], "float32")
+        count = boxes.shape[1]
+        candidate = scores > self.score_threshold
+        # Decreasing score, lower index first on ties (top_k's order).
+        _, order = ops.top_k(ops.where(candidate, scores, -np.inf), count)
+        candidate = ops.take_along_axis(candidate, order, axis=1)
+        rank = ops.where(
+            candidate, float(count) - ops.arange(count, dtype="float32"), 0.0
+        )
+        shifted = boxes
+        if len(inputs) > 2:
+            classes = ops.cast(inputs[2], "int32")
+            # Every coordinate of an image lies in [0, offset - 1], so a
+            # shifted box of class c lies in [c · offset, (c + 1) · offset - 1].
+            offset = ops.max(boxes) + 1.0
+            shifted = boxes + ops.cast(classes, "float32")[..., None] * offset
+        else:
+            classes = ops.zeros(ops.shape(scores), "int32")
+        shifted = ops.take_along_axis(shifted, order[..., None], axis=1)
+        # Boxes that are no candidates are zeroed: never kept, never suppress.
+        shifted = ops.where(candidate[..., None], shifted, 0.0)
+        confidence, kept = self._select(shifted, rank)
+        kept = ops.cast(kept, "int32")
+        valid = ops.arange(self.max_detections)[None, :] < kept[:, None]
+        position = ops.cast(float(count) - confidence, "int32")
+        position = ops.where(valid, ops.clip(position, 0, count - 1), 0)
+        index = ops.take_along_axis(order, position, axis=1)
+        return {
+            "boxes": ops.where(
+                valid[..., None],
+                ops.take_along_axis(boxes, index[..., None], axis=1),
+                0.0,
+            ),
+            "scores": ops.where(valid, ops.take_along_axis(scores, index, axis=1), 0.0),
+            "classes": ops.where(valid, ops.take_along_axis(classes, index, axis=1), 0),
+            "valid": valid,
+            "num_detections": kept,
+        }
+
+    def _select(self, boxes, rank):
+        """The NMS on ranked candidates: `(confidence (B, D), kept (B,))`.
+        keras-hub's NMS needs a static batch size; with an unknown one (a
+        Keras `fit` or `predict` on arrays, whose last batch may be smaller)
+        it runs image by image, unless the NMS in use takes any batch."""
+        if boxes.shape[0] is None and not getattr(self.nms, "any_batch", False):
+
+            def one_image(inputs):
+                out = self.nms(inputs[0][None], inputs[1][None, :, None])
+                return out["confidence"][0], out["num_detections"][0]
+
+            return ops.map(one_image, (boxes, rank))
+        out = self.nms(boxes, rank[..., None])
+        return out["confidence"], out["num_detections"]
+
+    def compute_output_spec(self, inputs):
+        batch = inputs[0].shape[0]
+        d = self.max_detections
+        return {
+            "boxes": keras.KerasTensor((batch, d, 4), "float32"),
+            "scores": keras.KerasTensor((batch, d), "float32"),
+            "classes": keras.KerasTensor((batch, d), "int32"),
+            "valid": keras.KerasTensor((batch, d), "bool"),
+            "num_detections": keras.KerasTensor((batch,), "int32"),
+        }
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "iou_threshold": self.iou_threshold,
+            "max_detections": self.max_detections,
+            "score_threshold": self.score_threshold,
+        }
