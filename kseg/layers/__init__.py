@@ -31,13 +31,12 @@ from kseg.layers.exfuse import (
     SubPixelUpsample,
 )
 from kseg.layers.guided_filter import GuidanceCRF, GuidedFilter, guided_filter
-from kseg.layers.heads import BoxHead, MaskHead
+from kseg.layers.heads import BoxHead, FullyConnectedFusionMaskHead, MaskHead
 from kseg.layers.nms import BatchedNMS
 from kseg.layers.pan import FeaturePyramidAttention, GlobalAttentionUpsample
 from kseg.layers.panet import (
     AdaptiveFeaturePooling,
     BottomUpPathAugmentation,
-    FullyConnectedFusionMaskHead,
     RoIAlign,
 )
 from kseg.layers.roi_align import PyramidLevelSelect, PyramidRoIAlign

@@ -234,6 +234,9 @@ class MaskHead(KsegLayer):
             `"sum"`.
         normalization: `None`, `"batch"` or `"sync_batch"`: BN after the convs
             this layer owns. Defaults to `None`.
+        include_first_conv: bool. Whether the head owns conv1 for a single
+            input (`False`: the input is conv1's output, e.g. after
+            `AdaptiveFeaturePooling(layer_type="conv")`). Defaults to `True`.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
     Input shape:
@@ -253,9 +256,11 @@ class MaskHead(KsegLayer):
         fusion_branch="conv3",
         mask_fusion="sum",
         normalization=None,
+        include_first_conv=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.include_first_conv = bool(include_first_conv)
         self.num_classes = check_positive_int(num_classes, "num_classes")
         self.mask_size = check_positive_int(mask_size, "mask_size")
         if self.mask_size % 2:
@@ -289,7 +294,19 @@ class MaskHead(KsegLayer):
             )
             self.adaptive_pooling.build(list(input_shape))
             shape = (*shape[:3], self.filters)
-        for i in range(1 if levels else 0, 4):
+        grid = self.mask_size // 2
+        for shape in input_shape if levels else [input_shape]:
+            if len(shape) != 4:
+                raise ValueError(
+                    f"{self.name}: expected RoI grids of ndim=4, got {tuple(shape)}"
+                )
+            if tuple(shape[1:3]) != (grid, grid):
+                raise ValueError(
+                    f"{self.name}: input spatial size must be mask_size / 2 = "
+                    f"{grid}, got {tuple(shape[1:3])}"
+                )
+        first = 0 if self.include_first_conv and not levels else 1
+        for i in range(first, 4):
             conv, norm = conv_and_norm(
                 self, self.filters, 3, f"conv{i + 1}", self.normalization
             )
@@ -327,6 +344,8 @@ class MaskHead(KsegLayer):
             stages.append(x)
         else:
             x = inputs
+            if not self.include_first_conv:
+                stages.append(x)
         for conv, norm in zip(self.convs, self.norms, strict=True):
             x = apply_unit(conv, norm, x, training)
             stages.append(x)
@@ -364,4 +383,65 @@ class MaskHead(KsegLayer):
             "fusion_branch": self.fusion_branch,
             "mask_fusion": self.mask_fusion,
             "normalization": self.normalization,
+            "include_first_conv": self.include_first_conv,
         }
+
+
+@keras.saving.register_keras_serializable(package="kseg")
+class FullyConnectedFusionMaskHead(MaskHead):
+    """Mask head with fully-connected fusion (PANet Figure 4).
+
+    PANet section 3.3 (Table 5: short path from conv3, fused by sum). The FCN
+    path conv1..conv4 (3×3, `filters`, ReLU), a 2×2 stride-2 transposed conv
+    (`filters`, ReLU) and a 1×1 conv give per-class mask logits. A short path
+    from conv3's output — conv3×3(`filters`) + ReLU, conv3×3(`filters // 2`) +
+    ReLU, flatten, one dense layer to `mask_size²` — gives a class-agnostic
+    foreground map that is added to every class mask. It is `MaskHead` with
+    `fully_connected_fusion=True` (Table 5's other rows, BN and adaptive
+    pooling are `MaskHead`'s switches), with this layer's own arguments.
+
+    Example:
+    >>> head = FullyConnectedFusionMaskHead(3, mask_size=8, filters=4)
+    >>> tuple(head(np.zeros((2, 4, 4, 4))).shape)
+    (2, 8, 8, 3)
+
+    Args:
+        num_classes: int. Number of per-class masks.
+        mask_size: int. Side of the predicted masks (even). Defaults to `28`.
+        filters: int. Channels of the convolutions (the short path's second
+            conv has `filters // 2`). Defaults to `256`.
+        include_first_conv: bool. Whether the head owns conv1. Set to `False`
+            after `AdaptiveFeaturePooling(layer_type="conv")`, which already
+            applies a conv1 per level. Defaults to `True`.
+        **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
+
+    Input shape:
+        4D tensor `(R, mask_size / 2, mask_size / 2, C)` of RoI features.
+
+    Output shape:
+        4D tensor `(R, mask_size, mask_size, num_classes)` of mask logits.
+    """
+
+    def __init__(
+        self, num_classes, mask_size=28, filters=256, include_first_conv=True, **kwargs
+    ):
+        super().__init__(
+            num_classes,
+            mask_size=mask_size,
+            filters=filters,
+            fully_connected_fusion=True,
+            include_first_conv=include_first_conv,
+            **kwargs,
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        for key in (
+            "fusion",
+            "fully_connected_fusion",
+            "fusion_branch",
+            "mask_fusion",
+            "normalization",
+        ):
+            config.pop(key)
+        return config

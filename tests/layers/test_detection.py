@@ -16,9 +16,9 @@ from kseg.layers.detection import (
     ProposalLayer,
     RPNHead,
 )
-from kseg.layers.heads import BoxHead, MaskHead
+from kseg.layers.heads import BoxHead, FullyConnectedFusionMaskHead, MaskHead
 from kseg.layers.nms import BatchedNMS
-from kseg.layers.panet import FullyConnectedFusionMaskHead, RoIAlign
+from kseg.layers.panet import RoIAlign
 from kseg.layers.roi_align import PyramidLevelSelect, PyramidRoIAlign
 from kseg.testing import TestCase
 

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
+from kseg.layers.heads import FullyConnectedFusionMaskHead
 from kseg.layers.panet import (
     AdaptiveFeaturePooling,
     BottomUpPathAugmentation,
-    FullyConnectedFusionMaskHead,
     RoIAlign,
 )
 from kseg.testing import TestCase, input_gradients, weight_gradients
@@ -632,10 +632,13 @@ class FullyConnectedFusionMaskHeadTest(TestCase):
         layer.build(x.shape)
         _randomize(layer, 10)
         out = layer(x)
-        self.assertEqual(keras.backend.standardize_dtype(out.dtype), "float16")
+        # Computed in float16, the logits returned in float32 (as MaskHead's,
+        # for the float32 loss).
+        self.assertEqual(keras.backend.standardize_dtype(out.dtype), "float32")
         self.assertEqual(
             keras.backend.standardize_dtype(layer.fc.kernel.dtype), "float32"
         )
+        self.assertEqual(layer.fc.compute_dtype, "float16")
         fcn, fc = ff_reference(layer, x)
         expected = fcn + fc
         # Seven float16 layers deep: relative to the output's scale.
