@@ -415,44 +415,77 @@ class RoIAlign(KsegLayer):
         # gives the same numbers.
         return matrix / ops.maximum(count, 1.0)[:, None, None]
 
-    def _pool(self, features, boxes, box_indices, stride):
+    def gather(self, table, boxes, base, stride, height, width):
+        """`(N, oh, ow, C)` RoIAlign of `(N, 4)` boxes (image pixels) by
+        gathering their samples from `table`, maps flattened to `(rows, C)`:
+        box n's map starts at row `base[n]`, has size `height × width` and
+        `stride` (numbers, or `(N, 1)` tensors when each box has its own
+        level). One row of samples per bin at a time, all its columns at
+        once, so memory grows with the adaptive bound along one axis only."""
         oh, ow = self.output_size
-        shape = ops.shape(features)
-        height, width, channels = shape[1], shape[2], features.shape[-1]
-        if features.shape[1] is not None and features.shape[2] is not None:
-            height, width = features.shape[1], features.shape[2]
-        rows, cols = self._sample_boxes(boxes * (1.0 / float(stride)), height, width)
+        channels = table.shape[-1]
+        rows, cols = self._sample_boxes(boxes / stride, height, width)
         y_low, y_high, wy_low, wy_high, y_count, sr_y = rows
         x_low, x_high, wx_low, wx_high, x_count, sr_x = cols
-        flat = ops.reshape(features, (-1, channels))
-        base = box_indices * ops.cast(height * width, "int32")
-        dtype = features.dtype
-        # A fixed ratio gathers every sample at once; the adaptive bound can
-        # be large, so it gathers one row of samples per bin at a time.
-        chunk = sr_y if self.sampling_ratio > 0 else 1
         y_low, y_high, wy_low, wy_high = (
             ops.reshape(t, (-1, oh, sr_y)) for t in (y_low, y_high, wy_low, wy_high)
         )
+        width = ops.cast(width, "int32")
+        dtype = table.dtype
         pooled = None
-        for first in range(0, sr_y, chunk):
-            pick = slice(first, first + chunk)
+        for s in range(sr_y):
             for rows, wy in ((y_low, wy_low), (y_high, wy_high)):
-                rows = ops.reshape(rows[:, :, pick], (-1, oh * chunk))
-                wy = ops.reshape(wy[:, :, pick], (-1, oh * chunk))
-                row_start = base[:, None] + rows * ops.cast(width, "int32")
+                row_start = base[:, None] + rows[:, :, s] * width
                 for cols, wx in ((x_low, wx_low), (x_high, wx_high)):
                     index = row_start[:, :, None] + cols[:, None, :]
-                    weight = ops.cast(wy[:, :, None] * wx[:, None, :], dtype)
-                    term = ops.take(flat, index, axis=0) * weight[..., None]
+                    weight = ops.cast(wy[:, :, s, None] * wx[:, None, :], dtype)
+                    term = ops.take(table, index, axis=0) * weight[..., None]
                     term = ops.sum(
-                        ops.reshape(term, (-1, oh, chunk, ow, sr_x, channels)),
-                        axis=(2, 4),
+                        ops.reshape(term, (-1, oh, ow, sr_x, channels)), axis=3
                     )
                     pooled = term if pooled is None else pooled + term
         if self.sampling_ratio > 0:
             return pooled / float(sr_y * sr_x)
         count = ops.maximum(y_count * x_count, 1.0)
         return pooled / ops.cast(count, dtype)[:, None, None, None]
+
+    def matrix(self, features, boxes, stride):
+        """`(B·R, oh, ow, C)` RoIAlign of `(B, R, 4)` boxes (image pixels,
+        the same count for every image) from one `(B, H, W, C)` map, as two
+        batched matrix products: a bin averages a separable grid of bilinear
+        samples, so box r pools `rows_r · F · cols_rᵀ` (`axis_matrix`). Dense
+        products instead of gathers: a cheap gradient (no scatter-adds into
+        the map), the cost `R·oh·H·W·C` whatever the sample count."""
+        height, width, channels = features.shape[1:4]
+        oh, ow = self.output_size
+        batch, rois = ops.shape(boxes)[0], boxes.shape[1]
+        flat = ops.reshape(boxes, (-1, 4)) * (1.0 / float(stride))
+        if self.aligned:
+            flat = flat - 0.5
+        dtype = features.dtype
+        rows = self.axis_matrix(flat[:, 0], flat[:, 2], oh, height)
+        cols = self.axis_matrix(flat[:, 1], flat[:, 3], ow, width)
+        # Boxes carry no gradient (the gathers' is not taken either).
+        rows = ops.stop_gradient(ops.reshape(rows, (batch, rois * oh, height)))
+        cols = ops.stop_gradient(ops.reshape(cols, (batch, rois, 1, ow, width)))
+        # Rows first: (B, R·oh, H) @ (B, H, W·C) ...
+        pooled = ops.matmul(
+            ops.cast(rows, dtype), ops.reshape(features, (batch, height, -1))
+        )
+        # ... then columns: (B, R, 1, ow, W) @ (B, R, oh, W, C), broadcast
+        # over the rows (no transposes).
+        pooled = ops.reshape(pooled, (batch, rois, oh, width, channels))
+        pooled = ops.matmul(ops.cast(cols, dtype), pooled)
+        return ops.reshape(pooled, (-1, oh, ow, channels))
+
+    def _pool(self, features, boxes, box_indices, stride):
+        shape = ops.shape(features)
+        height, width, channels = shape[1], shape[2], features.shape[-1]
+        if features.shape[1] is not None and features.shape[2] is not None:
+            height, width = features.shape[1], features.shape[2]
+        table = ops.reshape(features, (-1, channels))
+        base = box_indices * ops.cast(height * width, "int32")
+        return self.gather(table, boxes, base, float(stride), height, width)
 
     def call(self, inputs):
         features, boxes, box_indices = inputs

@@ -1,7 +1,6 @@
 """RoIAlign of batched boxes from the pyramid levels: every level
 (adaptive feature pooling) or each box's FPN level (Mask R-CNN)."""
 
-import itertools
 import math
 
 import keras
@@ -75,28 +74,17 @@ class PyramidRoIAlign(KsegLayer):
     (`PyramidLevelSelect`). Boxes are flattened image-major: RoI `b·R + r`
     is box `r` of image `b`.
 
-    The numbers are `RoIAlign`'s (same sample positions, bilinear weights,
-    out-of-map rule and bin averages, from `RoIAlign`'s own sampling code),
-    computed in a cheaper equivalent form: a bilinear sample's weight is a
-    product of a y weight and an x weight, and a bin averages a grid of
-    samples, so the pooled grid of box `r` is `Ay_r · F · Ax_rᵀ` with `Ay_r`
-    the `(oh, H)` matrix of summed y weights per bin (and `Ax_r` the x one).
-    Because every image has the same number of boxes, this is two batched
-    matrix products per level instead of four gathers of every sample — far
-    faster in training, above all its gradient (dense products instead of
-    scatter-adds of every sample into the feature maps).
-
-    At inference (`training` not true) with a fixed sampling ratio (the
-    adaptive one's bound grows with the map) the dense products cost
-    `R·oh·H·W·C` multiply-adds per level — 29 G for 1000 RoIs on the 128×128
-    level of a 512×512 image, most of them zero weights — so the grids are
-    gathered instead where that is cheaper: `4·(oh·sr)·(ow·sr)·C` values per
-    RoI whatever the level's size. Without `adaptive`, one gather from each
-    RoI's own level (all levels flattened into one table), where the matrix
-    form pools every level and keeps one; with `adaptive`, per level the
-    cheaper form by `GATHER_COST` (gathers for the 128×128 level of a
-    512×512 image, products for the coarser ones). Same numbers in both
-    modes (1000 RoIs at 512², baseline: box pooling 2.7 s → 0.25 s on 2
+    The numbers are `RoIAlign`'s, in one of its two forms per level: its
+    gathers of every sample (`RoIAlign.gather`), or its matrix products
+    (`RoIAlign.matrix`: a bin averages a separable grid of bilinear samples,
+    so box r pools `Ay_r · F · Ax_rᵀ`; two batched products per level, far
+    faster in training, above all the gradient). `_gathers` chooses, in one
+    place: products in training and for the adaptive sampling ratio; at
+    inference the gathers where they cost less (the products cost
+    `R·oh·H·W·C` multiply-adds per level, 29 G for 1000 RoIs on the 128×128
+    level of a 512×512 image, most of them zero weights), and without
+    `adaptive` one gather from each RoI's own level. Same numbers in both
+    forms (1000 RoIs at 512², baseline: box pooling 2.7 s → 0.25 s on 2
     loaded CPU threads).
 
     Example:
@@ -149,90 +137,50 @@ class PyramidRoIAlign(KsegLayer):
             name="level_select",
         )
 
-    def _pool(self, features, boxes, stride):
-        """`(B·R, oh, ow, C)` RoIAlign of `(B, R, 4)` boxes from one level."""
-        height, width, channels = features.shape[1:4]
+    def _gathers(self, training, height=None, width=None):
+        """The one choice of form: whether to gather the samples (else the
+        matrix products). Training takes the products (a cheap gradient), as
+        does the adaptive sampling ratio (its bound grows with the map).
+        At inference: without adaptive pooling (`height` None) one gather
+        from each box's own level, where the products pool every level and
+        keep one; per level with it, gathers where they cost less: per RoI
+        `oh·H·W + oh·ow·W` multiply-adds against `4·sr²·oh·ow` gathered
+        values, one of which costs about `GATHER_COST` multiply-adds
+        (TensorFlow on CPU, measured at 512²: gathers for the 128×128
+        level, products for the smaller ones)."""
+        if training or self.sampling_ratio == 0:
+            return False
+        if height is None:
+            return True
         oh, ow = self.roi_align.output_size
-        batch, rois = ops.shape(boxes)[0], boxes.shape[1]
-        flat = ops.reshape(boxes, (-1, 4)) * (1.0 / float(stride))
-        if self.roi_align.aligned:
-            flat = flat - 0.5
-        dtype = features.dtype
-        rows = self.roi_align.axis_matrix(flat[:, 0], flat[:, 2], oh, height)
-        cols = self.roi_align.axis_matrix(flat[:, 1], flat[:, 3], ow, width)
-        # Boxes carry no gradient (RoIAlign's is not taken either).
-        rows = ops.stop_gradient(ops.reshape(rows, (batch, rois * oh, height)))
-        cols = ops.stop_gradient(ops.reshape(cols, (batch, rois, 1, ow, width)))
-        # Rows first: (B, R·oh, H) @ (B, H, W·C) ...
-        pooled = ops.matmul(
-            ops.cast(rows, dtype), ops.reshape(features, (batch, height, -1))
-        )
-        # ... then columns: (B, R, 1, ow, W) @ (B, R, oh, W, C), broadcast
-        # over the rows (no transposes).
-        pooled = ops.reshape(pooled, (batch, rois, oh, width, channels))
-        pooled = ops.matmul(ops.cast(cols, dtype), pooled)
-        return ops.reshape(pooled, (-1, oh, ow, channels))
-
-    def _gather_pool(self, table, boxes, base, stride, height, width):
-        """`(N, oh, ow, C)` RoIAlign of `(N, 4)` boxes by gathers from `table`,
-        maps flattened to `(rows, C)`: box n's map starts at row `base[n]`,
-        has size `height × width` and `stride` (numbers, or `(N, 1)` tensors
-        when each box has its own level). `RoIAlign`'s own sampling code."""
-        align = self.roi_align
-        oh, ow = align.output_size
-        sr = align.sampling_ratio
-        rows, cols = align._sample_boxes(boxes / stride, height, width)
-        y_low, y_high, wy_low, wy_high, _, _ = rows
-        x_low, x_high, wx_low, wx_high, _, _ = cols
-        dtype = table.dtype
-        width = ops.cast(width, "int32")
-        y_low, y_high, wy_low, wy_high = (
-            ops.reshape(t, (-1, oh, sr)) for t in (y_low, y_high, wy_low, wy_high)
-        )
-        x_low, x_high, wx_low, wx_high = (
-            ops.reshape(t, (-1, ow, sr)) for t in (x_low, x_high, wx_low, wx_high)
-        )
-        # One (N, oh, ow, C) gather per sample and corner, summed as it comes:
-        # no (N, oh·sr, ow·sr, C) tensor, no reduction over strided axes.
-        pooled = None
-        for sy, sx in itertools.product(range(sr), range(sr)):
-            for rows, wy in ((y_low, wy_low), (y_high, wy_high)):
-                row_start = base[:, None] + rows[..., sy] * width
-                for cols, wx in ((x_low, wx_low), (x_high, wx_high)):
-                    index = row_start[:, :, None] + cols[:, None, :, sx]
-                    weight = ops.cast(wy[:, :, None, sy] * wx[:, None, :, sx], dtype)
-                    term = ops.take(table, index, axis=0) * weight[..., None]
-                    pooled = term if pooled is None else pooled + term
-        return pooled / float(sr * sr)
-
-    def _gather_is_cheaper(self, height, width):
-        """Whether gathers pool a `height × width` level faster than the
-        matrix products, per RoI: `oh·H·W + oh·ow·W` multiply-adds against
-        `4·sr²·oh·ow` gathered values, one of which costs about
-        `GATHER_COST` multiply-adds (TensorFlow on CPU, measured at 512²:
-        gathers for the 128×128 level, products for the smaller ones)."""
-        oh, ow = self.roi_align.output_size
-        sr = self.roi_align.sampling_ratio
+        sr = self.sampling_ratio
         products = oh * height * width + oh * ow * width
         return products > GATHER_COST * 4 * sr * sr * oh * ow
 
-    def _gather_levels(self, features, boxes):
-        """The inference form: gathers per level, or (without `adaptive`)
-        one gather from each box's own level."""
+    def _pool_level(self, feature, boxes, stride, training):
+        """`(B·R, oh, ow, C)` grids of one level, in the cheaper form."""
+        height, width = feature.shape[1:3]
+        if not self._gathers(training, height, width):
+            return self.roi_align.matrix(feature, boxes, stride)
+        batch, rois = ops.shape(boxes)[0], boxes.shape[1]
+        image = ops.repeat(ops.arange(batch, dtype="int32"), rois)
+        return self.roi_align.gather(
+            ops.reshape(feature, (-1, feature.shape[-1])),
+            ops.reshape(boxes, (-1, 4)),
+            image * (height * width),
+            float(stride),
+            height,
+            width,
+        )
+
+    def _gather_own_levels(self, features, boxes):
+        """One gather from each box's own FPN level, all levels flattened
+        into one table."""
         batch, rois = ops.shape(boxes)[0], boxes.shape[1]
         flat = ops.reshape(boxes, (-1, 4))
         image = ops.repeat(ops.arange(batch, dtype="int32"), rois)
         sizes = [tuple(f.shape[1:3]) for f in features]
         tables = [ops.reshape(f, (-1, f.shape[-1])) for f in features]
-        if self.adaptive:
-            return [
-                self._gather_pool(t, flat, image * (h * w), float(s), h, w)
-                if self._gather_is_cheaper(h, w)
-                else self._pool(f, boxes, s)
-                for f, t, s, (h, w) in zip(
-                    features, tables, self.strides, sizes, strict=True
-                )
-            ]
         min_level = self.level_select.min_level
         level = fpn_levels(flat, min_level, min_level + len(features) - 1) - min_level
         areas = [h * w for h, w in sizes]
@@ -245,7 +193,7 @@ class PyramidRoIAlign(KsegLayer):
         # other, each holding every image.
         starts = per_box(np.cumsum([0] + areas[:-1]), "int32") * batch
         base = starts + image * per_box(areas, "int32")
-        return self._gather_pool(
+        return self.roi_align.gather(
             ops.concatenate(tables, axis=0),
             flat,
             base,
@@ -258,23 +206,22 @@ class PyramidRoIAlign(KsegLayer):
         features, boxes = inputs
         boxes = ops.cast(boxes, "float32")
         dtype = self.roi_align.compute_dtype
+        features = [ops.cast(f, dtype) for f in features]
         static = boxes.shape[1] is not None and all(
             None not in tuple(f.shape[1:4]) for f in features
         )
-        # The gathers take every sample of a bin: a fixed sampling ratio only
-        # (the adaptive bound grows with the map).
-        if static and not training and self.sampling_ratio > 0:
-            return self._gather_levels([ops.cast(f, dtype) for f in features], boxes)
-        if static:
-            grids = [
-                self._pool(ops.cast(f, dtype), boxes, s)
-                for f, s in zip(features, self.strides, strict=True)
-            ]
-        else:
+        if not static:
             # Unknown sizes: RoIAlign's gathers on the flattened boxes.
             rois = ops.shape(boxes)[1]
             index = ops.repeat(ops.arange(ops.shape(boxes)[0], dtype="int32"), rois)
-            grids = self.roi_align([list(features), ops.reshape(boxes, (-1, 4)), index])
+            grids = self.roi_align([features, ops.reshape(boxes, (-1, 4)), index])
+        elif not self.adaptive and self._gathers(training):
+            return self._gather_own_levels(features, boxes)
+        else:
+            grids = [
+                self._pool_level(f, boxes, s, training)
+                for f, s in zip(features, self.strides, strict=True)
+            ]
         if self.adaptive:
             return grids
         return self.level_select([grids, ops.reshape(boxes, (-1, 4))])
