@@ -100,8 +100,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kseg.allocator import active_allocator, restart_with_allocator  # noqa: E402
-from kseg.export.instance_saved_model import axis_weights  # noqa: E402
-from kseg.models.panet import build_panet_resnet50_fpn, crop_instance_mask  # noqa: E402
+from kseg.data import crop_instance_mask  # noqa: E402
+from kseg.data.instance_transform import paste_weights  # noqa: E402
+from kseg.models.panet import build_panet_resnet50_fpn  # noqa: E402
 from kseg.models.panet.roi_heads import select_class_masks  # noqa: E402
 
 NUM_CLASSES = 80
@@ -134,9 +135,10 @@ VENV_HELP = (
 
 def paste(boxes, masks, size):
     """`(D, size, size)` probabilities: each `(S, S)` mask resized bilinearly
-    into its box (`kseg.export`'s `axis_weights`: two matrix products)."""
-    rows = axis_weights(boxes[:, 0], boxes[:, 2], size, masks.shape[-1])
-    cols = axis_weights(boxes[:, 1], boxes[:, 3], size, masks.shape[-1])
+    into its box (`kseg.data.instance_transform.paste_weights`: two matrix
+    products)."""
+    rows = paste_weights(boxes[:, 0], boxes[:, 2], size, masks.shape[-1])
+    cols = paste_weights(boxes[:, 1], boxes[:, 3], size, masks.shape[-1])
     return tf.matmul(tf.matmul(rows, masks), cols, transpose_b=True)
 
 

@@ -24,15 +24,16 @@ from kseg.data.dataset import (
     load_image_file,
     read_label,
 )
-from kseg.data.instance_masks import paste_masks
 from kseg.data.instance_pipeline import (
     augment_instances,
+    crop_instance_mask,
     crop_masks_to_boxes,
     instance_eval_pipeline,
     instance_eval_transform,
     instance_targets,
     instance_train_pipeline,
 )
+from kseg.data.instance_transform import paste_masks
 from kseg.data.instances import (
     CITYSCAPES_INSTANCE_CATEGORIES,
     CityscapesInstanceDataset,
@@ -122,6 +123,7 @@ __all__ = [
     "class_histogram",
     "colorize",
     "convert_to_tfrecord",
+    "crop_instance_mask",
     "crop_masks_to_boxes",
     "decode_image",
     "decode_index_png",

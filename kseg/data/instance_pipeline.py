@@ -139,6 +139,29 @@ def crop_masks_to_boxes(masks, boxes, mask_size):
     return tf.cast(crops[..., 0] >= 0.5, tf.uint8)
 
 
+def crop_instance_mask(mask, box, size=112):
+    """One instance's full-image binary mask resampled inside its box, as
+    NumPy: `crop_masks_to_boxes` of one mask (the `"masks"` entry of the
+    PANet training targets, whose model RoIAligns it into each RoI).
+
+    Example:
+    >>> mask = np.zeros((8, 8), "uint8"); mask[2:6, 2:6] = 1
+    >>> crop_instance_mask(mask, [2, 2, 6, 6], size=4).sum()
+    16
+
+    Args:
+        mask: `(H, W)` array, nonzero inside the instance.
+        box: `[y1, x1, y2, x2]` in image pixels (e.g. the mask's extent).
+        size: int. Crop side `S`. Defaults to `112`.
+
+    Returns:
+        `(size, size)` uint8 array of 0 / 1.
+    """
+    mask = tf.cast(tf.not_equal(tf.convert_to_tensor(mask), 0), tf.uint8)
+    box = tf.constant([[float(v) for v in box]], tf.float32)
+    return crop_masks_to_boxes(mask[None], box, size)[0].numpy()
+
+
 def _pad_rows(values, rows):
     """Pads (or cuts) the first axis of `values` to `rows` with zeros."""
     values = values[:rows]

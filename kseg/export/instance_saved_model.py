@@ -25,7 +25,7 @@ In the graph each image is fitted into the model's fixed input as the
 evaluation pipeline fits it (`kseg.data.instance_eval_transform`: resize so
 it fits, optionally to a shorter edge, zero padding), the boxes are divided by
 the resize scale, and the masks are pasted with the sampling of
-`kseg.data.instance_masks.paste_masks` (bilinear, mask pixel centres spread
+`kseg.data.instance_transform.paste_weights` (bilinear, mask pixel centres spread
 evenly over the box, edge values held) as two small matrix products per
 detection, one detection at a time, so memory stays O(N·H·W).
 """
@@ -33,6 +33,7 @@ detection, one detection at a time, so memory stays O(N·H·W).
 import tensorflow as tf
 
 from kseg.data import instance_eval_transform
+from kseg.data.instance_transform import boxes_to_image, paste_weights
 from kseg.export.requests import check_request, decode_images
 
 NUM_DETECTIONS = "num_detections"
@@ -66,28 +67,6 @@ def check_instance_model(model):
         raise ValueError(f"The instance model's outputs lack {missing}")
 
 
-def axis_weights(low, high, length, size):
-    """Bilinear weights `(N, length, size)` taking `size` mask samples to the
-    `length` image pixels along one axis for boxes spanning `[low, high)`
-    (`(N,)` each): `paste_masks`' `_interpolation_matrix`, zero outside the
-    box (pixel centres not in `[low, high)`) and for empty boxes."""
-    centres = tf.range(length, dtype=tf.float32) + 0.5
-    low, high = low[:, None], high[:, None]
-    extent = high - low
-    valid = extent > 0
-    coordinate = (centres[None] - low) * size / tf.where(valid, extent, 1.0) - 0.5
-    coordinate = tf.clip_by_value(coordinate, 0.0, size - 1.0)
-    lower = tf.floor(coordinate)
-    fraction = (coordinate - lower)[..., None]
-    lower = tf.cast(lower, tf.int32)
-    upper = tf.minimum(lower + 1, size - 1)
-    weights = (
-        tf.one_hot(lower, size) * (1.0 - fraction) + tf.one_hot(upper, size) * fraction
-    )
-    inside = (centres[None] >= low) & (centres[None] < high) & valid
-    return weights * tf.cast(inside, tf.float32)[..., None]
-
-
 def paste_instance_map(boxes, scores, masks, num_detections, height, width):
     """The `instance_map` `(N, H, W)` int32 of detections in image pixels:
     the row of the best-scoring detection (the first on ties) whose mask
@@ -109,8 +88,8 @@ def paste_instance_map(boxes, scores, masks, num_detections, height, width):
 
     def body(k, best, index):
         box = boxes[:, k]
-        rows = axis_weights(box[:, 0], box[:, 2], height, size)
-        cols = axis_weights(box[:, 1], box[:, 3], width, size)
+        rows = paste_weights(box[:, 0], box[:, 2], height, size)
+        cols = paste_weights(box[:, 1], box[:, 3], width, size)
         pasted = tf.matmul(tf.matmul(rows, masks[:, k]), cols, transpose_b=True)
         score = scores[:, k][:, None, None]
         covers = (pasted >= 0.5) & (k < num_detections)[:, None, None] & (score > best)
@@ -140,7 +119,10 @@ def detect_images(model, images, short_edge=None, max_size=None):
     def detect(image):
         inputs, scale = instance_eval_transform(image, model_size, short_edge, max_size)
         outputs = model(inputs[None], training=False)
-        boxes = tf.cast(outputs["boxes"][0], tf.float32) / tf.tile(scale, [2])
+        height, width = tf.shape(image)[0], tf.shape(image)[1]
+        boxes = boxes_to_image(
+            tf.cast(outputs["boxes"][0], tf.float32), scale, height, width
+        )
         return (
             tf.cast(tf.reshape(outputs["num_detections"], [-1])[0], tf.int32),
             boxes,
@@ -162,8 +144,6 @@ def detect_images(model, images, short_edge=None, max_size=None):
     )
     shape = tf.shape(images)
     height, width = shape[1], shape[2]
-    limits = tf.cast(tf.stack([height, width, height, width]), tf.float32)
-    boxes = tf.clip_by_value(boxes, 0.0, limits)
     return {
         NUM_DETECTIONS: count,
         BOXES: boxes,

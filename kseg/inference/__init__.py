@@ -17,7 +17,7 @@ _EXPORTS = {
     "open_model": "kseg.inference.sources",
     "Instances": "kseg.inference.instance_predict",
     "predict_instances": "kseg.inference.instance_predict",
-    "paste_masks": "kseg.data.instance_masks",
+    "paste_masks": "kseg.data.instance_transform",
     "PALETTES": "kseg.inference.visualize",
     "colorize": "kseg.inference.visualize",
     "get_palette": "kseg.inference.visualize",

@@ -6,7 +6,7 @@ resize so the whole image fits, optionally to a given shorter edge, then zero
 padding below and right), the model runs, and its detections go back to the
 image: boxes divided by the resize scale and clipped to the image, the 28 × 28
 mask probabilities pasted inside the boxes at image resolution
-(`kseg.data.instance_masks.paste_masks`) — what `detections_to_coco` does for
+(`kseg.data.instance_transform.paste_masks`) — what `detections_to_coco` does for
 the COCO evaluation.
 
 An exported PANet SavedModel (`kseg.export`) does the fitting and the box
@@ -21,8 +21,9 @@ model.
 from typing import NamedTuple
 
 import numpy as np
+from keras import ops
 
-from kseg.data.instance_masks import paste_masks
+from kseg.data.instance_transform import boxes_to_image, paste_masks
 from kseg.inference.defaults import DEFAULT_SCORE_THRESHOLD
 from kseg.inference.sources import InstanceSavedModel
 from kseg.tasks import is_instance_model
@@ -103,8 +104,9 @@ def _fitted(model, images, short_edge, max_size, batch_size):
             count = int(outputs["num_detections"][b])
             height, width = image.shape[:2]
             boxes = outputs["boxes"][b, :count].astype(np.float64)
-            boxes = boxes / np.tile(np.asarray(scale, np.float64), 2)
-            boxes = np.clip(boxes, 0.0, [height, width, height, width])
+            boxes = ops.convert_to_numpy(
+                boxes_to_image(boxes, np.asarray(scale, np.float64), height, width)
+            )
             results.append(
                 {
                     "boxes": boxes,

@@ -26,8 +26,9 @@ import io
 import math
 
 import numpy as np
+from keras import ops
 
-from kseg.data.instance_masks import paste_masks
+from kseg.data.instance_transform import boxes_to_image, paste_masks
 from kseg.data.instances import mask_api, segmentation_to_rle
 
 SUMMARY_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -79,9 +80,9 @@ def detections_to_coco(outputs, meta, category_ids, mask_threshold=0.5):
         keep = np.flatnonzero(valid)
         if keep.size == 0:
             continue
-        scale = np.tile(scales[b], 2)
-        box = boxes[b, keep] / scale
-        box = np.clip(box, 0.0, [height, width, height, width])
+        box = ops.convert_to_numpy(
+            boxes_to_image(boxes[b, keep], scales[b], height, width)
+        )
         if masks is not None:
             pasted = paste_masks(masks[b, keep], box, height, width, mask_threshold)
             rles = api.encode(np.asfortranarray(pasted.transpose(1, 2, 0), np.uint8))

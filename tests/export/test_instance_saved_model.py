@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 
 from kseg import testing
-from kseg.data.instance_masks import paste_masks
+from kseg.data.instance_transform import paste_masks
 from kseg.export import export_saved_model
 from kseg.export.instance_saved_model import INSTANCE_OUTPUTS
 

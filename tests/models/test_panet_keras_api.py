@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from kseg.backbones import build_resnet
-from kseg.models.panet import LOSS_NAMES, PANet, crop_instance_mask
+from kseg.data import crop_instance_mask
+from kseg.models.panet import LOSS_NAMES, PANet
 
 SIZE = 64
 

@@ -2,7 +2,6 @@
 augmentation, adaptive feature pooling and fully-connected fusion, trained
 end to end with `model.fit`."""
 
-from kseg.models.panet.masks import crop_instance_mask
 from kseg.models.panet.panet import (
     LOSS_NAMES,
     PANet,
@@ -15,5 +14,4 @@ __all__ = [
     "PANet",
     "build_panet_resnet50_fpn",
     "build_panet_resnext101_fpn",
-    "crop_instance_mask",
 ]

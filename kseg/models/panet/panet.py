@@ -88,7 +88,7 @@ class PANet(InstanceSegmenter):
     `fit`, `evaluate` and `predict` on NumPy arrays or `tf.data`, any batch
     size, with `x` images `(B, H, W, 3)` RGB in 0–255 (or `{"images": ...}`)
     and `y = {"boxes": (B, M, 4), "classes": (B, M), "masks": (B, M, S, S)}`
-    (`kseg.models.panet.crop_instance_mask`; class 0 marks padding rows).
+    (`kseg.data.crop_instance_mask`; class 0 marks padding rows).
     `compute_loss` asks each stage for its losses and sums them weighted by
     `loss_weights`; each loss is also logged under its name (`LOSS_NAMES`),
     `evaluate` and `validation_data` included (they run the training graph

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from kseg.data.instance_masks import paste_masks
+from kseg.data.instance_transform import paste_masks
 
 
 def test_two_by_two_mask_upsampled_by_two():
