@@ -124,6 +124,7 @@ __all__ = [
     "colorize",
     "convert_to_tfrecord",
     "crop_instance_mask",
+    "paste_masks",
     "crop_masks_to_boxes",
     "decode_image",
     "decode_index_png",
