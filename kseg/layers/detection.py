@@ -33,7 +33,7 @@ from kseg.layers.boxes import (
     large_enough,
 )
 from kseg.layers.common import KsegLayer, check_positive_int
-from kseg.layers.nms import BatchedNMS
+from kseg.layers.nms import BatchedNMS, detections_spec
 from kseg.layers.units import (
     apply_unit,
     build_unit,
@@ -587,14 +587,7 @@ class DetectionLayer(KsegLayer):
         }
 
     def compute_output_spec(self, inputs):
-        batch = inputs[0].shape[0]
-        d = self.max_detections
-        return {
-            "boxes": keras.KerasTensor((batch, d, 4), "float32"),
-            "scores": keras.KerasTensor((batch, d), "float32"),
-            "classes": keras.KerasTensor((batch, d), "int32"),
-            "num_detections": keras.KerasTensor((batch,), "int32"),
-        }
+        return detections_spec(inputs[0].shape[0], self.max_detections)
 
     def get_config(self):
         return {

@@ -7,6 +7,21 @@ from keras import ops
 from kseg.layers.common import KsegLayer, check_positive_int
 
 
+def detections_spec(batch, count, **extra):
+    """The `KerasTensor`s of padded detections: `boxes (batch, count, 4)`,
+    `scores`, `classes` int32, `num_detections (batch,)`, and `extra`
+    entries as `name=(shape after the batch axis, dtype)`."""
+    spec = {
+        "boxes": keras.KerasTensor((batch, count, 4), "float32"),
+        "scores": keras.KerasTensor((batch, count), "float32"),
+        "classes": keras.KerasTensor((batch, count), "int32"),
+        "num_detections": keras.KerasTensor((batch,), "int32"),
+    }
+    for name, (shape, dtype) in extra.items():
+        spec[name] = keras.KerasTensor((batch, *shape), dtype)
+    return spec
+
+
 @keras.saving.register_keras_serializable(package="kseg")
 class BatchedNMS(KsegLayer):
     """Padded, batched, class-aware non-maximum suppression.
@@ -146,15 +161,8 @@ class BatchedNMS(KsegLayer):
         return out["confidence"], out["num_detections"]
 
     def compute_output_spec(self, inputs):
-        batch = inputs[0].shape[0]
         d = self.max_detections
-        return {
-            "boxes": keras.KerasTensor((batch, d, 4), "float32"),
-            "scores": keras.KerasTensor((batch, d), "float32"),
-            "classes": keras.KerasTensor((batch, d), "int32"),
-            "valid": keras.KerasTensor((batch, d), "bool"),
-            "num_detections": keras.KerasTensor((batch,), "int32"),
-        }
+        return detections_spec(inputs[0].shape[0], d, valid=((d,), "bool"))
 
     def get_config(self):
         return {

@@ -14,9 +14,16 @@ from kseg.layers.boxes import ROI_BOX_WEIGHTS, encode_boxes
 from kseg.layers.common import KsegLayer, check_choice, check_positive_int
 from kseg.layers.detection import DetectionLayer
 from kseg.layers.heads import BoxHead, MaskHead
+from kseg.layers.nms import detections_spec
 from kseg.layers.panet import RoIAlign
 from kseg.layers.roi_align import PyramidRoIAlign
-from kseg.models.panet.sampling import masked_iou, match, sample_mask, smooth_l1
+from kseg.models.panet.sampling import (
+    check_sampling,
+    masked_iou,
+    match,
+    sample_mask,
+    smooth_l1,
+)
 
 # SPEC: 7×7 box grids; the mask grid is half the mask side (the deconv doubles).
 BOX_POOL_SIZE = 7
@@ -276,14 +283,9 @@ class RoIHeads(KsegLayer):
             raise ValueError(f"mask_size must be even, got {mask_size}")
         self.sampling_ratio = int(sampling_ratio)
         self.strides = tuple(int(s) for s in strides)
-        self.batch_size_per_image = check_positive_int(
-            batch_size_per_image, "batch_size_per_image"
+        self.batch_size_per_image, self.positive_fraction = check_sampling(
+            batch_size_per_image, positive_fraction
         )
-        self.positive_fraction = float(positive_fraction)
-        if not 0.0 < self.positive_fraction <= 1.0:
-            raise ValueError(
-                f"positive_fraction must be in (0, 1], got {positive_fraction}"
-            )
         self.foreground_iou = float(foreground_iou)
         if not 0.0 < self.foreground_iou <= 1.0:
             raise ValueError(f"foreground_iou must be in (0, 1], got {foreground_iou}")
@@ -447,15 +449,10 @@ class RoIHeads(KsegLayer):
         return {"box_class": box_class, "box_regression": box_regression, "mask": mask}
 
     def compute_output_spec(self, inputs, training=None):
-        batch = inputs[1].shape[0]
         d, size = self.max_detections, self.mask_size
-        return {
-            "boxes": keras.KerasTensor((batch, d, 4), "float32"),
-            "scores": keras.KerasTensor((batch, d), "float32"),
-            "classes": keras.KerasTensor((batch, d), "int32"),
-            "masks": keras.KerasTensor((batch, d, size, size), "float32"),
-            "num_detections": keras.KerasTensor((batch,), "int32"),
-        }
+        return detections_spec(
+            inputs[1].shape[0], d, masks=((d, size, size), "float32")
+        )
 
     def get_config(self):
         return {

@@ -11,7 +11,13 @@ from keras import ops
 from kseg.layers.boxes import RPN_BOX_WEIGHTS, encode_boxes
 from kseg.layers.common import KsegLayer, check_positive_int
 from kseg.layers.detection import ProposalLayer, RPNHead
-from kseg.models.panet.sampling import masked_iou, match, sample_mask, smooth_l1
+from kseg.models.panet.sampling import (
+    check_sampling,
+    masked_iou,
+    match,
+    sample_mask,
+    smooth_l1,
+)
 
 # Detectron2's RPN box loss: smooth-L1 with beta 1/9.
 RPN_SMOOTH_L1_BETA = 1.0 / 9.0
@@ -72,6 +78,15 @@ def rpn_losses(logits, deltas, labels, sampled, positive, box_targets, batch_siz
     box = ops.sum(smooth_l1(deltas - box_targets, RPN_SMOOTH_L1_BETA), axis=-1)
     box = ops.sum(ops.where(positive, box, 0.0)) / normalizer
     return objectness, box
+
+
+def _outputs(proposals, logits, deltas):
+    return {
+        "proposals": proposals[0],
+        "valid": proposals[1],
+        "logits": logits,
+        "deltas": deltas,
+    }
 
 
 @keras.saving.register_keras_serializable(package="kseg")
@@ -152,14 +167,9 @@ class RegionProposalNetwork(KsegLayer):
                 "RPN IoU thresholds need 0 <= negative_iou <= positive_iou <= 1, "
                 f"got negative_iou={negative_iou}, positive_iou={positive_iou}"
             )
-        self.batch_size_per_image = check_positive_int(
-            batch_size_per_image, "batch_size_per_image"
+        self.batch_size_per_image, self.positive_fraction = check_sampling(
+            batch_size_per_image, positive_fraction
         )
-        self.positive_fraction = float(positive_fraction)
-        if not 0.0 < self.positive_fraction <= 1.0:
-            raise ValueError(
-                f"positive_fraction must be in (0, 1], got {positive_fraction}"
-            )
         self.normalization = normalization
         self.seed = seed
         # Built here, not in `build`: it holds the proposal settings and the
@@ -198,15 +208,8 @@ class RegionProposalNetwork(KsegLayer):
     def call(self, inputs, training=None):
         pyramid, images = inputs
         logits, deltas = self.head(list(pyramid), training=training)
-        proposals, valid = self.proposal_layer(
-            [logits, deltas, images], training=training
-        )
-        return {
-            "proposals": proposals,
-            "valid": valid,
-            "logits": logits,
-            "deltas": deltas,
-        }
+        proposals = self.proposal_layer([logits, deltas, images], training=training)
+        return _outputs(proposals, logits, deltas)
 
     def losses_for(self, outputs, gt_boxes, gt_valid):
         """`{"rpn_objectness", "rpn_box"}` of this stage's `outputs` against
@@ -243,15 +246,10 @@ class RegionProposalNetwork(KsegLayer):
         )
         logits = keras.KerasTensor((batch, count), "float32")
         deltas = keras.KerasTensor((batch, count, 4), "float32")
-        proposals, valid = self.proposal_layer.compute_output_spec(
+        proposals = self.proposal_layer.compute_output_spec(
             [logits, deltas, images], training=training
         )
-        return {
-            "proposals": proposals,
-            "valid": valid,
-            "logits": logits,
-            "deltas": deltas,
-        }
+        return _outputs(proposals, logits, deltas)
 
     def get_config(self):
         proposals = self.proposal_layer

@@ -9,6 +9,19 @@ import keras
 from keras import ops
 
 from kseg.layers.boxes import pairwise_iou
+from kseg.layers.common import check_positive_int
+
+
+def check_sampling(batch_size_per_image, positive_fraction):
+    """`(int, float)`: a positive sample count per image and a positive
+    (foreground) share in (0, 1]; `ValueError` naming the wrong one."""
+    count = check_positive_int(batch_size_per_image, "batch_size_per_image")
+    fraction = float(positive_fraction)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(
+            f"positive_fraction must be in (0, 1], got {positive_fraction}"
+        )
+    return count, fraction
 
 
 def masked_iou(boxes, gt_boxes, gt_valid):
