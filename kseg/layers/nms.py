@@ -22,6 +22,108 @@ def detections_spec(batch, count, **extra):
     return spec
 
 
+def _iou(boxes1, boxes2):
+    """IoU `(B, M, N)` of `(B, M, 4)` and `(B, N, 4)` boxes; 0 where the
+    union is empty (padding rows are all-zero boxes)."""
+    y1 = ops.maximum(boxes1[:, :, None, 0], boxes2[:, None, :, 0])
+    x1 = ops.maximum(boxes1[:, :, None, 1], boxes2[:, None, :, 1])
+    y2 = ops.minimum(boxes1[:, :, None, 2], boxes2[:, None, :, 2])
+    x2 = ops.minimum(boxes1[:, :, None, 3], boxes2[:, None, :, 3])
+    inter = ops.maximum(y2 - y1, 0.0) * ops.maximum(x2 - x1, 0.0)
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
+    union = area1[:, :, None] + area2[:, None, :] - inter
+    return ops.where(union > 0.0, inter / ops.where(union > 0.0, union, 1.0), 0.0)
+
+
+class PaddedNMS:
+    """Exact greedy NMS of boxes already in order, with static shapes: what
+    `BatchedNMS` runs (keras-hub's padded NMS, which it replaces, keeps other
+    boxes than the greedy NMS when traced in a `tf.function`).
+
+    Called on `(boxes (B, N, 4), class_prediction (B, N, 1))` where the
+    second holds rank scores (`N − position` for candidates, 0 for the rest,
+    as `BatchedNMS` makes them), it keeps, in order, each candidate whose IoU
+    with every kept box is at most `iou_threshold`, until `max_detections`
+    are kept, and returns `{"confidence": the kept rank scores (B, D),
+    "num_detections": (B,)}`, the shape of keras-hub's NMS outputs that the
+    export swaps (`kseg.export.instance_graph`) also return.
+
+    Tiles of `tile_size` boxes go one after the other: a tile's candidates
+    are first suppressed by the boxes kept so far (at most `D`, held in a
+    buffer), then among themselves by iterating `keep[i] = candidate[i] and
+    no kept j < i overlaps i` to its fixed point, which is the greedy answer
+    (position i is final after i + 1 iterations, and the fixed point is
+    unique). The loop stops when every image has `D` boxes.
+    """
+
+    # Runs on a batch of unknown size as it is.
+    any_batch = True
+
+    def __init__(self, iou_threshold, max_detections, tile_size=512):
+        self.iou_threshold = float(iou_threshold)
+        self.max_detections = int(max_detections)
+        self.tile_size = int(tile_size)
+
+    def __call__(self, boxes, class_prediction):
+        rank = class_prediction[..., 0]
+        count = boxes.shape[1]
+        tile = min(self.tile_size, count)
+        tiles = -(-count // tile)
+        pad = tiles * tile - count
+        boxes = ops.pad(ops.cast(boxes, "float32"), [[0, 0], [0, pad], [0, 0]])
+        rank = ops.pad(ops.cast(rank, "float32"), [[0, 0], [0, pad]])
+        batch = ops.shape(boxes)[0]
+        d = self.max_detections
+        threshold = self.iou_threshold
+        upper = np.triu(np.ones((tile, tile), bool), k=1)
+
+        def body(k, kept, buffer, scores):
+            start = k * tile
+            tile_boxes = ops.slice(boxes, [0, start, 0], [batch, tile, 4])
+            tile_rank = ops.slice(rank, [0, start], [batch, tile])
+            candidate = tile_rank > 0.0
+            # Suppressed by a box kept in an earlier tile.
+            earlier = ops.any(_iou(tile_boxes, buffer) > threshold, axis=2)
+            candidate = ops.logical_and(candidate, ops.logical_not(earlier))
+            # Greedy inside the tile: box j < i suppresses i if j is kept.
+            overlaps = ops.logical_and(_iou(tile_boxes, tile_boxes) > threshold, upper)
+            overlaps = ops.cast(overlaps, "float32")
+
+            def step(keep, _changed):
+                suppressed = ops.max(overlaps * ops.cast(keep, "float32")[..., None], 1)
+                new = ops.logical_and(candidate, suppressed < 0.5)
+                return new, ops.any(ops.not_equal(new, keep))
+
+            keep, _ = ops.while_loop(
+                lambda keep, changed: changed,
+                step,
+                (candidate, ops.convert_to_tensor(True)),
+                maximum_iterations=tile,
+            )
+            # Append the kept boxes (in order) to the buffer, up to D.
+            slot = kept[:, None] + ops.cumsum(ops.cast(keep, "int32"), axis=1) - 1
+            place = ops.one_hot(slot, d) * ops.cast(keep, "float32")[..., None]
+            buffer = buffer + ops.einsum("btd,btc->bdc", place, tile_boxes)
+            scores = scores + ops.einsum("btd,bt->bd", place, tile_rank)
+            kept = ops.minimum(kept + ops.sum(ops.cast(keep, "int32"), axis=1), d)
+            return k + 1, kept, buffer, scores
+
+        _, kept, _, scores = ops.while_loop(
+            lambda k, kept, buffer, scores: ops.logical_and(
+                k < tiles, ops.min(kept) < d
+            ),
+            body,
+            (
+                ops.convert_to_tensor(0),
+                ops.zeros((batch,), "int32"),
+                ops.zeros((batch, d, 4), "float32"),
+                ops.zeros((batch, d), "float32"),
+            ),
+        )
+        return {"confidence": scores, "num_detections": kept}
+
+
 @keras.saving.register_keras_serializable(package="kseg")
 class BatchedNMS(KsegLayer):
     """Padded, batched, class-aware non-maximum suppression.
@@ -42,10 +144,9 @@ class BatchedNMS(KsegLayer):
     which keeps the lower index first on ties) and the NMS sees their rank as
     the score (`N − position`, exact in float32 for fewer than 2²⁴ boxes), so
     any greedy NMS that keeps boxes by decreasing score gives the same kept
-    set, and the rank it returns is the index. The NMS itself is keras-hub's
-    `NonMaxSuppression` (TensorFlow's padded NMS algorithm in `keras.ops`,
-    XLA-friendly), which suppresses at an IoU equal to its threshold: it is
-    given the next float32 above `iou_threshold`. Computed in float32.
+    set, and the rank it returns is the index. The NMS itself is
+    `PaddedNMS` (exact greedy, static shapes, `keras.ops` loops: XLA and
+    every backend). Computed in float32.
 
     Example:
     >>> nms = BatchedNMS(iou_threshold=0.5, max_detections=2)
@@ -82,27 +183,13 @@ class BatchedNMS(KsegLayer):
         self.score_threshold = float(score_threshold)
 
     def build(self, input_shape):
-        from keras_hub.layers import NonMaxSuppression
-
         count = input_shape[1][-1]
         if count is not None and count >= 2**24:
             raise ValueError(
                 f"{self.name}: {count} boxes per image; BatchedNMS ranks them in "
                 "float32 and takes fewer than 2**24"
             )
-        # keras-hub suppresses at IoU >= its threshold: the next float32 above
-        # ours suppresses exactly the IoUs greater than ours. Candidates carry
-        # rank scores >= 1 and the rest 0, so 0.5 separates them.
-        self.nms = NonMaxSuppression(
-            bounding_box_format="yxyx",
-            from_logits=False,
-            iou_threshold=float(
-                np.nextafter(np.float32(self.iou_threshold), np.float32(np.inf))
-            ),
-            confidence_threshold=0.5,
-            max_detections=self.max_detections,
-            dtype="float32",
-        )
+        self.nms = PaddedNMS(self.iou_threshold, self.max_detections)
 
     def call(self, inputs):
         boxes = ops.cast(inputs[0], "float32")
@@ -147,9 +234,9 @@ class BatchedNMS(KsegLayer):
 
     def _select(self, boxes, rank):
         """The NMS on ranked candidates: `(confidence (B, D), kept (B,))`.
-        keras-hub's NMS needs a static batch size; with an unknown one (a
-        Keras `fit` or `predict` on arrays, whose last batch may be smaller)
-        it runs image by image, unless the NMS in use takes any batch."""
+        An NMS that needs a static batch size (TFLite's, swapped in at
+        export) runs image by image when the batch size is unknown (a Keras
+        `fit` or `predict` on arrays, whose last batch may be smaller)."""
         if boxes.shape[0] is None and not getattr(self.nms, "any_batch", False):
 
             def one_image(inputs):

@@ -274,6 +274,32 @@ class BatchedNMSTest(TestCase):
         out = BatchedNMS(0.2499, 3)([boxes, scores])
         self.assertEqual(int(_np(out["num_detections"])[0]), 1)
 
+    def test_compiled_matches_loop_nms_across_tiles(self):
+        # Clusters of heavily overlapping boxes (IoUs around the 0.7 of the
+        # proposal NMS), 1300 boxes in three tiles of 512: run as Keras runs
+        # it (a traced function, and XLA), every kept box is the loop NMS's.
+        # keras-hub's padded NMS, traced, kept other boxes than the greedy NMS.
+        rng = np.random.default_rng(5)
+        centres = rng.uniform(10, 120, (40, 2))
+        pick = rng.integers(0, 40, 1300)
+        centre = centres[pick] + rng.normal(scale=2.0, size=(1300, 2))
+        size = rng.uniform(8, 30, (1300, 2))
+        boxes = np.concatenate([centre - size / 2, centre + size / 2], 1)
+        boxes = np.clip(boxes, 0, 128)[None].astype("float32")
+        scores = rng.uniform(size=(1, 1300)).astype("float32")
+        for max_out in (64, 300):
+            layer = BatchedNMS(0.7, max_out)
+            inputs = [keras.Input((1300, 4)), keras.Input((1300,))]
+            model = keras.Model(inputs, layer(inputs))
+            kept = np_nms(boxes[0], scores[0], np.zeros(1300), 0.7, max_out, 0.0)
+            for jit in (False, True):
+                model.compile(jit_compile=jit)
+                out = model.predict([boxes, scores], verbose=0)
+                self.assertEqual(out["num_detections"][0], len(kept))
+                np.testing.assert_array_equal(
+                    out["boxes"][0, : len(kept)], boxes[0, kept]
+                )
+
     def test_no_boxes_above_threshold(self):
         boxes = np.ones((1, 5, 4), "float32") * [0, 0, 4, 4]
         out = BatchedNMS(0.5, 3, score_threshold=0.5)([boxes, np.zeros((1, 5))])
