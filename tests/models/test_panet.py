@@ -153,6 +153,14 @@ class PANetTest(TestCase):
         self.assertTrue(all(np.isfinite(v) for v in logs.values()))
         self.assertEqual(logs["mask"], 0.0)
 
+    def test_stages_round_trip_their_config(self):
+        model = tiny_panet(anchor_sizes=(16, 32, 64, 128, 256), mask_size=14)
+        for stage in (model.rpn, model.roi_heads):
+            config = stage.get_config()
+            self.assertEqual(type(stage).from_config(config).get_config(), config)
+        self.assertEqual(model.rpn.get_config()["anchor_sizes"][0], 16.0)
+        self.assertEqual(model.output["masks"].shape[-1], 14)
+
     def test_loss_weights_weigh_the_total(self):
         model = tiny_panet(loss_weights={"mask": 2.0, "rpn_box": 0.0})
         model.compile(optimizer=keras.optimizers.SGD(0.0), run_eagerly=True)

@@ -8,10 +8,14 @@ from kseg.models.panet.panet import (
     build_panet_resnet50_fpn,
     build_panet_resnext101_fpn,
 )
+from kseg.models.panet.roi_heads import RoIHeads
+from kseg.models.panet.rpn import RegionProposalNetwork
 
 __all__ = [
     "LOSS_NAMES",
     "PANet",
+    "RegionProposalNetwork",
+    "RoIHeads",
     "build_panet_resnet50_fpn",
     "build_panet_resnext101_fpn",
 ]
