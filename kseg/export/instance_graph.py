@@ -10,7 +10,7 @@ padding rows), `masks` float32 `(N, D, 28, 28)` (the detected class's mask
 probabilities inside its box; all zero for padding rows) and
 `num_detections` int32 `(N,)`.
 
-`BatchedNMS` runs keras-hub's padded NMS, nested `while` loops: tf2onnx
+`BatchedNMS` runs kseg's padded NMS, nested `while` loops: tf2onnx
 cannot convert them ("Graph has cycles"), and TFLite takes them only from a
 frozen graph whose control flow is left unlowered, as `WHILE` ops that made
 the quickstart PANet's file 25% slower. Trace the function
@@ -38,8 +38,8 @@ RANK_THRESHOLD = 0.5
 
 
 class CombinedNMS:
-    """What `BatchedNMS` reads of keras-hub's `NonMaxSuppression` (`boxes`,
-    `confidence`, `num_detections`), from TensorFlow's
+    """What `BatchedNMS` reads of its `PaddedNMS` (`confidence`,
+    `num_detections`), from TensorFlow's
     `CombinedNonMaxSuppression` with one class, for any batch size; tf2onnx
     converts it to ONNX's `NonMaxSuppression`."""
 
@@ -62,14 +62,13 @@ class CombinedNMS:
             clip_boxes=False,
         )
         return {
-            "boxes": out.nmsed_boxes,
             "confidence": out.nmsed_scores,
             "num_detections": out.valid_detections,
         }
 
 
 class SelectedNMS:
-    """What `BatchedNMS` reads of keras-hub's `NonMaxSuppression`, from
+    """What `BatchedNMS` reads of its `PaddedNMS`, from
     TensorFlow's `NonMaxSuppressionV5` (padded), one image at a time over a
     static batch size: TFLite's builtin `NON_MAX_SUPPRESSION_V5`."""
 
@@ -81,9 +80,9 @@ class SelectedNMS:
             raise ValueError("SelectedNMS needs a static batch size")
         size = self.layer.max_detections
         scores = tf.reduce_max(class_prediction, axis=-1)
-        kept_boxes, kept_scores, counts = [], [], []
+        kept_scores, counts = [], []
         for image in range(boxes.shape[0]):
-            index, score, count = tf.raw_ops.NonMaxSuppressionV5(
+            _, score, count = tf.raw_ops.NonMaxSuppressionV5(
                 boxes=boxes[image],
                 scores=scores[image],
                 max_output_size=size,
@@ -92,11 +91,9 @@ class SelectedNMS:
                 soft_nms_sigma=0.0,
                 pad_to_max_output_size=True,
             )
-            kept_boxes.append(tf.gather(boxes[image], index))
             kept_scores.append(score)
             counts.append(count)
         return {
-            "boxes": tf.stack(kept_boxes),
             "confidence": tf.stack(kept_scores),
             "num_detections": tf.stack(counts),
         }

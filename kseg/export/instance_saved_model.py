@@ -109,8 +109,8 @@ def detect_images(model, images, short_edge=None, max_size=None):
     """The signature outputs for uint8 images `(N, H, W, 3)` (one size);
     graph-safe with unknown `N`, `H` and `W`.
 
-    The model runs one image at a time (`tf.map_fn`): its NMS
-    (keras_hub's `NonMaxSuppression`) needs a static batch size.
+    The model runs one image at a time (`tf.map_fn`), each fitted into the
+    model's input on its own.
     """
     model_size = tuple(int(v) for v in model.input_shape[1:3])
     detections = int(model.output["scores"].shape[-1])

@@ -24,7 +24,7 @@ batch) and the model's outputs (`DETECTION_OUTPUTS`): `boxes` float32
 `classes` int32 `(N, D)` (0 for padding rows), `masks` float32
 `(N, D, 28, 28)` (the detected class's mask probabilities inside its box)
 and `num_detections` int32 `(N,)`. tf2onnx cannot convert the nested
-`while` loops of keras-hub's padded NMS, which `BatchedNMS` runs ("Graph has
+`while` loops of the padded NMS that `BatchedNMS` runs ("Graph has
 cycles"), so the graph is traced with the same greedy NMS as TensorFlow's
 `CombinedNonMaxSuppression` (`onnx_convertible_nms`), which tf2onnx maps to
 ONNX's `NonMaxSuppression` (`kseg.export.instance_graph`).

@@ -8,11 +8,12 @@ so the layers compile with XLA and run on every Keras backend.
 
 What Keras maintains is used where it matches the SPEC definitions:
 `keras.utils.bounding_boxes` (`encode_box_to_deltas`,
-`decode_deltas_to_boxes`, `compute_iou`) and keras-hub's
-`NonMaxSuppression` and `BoxMatcher` (imported when a layer is built, because
-importing keras-hub imports TensorFlow, and `kseg.layers` must import on JAX
-without it). The NumPy-reference tests in `tests/layers/test_detection.py`
-prove the equality.
+`decode_deltas_to_boxes`, `compute_iou`) and keras-hub's `BoxMatcher`
+(imported where it is used, because importing keras-hub imports TensorFlow,
+and `kseg.layers` must import on JAX without it). keras-hub's padded NMS is
+not used: traced, it keeps other boxes than the greedy NMS
+(`kseg.layers.nms.PaddedNMS`). The NumPy-reference tests in
+`tests/layers/test_detection.py` prove the equality.
 
 Liu et al., "Path Aggregation Network for Instance Segmentation", CVPR 2018;
 He et al., "Mask R-CNN", ICCV 2017; Lin et al., "Feature Pyramid Networks for

@@ -1,5 +1,5 @@
 """The NMS swaps of the PANet file exports: TFLite's `SelectedNMS` and
-ONNX's `CombinedNMS` keep what keras-hub's padded NMS keeps."""
+ONNX's `CombinedNMS` keep what kseg's padded NMS keeps (SPEC's greedy NMS)."""
 
 import numpy as np
 import pytest
@@ -43,7 +43,7 @@ def _loop_nms(boxes, scores, classes, iou_threshold, score_threshold):
 
 
 @pytest.mark.parametrize("nms", [SelectedNMS, CombinedNMS])
-def test_swapped_nms_keeps_what_keras_hub_keeps(nms):
+def test_swapped_nms_keeps_what_kseg_keeps(nms):
     layer = BatchedNMS(iou_threshold=0.5, max_detections=30, score_threshold=0.2)
     swapped = tf.function(lambda *inputs: layer(list(inputs)))
     counts = []

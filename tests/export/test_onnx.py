@@ -240,11 +240,11 @@ def test_panet_converts_with_nms(synthetic_val):
     assert not actual["masks"][padding].any()
     binary = (actual["masks"] > 0.5) != (expected["masks"] > 0.5)
     assert np.mean(binary[~padding]) <= 0.02, np.mean(binary[~padding])
-    # The NMS swap is undone: Keras still runs keras-hub's NMS.
+    # The NMS swap is undone: Keras still runs kseg's padded NMS.
     from kseg.layers.nms import BatchedNMS
 
     assert all(
-        type(vars(layer)["nms"]).__name__ == "NonMaxSuppression"
+        type(vars(layer)["nms"]).__name__ == "PaddedNMS"
         for layer in model._flatten_layers()
         if isinstance(layer, BatchedNMS) and "nms" in vars(layer)
     )
