@@ -420,8 +420,10 @@ class RoIAlign(KsegLayer):
         gathering their samples from `table`, maps flattened to `(rows, C)`:
         box n's map starts at row `base[n]`, has size `height × width` and
         `stride` (numbers, or `(N, 1)` tensors when each box has its own
-        level). One row of samples per bin at a time, all its columns at
-        once, so memory grows with the adaptive bound along one axis only."""
+        level). A fixed sampling ratio gathers one sample of every bin at a
+        time (`(N, oh, ow, C)` per gather, no strided reduction); the
+        adaptive one a row of samples per bin at a time (its bound can be
+        large: few gathers, memory growing along one axis only)."""
         oh, ow = self.output_size
         channels = table.shape[-1]
         rows, cols = self._sample_boxes(boxes / stride, height, width)
@@ -430,20 +432,29 @@ class RoIAlign(KsegLayer):
         y_low, y_high, wy_low, wy_high = (
             ops.reshape(t, (-1, oh, sr_y)) for t in (y_low, y_high, wy_low, wy_high)
         )
+        x_low, x_high, wx_low, wx_high = (
+            ops.reshape(t, (-1, ow, sr_x)) for t in (x_low, x_high, wx_low, wx_high)
+        )
+        chunk = 1 if self.sampling_ratio > 0 else sr_x
         width = ops.cast(width, "int32")
         dtype = table.dtype
         pooled = None
-        for s in range(sr_y):
-            for rows, wy in ((y_low, wy_low), (y_high, wy_high)):
-                row_start = base[:, None] + rows[:, :, s] * width
-                for cols, wx in ((x_low, wx_low), (x_high, wx_high)):
-                    index = row_start[:, :, None] + cols[:, None, :]
-                    weight = ops.cast(wy[:, :, s, None] * wx[:, None, :], dtype)
-                    term = ops.take(table, index, axis=0) * weight[..., None]
-                    term = ops.sum(
-                        ops.reshape(term, (-1, oh, ow, sr_x, channels)), axis=3
-                    )
-                    pooled = term if pooled is None else pooled + term
+        for sy in range(sr_y):
+            for first in range(0, sr_x, chunk):
+                pick = slice(first, first + chunk)
+                for rows, wy in ((y_low, wy_low), (y_high, wy_high)):
+                    row_start = base[:, None] + rows[:, :, sy] * width
+                    for cols, wx in ((x_low, wx_low), (x_high, wx_high)):
+                        cols = ops.reshape(cols[:, :, pick], (-1, ow * chunk))
+                        wx = ops.reshape(wx[:, :, pick], (-1, ow * chunk))
+                        index = row_start[:, :, None] + cols[:, None, :]
+                        weight = ops.cast(wy[:, :, sy, None] * wx[:, None, :], dtype)
+                        term = ops.take(table, index, axis=0) * weight[..., None]
+                        if chunk > 1:
+                            term = ops.sum(
+                                ops.reshape(term, (-1, oh, ow, chunk, channels)), 3
+                            )
+                        pooled = term if pooled is None else pooled + term
         if self.sampling_ratio > 0:
             return pooled / float(sr_y * sr_x)
         count = ops.maximum(y_count * x_count, 1.0)
