@@ -277,6 +277,23 @@ def numpy_logits_at_label_size(logits, labels):
     return logits, labels
 
 
+def run_on_jax(script, timeout=900):
+    """Runs a Python `script` in a subprocess on the JAX backend (CPU) and
+    returns its standard output; a failure raises `AssertionError` with the
+    end of its output. For tests of a Keras API on JAX from a TensorFlow
+    test process (the backend is chosen at import)."""
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
 def run_mirrored_cpu_script(script, replicas=2, timeout=300):
     """Runs `script` on `replicas` logical CPUs in a fresh TensorFlow process
     and checks that it exits 0 with `OK` as its last output.

@@ -23,36 +23,38 @@ def _randomize(layer, seed):
         weight.assign(rng.normal(scale=0.5, size=weight.shape).astype("float32"))
 
 
-def conv2d_same(x, kernel, bias, stride=1):
-    """TF/Keras "same" convolution (extra padding at the bottom/right)."""
-    n, h, w, _ = x.shape
-    kh, kw, _, filters = kernel.shape
-    oh, ow = -(-h // stride), -(-w // stride)
-    ph = max((oh - 1) * stride + kh - h, 0)
-    pw = max((ow - 1) * stride + kw - w, 0)
-    xp = np.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
-    out = np.zeros((n, oh, ow, filters))
+def _conv_windows(xp, kernel, bias, stride, oh, ow):
+    """Convolution of an already padded `xp`, windows from the top left."""
+    filters = kernel.shape[-1]
+    kh, kw = kernel.shape[:2]
+    out = np.zeros((xp.shape[0], oh, ow, filters))
     for i in range(oh):
         for j in range(ow):
             patch = xp[:, i * stride : i * stride + kh, j * stride : j * stride + kw]
             out[:, i, j] = np.einsum("nabc,abco->no", patch, kernel) + bias
     return out
+
+
+def conv2d_same(x, kernel, bias, stride=1):
+    """TF/Keras "same" convolution (extra padding at the bottom/right)."""
+    _, h, w, _ = x.shape
+    kh, kw = kernel.shape[:2]
+    oh, ow = -(-h // stride), -(-w // stride)
+    ph = max((oh - 1) * stride + kh - h, 0)
+    pw = max((ow - 1) * stride + kw - w, 0)
+    xp = np.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+    return _conv_windows(xp, kernel, bias, stride, oh, ow)
 
 
 def conv2d_padded(x, kernel, bias, stride, pad):
     """PyTorch's `Conv2d(padding=pad, stride=stride)`: `pad` zeros on every
     side, then the windows from the top-left corner."""
-    n, h, w, _ = x.shape
-    kh, kw, _, filters = kernel.shape
+    _, h, w, _ = x.shape
+    kh, kw = kernel.shape[:2]
     xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     oh = (h + 2 * pad - kh) // stride + 1
     ow = (w + 2 * pad - kw) // stride + 1
-    out = np.zeros((n, oh, ow, filters))
-    for i in range(oh):
-        for j in range(ow):
-            patch = xp[:, i * stride : i * stride + kh, j * stride : j * stride + kw]
-            out[:, i, j] = np.einsum("nabc,abco->no", patch, kernel) + bias
-    return out
+    return _conv_windows(xp, kernel, bias, stride, oh, ow)
 
 
 def deconv2x2(x, kernel, bias):

@@ -3,8 +3,6 @@ JAX and XLA, the targets against NumPy references, and a slow overfit to mask
 AP50 ≥ 0.9 measured with the COCO API."""
 
 import os
-import subprocess
-import sys
 import textwrap
 import warnings
 
@@ -21,7 +19,12 @@ from kseg.models.panet import (
     rpn,
     sampling,
 )
-from kseg.testing import TestCase, network_reductions, rounding_tolerance
+from kseg.testing import (
+    TestCase,
+    network_reductions,
+    rounding_tolerance,
+    run_on_jax,
+)
 
 SIZE = 64
 TINY = dict(
@@ -240,16 +243,8 @@ def test_train_step_on_jax_backend():
         print("OK", sorted(logs))
         """
     ).format(tests=os.path.dirname(__file__))
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "OK" in result.stdout and "rpn_objectness" in result.stdout
+    output = run_on_jax(script)
+    assert "OK" in output and "rpn_objectness" in output
 
 
 # === Targets ===

@@ -4,8 +4,6 @@ losses, `fit(validation_data=...)` logging `val_` losses, `predict` at any
 batch size. The same calls on the JAX backend run in a subprocess (slow)."""
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import keras
@@ -15,6 +13,7 @@ import pytest
 from kseg.backbones import build_resnet
 from kseg.data import crop_instance_mask
 from kseg.models.panet import LOSS_NAMES, PANet
+from kseg.testing import run_on_jax
 
 SIZE = 64
 
@@ -158,13 +157,4 @@ def test_keras_api_on_jax_backend():
         print("OK")
         """
     ).format(tests=os.path.dirname(__file__))
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "OK" in result.stdout
+    assert "OK" in run_on_jax(script, timeout=1500)
