@@ -110,11 +110,11 @@ def swapped_nms(model, nms):
     """
     from kseg.layers.nms import BatchedNMS
 
+    # The NMS layers (and the layers that create them in their `build`) are
+    # built on their first call: one call on a blank image builds those
+    # inference uses.
+    model(np.zeros((1, *model.input_shape[1:]), np.float32), training=False)
     # Private API: Keras <= 3.15 lists the sublayers built in `build` nowhere public.
-    if any(isinstance(layer, BatchedNMS) for layer in model._flatten_layers()):
-        # The NMS layers build their keras-hub NMS on their first call: one
-        # call on a blank image builds those inference uses.
-        model(np.zeros((1, *model.input_shape[1:]), np.float32), training=False)
     layers = [
         layer
         for layer in model._flatten_layers()

@@ -68,3 +68,25 @@ def test_swapped_nms_keeps_what_kseg_keeps(nms):
             np.testing.assert_allclose(actual[key], expected[key], atol=1e-4)
     # Both full and zero-padded outputs were compared.
     assert min(counts) < 30 and max(counts) == 30, counts
+
+
+@pytest.mark.parametrize("nms", [SelectedNMS, CombinedNMS])
+def test_a_new_panet_traces_without_loops(nms):
+    # Its NMS layers are created when first called: the swap must still find
+    # them, leaving no `while` loop for tf2onnx or TFLite to meet.
+    import keras
+
+    from kseg.backbones import build_resnet
+    from kseg.export.instance_graph import instance_function, swapped_nms
+    from kseg.models import PANet
+
+    backbone = build_resnet((1, 1, 1, 1), (4, 4, 4, 4), input_shape=(64, 64, 3))
+    model = PANet(
+        backbone, 2, filters=8, fc_units=16, max_detections=4,
+        rpn_pre_nms_top_k_test=40, rpn_post_nms_top_k_test=12,
+    )  # fmt: skip
+    keras.utils.set_random_seed(0)
+    with swapped_nms(model, nms):
+        graph = instance_function(model, batch_size=1).get_concrete_function().graph
+    kinds = {op.type for op in graph.get_operations()}
+    assert not {"While", "StatelessWhile"} & kinds, sorted(kinds)
