@@ -32,6 +32,7 @@ import tensorflow as tf
 from kseg.data import preprocess_images
 from kseg.export.instance_saved_model import DETECTION_OUTPUTS
 from kseg.export.saved_model import IMAGES
+from kseg.tasks import is_instance_model
 
 # `BatchedNMS` gives its candidates rank scores >= 1 and the rest 0.
 RANK_THRESHOLD = 0.5
@@ -110,10 +111,12 @@ def swapped_nms(model, nms):
     """
     from kseg.layers.nms import BatchedNMS
 
-    # The NMS layers (and the layers that create them in their `build`) are
-    # built on their first call: one call on a blank image builds those
-    # inference uses.
-    model(np.zeros((1, *model.input_shape[1:]), np.float32), training=False)
+    # An instance model's NMS layers (and the layers that create them in their
+    # `build`) are built on their first call: one call on a blank image of its
+    # fixed size builds those inference uses. Semantic models hold no NMS (and
+    # may take any size).
+    if is_instance_model(model):
+        model(np.zeros((1, *model.input_shape[1:]), np.float32), training=False)
     # Private API: Keras <= 3.15 lists the sublayers built in `build` nowhere public.
     layers = [
         layer
