@@ -141,20 +141,30 @@ def tuned_environment(environ=None, tcmalloc=None):
     return environ
 
 
-def restart_with_allocator(arguments):
-    """Replaces this process by `python *arguments` running with kseg's
+def restart_with_allocator(arguments=None):
+    """Replaces this process by the same program running with kseg's
     allocator (`tuned_environment`), once: in the restarted process, or with
     `KSEG_MALLOC=off`, it returns at once. Call it first thing (the
     allocator acts from a process's first allocation).
 
+    Args:
+        arguments: the interpreter's arguments (`python *arguments`), or
+            `None` for the command line this process started with
+            (`sys.orig_argv`): a console script restarts as that script, so
+            its `sys.path` stays the script's and never gains the current
+            directory (as `python -m` would give it, running a dataset
+            folder's `argparse.py` or `numpy.py`).
+
     Example (a benchmark script restarting itself):
-    >>> restart_with_allocator(sys.argv)  # doctest: +SKIP
+    >>> restart_with_allocator()  # doctest: +SKIP
 
     Raises:
         AllocatorError: see `tuned_environment`.
     """
+    if arguments is None:
+        arguments = sys.orig_argv[1:]
     environ = tuned_environment()
-    if environ is None or not sys.executable:
+    if environ is None or not sys.executable or not arguments:
         return
     sys.stdout.flush()
     sys.stderr.flush()

@@ -459,7 +459,7 @@ def _reexec_with_allocator_settings():
     from kseg.allocator import AllocatorError, restart_with_allocator
 
     try:
-        restart_with_allocator(["-m", "kseg.cli", *sys.argv[1:]])
+        restart_with_allocator()
     except AllocatorError as error:
         print(f"kseg: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

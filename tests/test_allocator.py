@@ -65,45 +65,62 @@ def test_tune_cpu_allocator_applies_the_settings_with_mallopt():
     assert tune_cpu_allocator() is True
 
 
-# `kseg recipes quickstart` loads TensorFlow: it runs long enough to be read.
-_START = (
-    "import sys; from kseg.cli import main; "
-    "sys.argv = ['kseg', 'recipes', 'quickstart']; main()"
-)
+# The file pip writes for the `kseg` console script.
+_CONSOLE_SCRIPT = """import re
+import sys
+from kseg.cli import main
+if __name__ == '__main__':
+    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
+    sys.exit(main())
+"""
 
 
-def _running_command(env, reexecuted):
+def _console_script(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "kseg"
+    script.write_text(_CONSOLE_SCRIPT)
+    return script
+
+
+def _tuned(environ):
+    return "LD_PRELOAD" in environ or all(name in environ for name in ENVIRONMENT)
+
+
+def _read_environ(proc):
+    return dict(
+        item.split("=", 1)
+        for item in (proc / "environ").read_bytes().decode().split("\0")
+        if "=" in item
+    )
+
+
+def _running_command(script, env, reexecuted):
     """The environment and mapped files of a running `kseg recipes
-    quickstart` (started as the console script starts it), read from /proc
-    once it re-executed itself and TensorFlow is loading (or after a second,
-    when it is not expected to re-execute)."""
+    quickstart` (which loads TensorFlow, so it runs long enough to be read),
+    started as the console script starts it, read from /proc once it
+    re-executed itself (or after a second, when it is not expected to)."""
+    command = [sys.executable, str(script), "recipes", "quickstart"]
     process = subprocess.Popen(
-        [sys.executable, "-c", _START],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     proc = Path(f"/proc/{process.pid}")
     try:
         deadline = time.monotonic() + 60
         if reexecuted:
-            while b"-m\0kseg.cli" not in (proc / "cmdline").read_bytes():
+            preload = allocator.tcmalloc_library() and "KSEG_MALLOC" not in env
+            while not _tuned(environ := _read_environ(proc)) or (
+                preload and allocator.TCMALLOC_NAME not in (proc / "maps").read_text()
+            ):
                 assert time.monotonic() < deadline, "never re-executed"
                 assert process.poll() is None, "ended before re-executing"
                 time.sleep(0.02)
         else:
             time.sleep(1.0)
-            assert b"-m\0kseg.cli" not in (proc / "cmdline").read_bytes()
-        environ = (proc / "environ").read_bytes()
-        maps = (proc / "maps").read_text()
-        return (
-            dict(
-                item.split("=", 1)
-                for item in environ.decode().split("\0")
-                if "=" in item
-            ),
-            maps,
-        )
+            environ = _read_environ(proc)
+        # The restart runs the program the user started, as it was started.
+        cmdline = (proc / "cmdline").read_bytes().decode().split("\0")[:-1]
+        assert cmdline == command
+        return environ, (proc / "maps").read_text()
     finally:
         process.kill()
         process.wait()
@@ -117,9 +134,10 @@ def _clean_environment(**changes):
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
-def test_every_kseg_command_runs_with_the_allocator_unless_turned_off():
+def test_every_kseg_command_runs_with_the_allocator_unless_turned_off(tmp_path):
+    script = _console_script(tmp_path)
     tcmalloc = allocator.tcmalloc_library()
-    environ, maps = _running_command(_clean_environment(), reexecuted=True)
+    environ, maps = _running_command(script, _clean_environment(), reexecuted=True)
     if tcmalloc is not None:
         assert environ["LD_PRELOAD"].split()[0] == tcmalloc
         assert allocator.TCMALLOC_NAME in maps  # really loaded
@@ -127,21 +145,21 @@ def test_every_kseg_command_runs_with_the_allocator_unless_turned_off():
         for name, value in ENVIRONMENT.items():
             assert environ.get(name) == value
     environ, _ = _running_command(
-        _clean_environment(KSEG_MALLOC="glibc"), reexecuted=True
+        script, _clean_environment(KSEG_MALLOC="glibc"), reexecuted=True
     )
     assert "LD_PRELOAD" not in environ
     for name, value in ENVIRONMENT.items():
         assert environ.get(name) == value
     environ, maps = _running_command(
-        _clean_environment(KSEG_MALLOC="off"), reexecuted=False
+        script, _clean_environment(KSEG_MALLOC="off"), reexecuted=False
     )
     assert not any(name in environ for name in ENVIRONMENT)
     assert "LD_PRELOAD" not in environ and allocator.TCMALLOC_NAME not in maps
 
 
-def test_an_unknown_choice_is_a_clear_error():
+def test_an_unknown_choice_is_a_clear_error(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-c", _START],
+        [sys.executable, str(_console_script(tmp_path)), "recipes", "quickstart"],
         env=_clean_environment(KSEG_MALLOC="fast"),
         capture_output=True,
         text=True,
@@ -151,6 +169,30 @@ def test_an_unknown_choice_is_a_clear_error():
     assert (
         "KSEG_MALLOC='fast' is not one of auto, tcmalloc, glibc, off" in result.stderr
     )
+
+
+def test_the_restart_never_runs_python_files_of_the_current_directory(tmp_path):
+    # `python -m` would put the current directory first on `sys.path`: a
+    # dataset folder's `argparse.py` would run with the user's rights.
+    script = _console_script(tmp_path / "bin")
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    ran = tmp_path / "ran.txt"
+    for name in ("argparse", "numpy", "kseg"):
+        (folder / f"{name}.py").write_text(f"open({str(ran)!r}, 'a').write('{name}')\n")
+    env = _clean_environment()
+    assert tuned_environment(env) is not None  # so the command restarts
+    result = subprocess.run(
+        [sys.executable, str(script), "--help"],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert not ran.exists(), f"ran {ran.read_text()} from the current directory"
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: kseg")
 
 
 def test_active_allocator_names_what_the_process_runs_with():
