@@ -167,7 +167,9 @@ def build_instance_serving_module(model, max_pixels, short_edge=None, max_size=N
         autograph=False,
     )
     module.serving_bytes = tf.function(
-        lambda image_bytes: module.serving_default(decode_images(image_bytes)),
+        lambda image_bytes: module.serving_default(
+            decode_images(image_bytes, max_pixels)
+        ),
         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
         autograph=False,
     )

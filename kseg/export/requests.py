@@ -45,31 +45,117 @@ def check_request(images, max_pixels):
     channels = tf.debugging.Assert(
         tf.reduce_all(tf.equal(shape[-1:], 3)), ["images must have 3 (RGB) channels"]
     )
-    pixels = tf.reduce_prod(leading)
-    cap = tf.debugging.Assert(
+    # An empty batch or a 0×0 image would reach the model (a semantic model
+    # failed inside with "Incompatible shapes", PANet returned nothing).
+    not_empty = tf.debugging.Assert(
+        tf.reduce_all(tf.greater(leading, 0)),
+        [
+            "the request holds no pixels: send at least one image of at least "
+            "1×1 pixels (N, H, W ≥ 1); got shape",
+            shape,
+        ],
+    )
+    cap = _pixel_cap(tf.reduce_prod(leading), max_pixels, "pixels sent:")
+    with tf.control_dependencies([batch, channels, not_empty, cap]):
+        return tf.identity(images)
+
+
+def _pixel_cap(pixels, max_pixels, what):
+    """The assertion `pixels <= max_pixels`, naming the cap and the fix."""
+    return tf.debugging.Assert(
         tf.less_equal(pixels, max_pixels),
         [
             f"the request holds more than the exported cap of {max_pixels} "
             "pixels (N·H·W): send smaller images or fewer per request, or "
-            "export with a larger --max-pixels; pixels sent:",
+            f"export with a larger --max-pixels; {what}",
             pixels,
         ],
     )
-    with tf.control_dependencies([batch, channels, cap]):
-        return tf.identity(images)
 
 
-def decode_images(image_bytes):
+def encoded_image_sizes(image_bytes):
+    """The `(height, width)` each encoded image's header declares, float64
+    `(N, 2)`, read without decoding: the JPEG frame header
+    (`tf.image.extract_jpeg_shape`), the PNG IHDR, the GIF logical screen,
+    the BMP info header — what `decode_image` will allocate. Anything else
+    is (0, 0): the decoder rejects it. Float64, so the product of two
+    forged 32-bit sides cannot overflow."""
+
+    def number(contents, start, length, little_endian):
+        raw = tf.cast(
+            tf.io.decode_raw(tf.strings.substr(contents, start, length), tf.uint8),
+            tf.float64,
+        )
+        if little_endian:
+            raw = tf.reverse(raw, [0])
+        return tf.reduce_sum(raw * 256.0 ** tf.range(length - 1, -1, -1, tf.float64))
+
+    def size(contents):
+        magic = tf.strings.substr(contents, 0, 4)
+        long_enough = tf.strings.length(contents) >= 26
+        none = lambda: tf.zeros([2], tf.float64)  # noqa: E731
+        png = lambda: tf.stack(  # noqa: E731
+            [number(contents, 20, 4, False), number(contents, 16, 4, False)]
+        )
+        gif = lambda: tf.stack(  # noqa: E731
+            [number(contents, 8, 2, True), number(contents, 6, 2, True)]
+        )
+
+        def bmp():
+            # int32 little-endian; a negative height is a top-down bitmap.
+            height = number(contents, 22, 4, True)
+            height = tf.where(height >= 2.0**31, 2.0**32 - height, height)
+            return tf.stack([height, number(contents, 18, 4, True)])
+
+        def jpeg():
+            return tf.cast(tf.image.extract_jpeg_shape(contents)[:2], tf.float64)
+
+        return tf.case(
+            [
+                (tf.equal(tf.strings.substr(magic, 0, 3), b"\xff\xd8\xff"), jpeg),
+                (tf.logical_and(long_enough, tf.equal(magic, b"\x89PNG")), png),
+                (
+                    tf.logical_and(
+                        long_enough, tf.equal(tf.strings.substr(magic, 0, 3), b"GIF")
+                    ),
+                    gif,
+                ),
+                (
+                    tf.logical_and(
+                        long_enough, tf.equal(tf.strings.substr(magic, 0, 2), b"BM")
+                    ),
+                    bmp,
+                ),
+            ],
+            default=none,
+            exclusive=True,
+        )
+
+    return tf.map_fn(
+        size, image_bytes, fn_output_signature=tf.TensorSpec([2], tf.float64)
+    )
+
+
+def decode_images(image_bytes, max_pixels):
     """Decodes a string batch `(N,)` of encoded images to uint8 `(N, H, W, 3)`.
 
     Every image must have the size of the first: a batch is one tensor. An
-    empty batch is an `InvalidArgumentError`.
+    empty batch is an `InvalidArgumentError`, and so is a batch whose
+    headers declare more than `max_pixels` pixels in all: it is refused
+    before anything is decoded (a 292 KB PNG may declare 10000 × 10000).
     """
     not_empty = tf.debugging.assert_positive(
         tf.size(image_bytes),
         message=f"{BYTES_SIGNATURE}: the request holds no image; send at least one",
     )
     with tf.control_dependencies([not_empty]):
+        sizes = encoded_image_sizes(image_bytes)
+    cap = _pixel_cap(
+        tf.reduce_sum(tf.reduce_prod(sizes, axis=-1)),
+        max_pixels,
+        "pixels the image headers declare:",
+    )
+    with tf.control_dependencies([cap]):
         image_bytes = tf.identity(image_bytes)
     size = tf.shape(decode_image(image_bytes[0]))[:2]
 

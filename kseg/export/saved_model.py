@@ -154,7 +154,9 @@ def build_serving_module(
     # The bytes signature calls the images graph instead of tracing the
     # model a second time.
     module.serving_bytes = tf.function(
-        lambda image_bytes: module.serving_default(decode_images(image_bytes)),
+        lambda image_bytes: module.serving_default(
+            decode_images(image_bytes, max_pixels)
+        ),
         input_signature=[tf.TensorSpec([None], tf.string, name=IMAGE_BYTES)],
         autograph=False,
     )
