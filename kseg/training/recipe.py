@@ -24,7 +24,6 @@ import dataclasses
 import difflib
 import inspect
 import math
-import re
 import types
 import typing
 from typing import Any
@@ -41,6 +40,7 @@ from kseg.training.recipe_files import (  # noqa: F401 (re-exported)
     RecipeError,
     find_recipe,
     list_recipes,
+    parse_yaml,
     recipe_dirs,
 )
 from kseg.training.recipe_schema import (  # noqa: F401 (re-exported)
@@ -83,6 +83,19 @@ def _suggest(key, valid, path=""):
     return f"; did you mean {_join(path, match[0])!r}?" if match else ""
 
 
+def _check_finite(value, path):
+    """No NaN or infinity anywhere in `value` (nested lists and mappings
+    too): no setting means them, and a NaN rate trains a NaN model."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"{path}: must be a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, _join(path, key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{path}[{i}]")
+
+
 def _convert(value, type_, path):
     """Checks `value` against `type_` and returns it in that type's form.
 
@@ -91,6 +104,7 @@ def _convert(value, type_, path):
     """
     origin, args = typing.get_origin(type_), typing.get_args(type_)
     if type_ is Any:
+        _check_finite(value, path)
         return value
     if origin in (types.UnionType, typing.Union):
         if value is None and type(None) in args:
@@ -115,6 +129,7 @@ def _convert(value, type_, path):
     if type_ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{path}: expected a number, got {value!r}")
+        _check_finite(value, path)
         return float(value)
     if type_ is str:
         if not isinstance(value, str):
@@ -346,7 +361,11 @@ def validate_recipe(recipe):
     if data.max_size is not None:
         _check_positive(data.max_size, "data.max_size")
     _check_positive(data.max_instances, "data.max_instances")
-    _check_positive(data.mask_size, "data.mask_size")
+    if data.mask_size < 2:
+        raise RecipeError(
+            "data.mask_size: the instance mask targets are cropped at this "
+            f"side, so it must be at least 2, got {data.mask_size}"
+        )
     if recipe.task == "instance":
         for i, side in enumerate(data.crop_size):
             if side % 64:
@@ -433,44 +452,6 @@ def validate_recipe(recipe):
 
 
 # === YAML ===
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.2 numbers (PyYAML, YAML 1.1, reads `1e-4` as a string), and a
-    key given twice in one mapping is an error (PyYAML keeps the last)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None,
-                    None,
-                    f"duplicate key {key!r}",
-                    key_node.start_mark,
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def parse_yaml(text):
-    """Parses YAML text with YAML 1.2 number syntax."""
-    return yaml.load(text, Loader=_Loader)
 
 
 class _Dumper(yaml.SafeDumper):

@@ -1,6 +1,8 @@
 """Recipes: strict typed loading, every shipped recipe, overrides, YAML round trip."""
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 
@@ -278,3 +280,82 @@ def test_instance_tunables_are_recipe_fields():
     )
     assert recipe.model.kwargs["anchor_sizes"] == [8, 16, 32, 64, 128]
     assert recipe.model.kwargs["mask_size"] == 14
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("optimizer.learning_rate=.nan", r"optimizer\.learning_rate: must be a fini"),
+        ("optimizer.learning_rate=-.inf", r"optimizer\.learning_rate: must be a fini"),
+        ("optimizer.weight_decay=.nan", r"optimizer\.weight_decay: must be a finite"),
+        ("optimizer.momentum=.nan", r"optimizer\.momentum: must be a finite"),
+        ("schedule.power=.inf", r"schedule\.power: must be a finite"),
+        ("schedule.step_fractions=[0.5, .nan]", r"schedule\.step_fractions\[1\]: must"),
+        ("eval.scales=[.nan]", r"eval\.scales\[0\]: must be a finite"),
+        ("data.scale_range=[.nan, 1]", r"data\.scale_range\[0\]: must be a finite"),
+        ("model.kwargs.filters=.nan", r"model\.kwargs\.filters: must be a finite"),
+        ("model.kwargs.x=[1, [2, .inf]]", r"model\.kwargs\.x\[1\]\[1\]: must be a f"),
+        ("backbone.kwargs.widths=[.nan]", r"backbone\.kwargs\.widths\[0\]: must be"),
+    ],
+)
+def test_non_finite_numbers_are_refused_in_every_field(override, match):
+    # A NaN learning rate trained a NaN model that "evaluated" at 13% mIoU.
+    with pytest.raises(RecipeError, match=rf"--set: {match}"):
+        apply_overrides(load_recipe("quickstart"), [override])
+
+
+def test_a_mask_size_below_two_is_refused_up_front():
+    # The instance pipeline needs 2x2 mask crops; it failed only once the
+    # run directory existed.
+    recipe = load_recipe("panet_quickstart")
+    with pytest.raises(RecipeError, match="data.mask_size: .* at least 2, got 1"):
+        apply_overrides(recipe, ["data.mask_size=1"])
+    assert apply_overrides(recipe, ["data.mask_size=2"]).data.mask_size == 2
+
+
+def _nested_aliases(levels, width=9):
+    """YAML of `levels` lists, each holding the one before `width` times:
+    a few hundred bytes that expand to `width ** levels` strings."""
+    lines = [f"    - &l0 [{', '.join(['lol'] * width)}]"]
+    for level in range(1, levels):
+        lines.append(f"    - &l{level} [{', '.join([f'*l{level - 1}'] * width)}]")
+    return "\n".join(lines)
+
+
+def test_nested_yaml_aliases_are_refused_at_once(tmp_path):
+    # 7 levels: 4.8 million strings once expanded (the issue's 9 levels grew
+    # to 3.3 GB); `filters` is a real PAN argument, so only the size stops it.
+    path = tmp_path / "aliases.yaml"
+    text = f"model:\n  name: pan\n  kwargs:\n    filters:\n{_nested_aliases(7)}\n"
+    path.write_text(text)
+    assert len(text) < 500
+    with pytest.raises(RecipeError, match=r"aliases.yaml: invalid YAML.*expands to"):
+        load_recipe(path)
+    path.write_text("model: &a\n  kwargs: {x: *a}\n")
+    with pytest.raises(RecipeError, match="recursive alias"):
+        load_recipe(path)
+    # Aliases of ordinary size still load.
+    path.write_text("data:\n  crop_size: &crop [32, 32]\neval:\n  size: *crop\n")
+    assert load_recipe(path).eval.size == (32, 32)
+
+
+def test_recipe_listing_survives_nested_aliases_within_a_memory_limit(tmp_path):
+    # `kseg recipes` reads each description: `str()` of 9 levels of aliases
+    # would take gigabytes. A child with 1 GiB of address space (no
+    # TensorFlow is loaded to list recipes) must answer at once.
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f"description:\n{_nested_aliases(9)}\n")
+    script = (
+        "import resource, sys\n"
+        "from kseg.training.recipe_files import recipe_description\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        "print(recipe_description(sys.argv[1]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("(unreadable recipe: the document expands")
