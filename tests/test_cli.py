@@ -4,6 +4,7 @@ train + evaluate run, data convert / inspect and the error paths."""
 import argparse
 import json
 
+import numpy as np
 import pytest
 
 from kseg.cli import _build_parser, main
@@ -15,6 +16,7 @@ SUBCOMMANDS = [
     ["data"],
     ["data", "convert"],
     ["data", "inspect"],
+    ["data", "images"],
     ["predict"],
     ["export"],
 ]
@@ -88,7 +90,10 @@ def test_train_and_evaluate_end_to_end(tmp_path, capsys):
     runs = tmp_path / "runs"
     assert main(["train", *TINY_TRAIN, "--runs-dir", str(runs), "--quiet"]) == 0
     out = capsys.readouterr().out
-    (run,) = (runs / "quickstart").iterdir()
+    # One run directory, and the `latest` link naming it.
+    latest = runs / "quickstart" / "latest"
+    (run,) = (p for p in (runs / "quickstart").iterdir() if p != latest)
+    assert latest.is_symlink() and latest.resolve() == run.resolve()
     for name in ("recipe.yaml", "model.keras", "evaluation.txt", "result.json"):
         assert (run / name).is_file(), name
     assert (run / "checkpoints" / "last.keras").is_file()
@@ -101,7 +106,8 @@ def test_train_and_evaluate_end_to_end(tmp_path, capsys):
     assert table.strip() in out
     assert "model saved to" in out
 
-    assert main(["evaluate", str(run)]) == 0
+    # Through the link, as the README writes it.
+    assert main(["evaluate", str(latest)]) == 0
     out = capsys.readouterr().out
     assert "IoU (%)" in out
     # The saved model gives back the run's own evaluation.
@@ -129,9 +135,70 @@ def test_resume_refuses_recipe_changes_and_non_runs(tmp_path, capsys):
 
 
 def test_evaluate_needs_a_recipe_for_a_bare_model_file(tmp_path, capsys):
+    (tmp_path / "model.keras").write_bytes(b"")
     with pytest.raises(SystemExit):
         main(["evaluate", str(tmp_path / "model.keras")])
     assert "--recipe" in capsys.readouterr().err
+
+
+def test_a_missing_run_is_said_not_to_exist(tmp_path, capsys):
+    runs = tmp_path / "runs" / "quickstart"
+    (runs / "20260101-120000").mkdir(parents=True)
+    (runs / "20260101-120000" / "recipe.yaml").write_text("name: quickstart\n")
+    missing = runs / "000"
+    assert main(["evaluate", str(missing / "model.keras"), "--recipe", "x"]) == 1
+    err = capsys.readouterr().err
+    assert f"{missing / 'model.keras'} does not exist" in err
+    assert f"the runs in {runs}: 20260101-120000" in err
+    assert main(["train", "--resume", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert f"{missing} does not exist" in err and "holds no" not in err
+
+
+def test_data_images_writes_held_out_scenes_of_both_tasks(tmp_path, capsys):
+    from kseg.data import make_synthetic, make_synthetic_instances
+    from kseg.data.samples import encode_image
+    from kseg.training.recipe import load_recipe
+
+    out = tmp_path / "photos"
+    small = ["--set=data.num_val_images=3", "--set=data.image_size=32"]
+    args = ["data", "images", *small, "--out", str(out), "--format", "png"]
+    assert main(args) == 0
+    written = sorted(out.iterdir())
+    assert len(written) == 3 and "3 image(s)" in capsys.readouterr().out
+    # The recipe's own validation scenes (seed and split), pixel for pixel.
+    seed = load_recipe("quickstart").train.seed
+    val = make_synthetic("val", 3, 32, seed)
+    for index, path in enumerate(written):
+        assert path.name == f"{val.sample_name(index)}.png"
+        np.testing.assert_array_equal(_read_rgb(path), val.load(index)[0])
+    # Never overwritten: the same call again names the file and writes nothing.
+    before = {path: path.stat().st_mtime_ns for path in written}
+    assert main(args) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert {path: path.stat().st_mtime_ns for path in written} == before
+
+    # An instance recipe's validation scenes, as JPEG.
+    out = tmp_path / "instances"
+    instance = ["--recipe", "panet_quickstart", "--set=data.num_val_images=2"]
+    assert main(["data", "images", *instance, "--out", str(out), "--count", "5"]) == 0
+    recipe = load_recipe("panet_quickstart")
+    scenes = make_synthetic_instances(
+        "val", 2, recipe.data.image_size, recipe.train.seed
+    )
+    written = sorted(out.iterdir())
+    assert [p.suffix for p in written] == [".jpg", ".jpg"]
+    for index, path in enumerate(written):
+        # The scene's own JPEG (lossy: compared as encoded).
+        assert path.read_bytes() == encode_image(scenes.load_image(index), "jpg")
+    assert main(["data", "images", "--out", str(out / "x"), "--count", "0"]) == 1
+    assert "integer >= 1" in capsys.readouterr().err
+
+
+def _read_rgb(path):
+    import tensorflow as tf
+
+    return tf.io.decode_image(path.read_bytes(), expand_animations=False).numpy()
 
 
 def test_data_inspect_and_convert_the_synthetic_split(tmp_path, capsys):

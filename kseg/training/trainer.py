@@ -28,6 +28,7 @@ run directory is created.
 
 import dataclasses
 import datetime
+import os
 import re
 import shutil
 import time
@@ -41,6 +42,7 @@ from kseg.files import (
     RunLock,
     atomic_path,
     remove_temporaries,
+    temporary_path,
     write_json,
     write_text,
 )
@@ -102,8 +104,68 @@ def new_run_dir(runs_dir, name):
             candidate.mkdir()
         except FileExistsError:
             continue
+        _point_latest(parent, candidate.name)
         return candidate
     raise RuntimeError(f"could not claim a run directory under {parent}")
+
+
+LATEST = "latest"
+
+
+def _point_latest(parent, name):
+    """Points the link `parent/latest` at the run `name` (relative, so the
+    runs folder can move): a new link under a temporary name renamed over
+    the old one, so `latest` always names a whole run directory. Where links
+    cannot be made, or `latest` is not kseg's link, nothing changes."""
+    link = parent / LATEST
+    if link.exists() and not link.is_symlink():
+        _print(f"kseg: {link} is not a link kseg made; it is left as it is")
+        return
+    tmp = temporary_path(link)
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(name, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def run_directory(path):
+    """`path` as a run directory argument names it: a `latest` link (or any
+    link) is followed to the run it points at, so messages and locks name
+    the run itself; a missing folder raises `FileNotFoundError` that says so
+    and lists the runs beside it."""
+    path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.normpath(path.parent / os.readlink(path)))
+    if not path.exists():
+        raise FileNotFoundError(missing_run_message(path))
+    return path
+
+
+def missing_run_message(path):
+    """Says that the run folder (or file) `path` does not exist, listing the
+    runs of its nearest existing folder above, newest first."""
+    path = Path(path)
+    message = f"{path} does not exist"
+    parent = path.parent
+    while parent != parent.parent and not parent.is_dir():
+        parent = parent.parent
+    if parent.is_dir():
+        runs = sorted(
+            (
+                child.name
+                for child in parent.iterdir()
+                if not child.is_symlink() and (child / RECIPE_FILE).is_file()
+            ),
+            reverse=True,
+        )
+        if runs:
+            shown = ", ".join(runs[:5]) + (", ..." if len(runs) > 5 else "")
+            message += f"; the runs in {parent}: {shown}"
+            if (parent / LATEST).is_symlink():
+                message += f" ({parent / LATEST} names the newest)"
+    return message
 
 
 def _claim_run_dir(recipe, runs_dir, run_dir):
@@ -153,7 +215,7 @@ def _claim_run_dir(recipe, runs_dir, run_dir):
 
 def _resumed_recipe_path(resume):
     """This worker's directory of the run to continue and its recipe file."""
-    path = Path(resume)
+    path = run_directory(resume)
     index = worker_index()
     if index:
         path = path / f"worker-{index}"

@@ -281,6 +281,29 @@ def test_new_run_dirs_never_collide(tmp_path):
     assert all(path.is_dir() and not any(path.iterdir()) for path in claimed)
 
 
+def test_latest_names_the_newest_run(tmp_path, capsys):
+    import os
+
+    from kseg.training.trainer import run_directory
+
+    latest = tmp_path / "recipe" / "latest"
+    for _ in range(3):
+        run = new_run_dir(tmp_path, "recipe")
+        # A relative link to the run just claimed, so the folder can move.
+        assert latest.is_symlink() and os.readlink(latest) == run.name
+        assert run_directory(latest) == run
+    assert (
+        sorted(p.name for p in latest.parent.iterdir() if p.name.startswith(".")) == []
+    )
+    # A `latest` that is not kseg's link is left alone, and runs still start.
+    latest.unlink()
+    latest.mkdir()
+    (latest / "mine.txt").write_text("a user's file")
+    run = new_run_dir(tmp_path, "recipe")
+    assert run.is_dir() and (latest / "mine.txt").read_text() == "a user's file"
+    assert "not a link kseg made" in capsys.readouterr().out
+
+
 def test_a_run_directory_is_never_reused(tmp_path):
     from kseg.files import RunLockedError
     from kseg.training.trainer import RESULT_FILE, _claim_run_dir, _resumed_run_dir
