@@ -4,14 +4,14 @@ predict and export.
     kseg train                           # quickstart.yaml on the synthetic data
     kseg train --recipe pan_r101-os16_4xb4-voc-512 --data ~/VOCdevkit/VOC2012
     kseg train --recipe quickstart --set train.epochs=2 --set model.kwargs.filters=16
-    kseg train --resume runs/quickstart/20250101-120000
-    kseg evaluate runs/quickstart/20250101-120000
+    kseg train --resume runs/quickstart/latest
+    kseg evaluate runs/quickstart/latest
     kseg recipes
     kseg data convert --dataset voc --data DIR --split train --out DIR/records/train
     kseg data inspect --dataset voc --data DIR --split val
     kseg data images --recipe quickstart --out photos/
-    kseg predict MODEL.keras images/*.jpg --out masks/
-    kseg export runs/quickstart/20250101-120000 --name shapes --tflite float16
+    kseg predict runs/quickstart/latest photos/*.jpg --out masks/
+    kseg export runs/quickstart/latest --name shapes --tflite float16 --onnx
 
 Every command and option is described by `kseg COMMAND --help`.
 """
@@ -64,7 +64,10 @@ def _build_parser():
     parser = argparse.ArgumentParser(
         prog="kseg",
         description="kseg: train, evaluate, run and export Keras segmentation "
-        "models (PAN, ExFuse, GCN, SegModel, FCN) from recipes.",
+        "models from recipes: semantic (PAN, ExFuse, GCN, SegModel, FCN) and "
+        "instance segmentation (PANet, Mask R-CNN); exports to SavedModel (TF "
+        "Serving), TFLite and ONNX. A run's folder is runs/<recipe>/<timestamp>/"
+        "; runs/<recipe>/latest names the newest.",
     )
     commands = parser.add_subparsers(
         dest="command",
@@ -88,8 +91,8 @@ def _build_parser():
         "--resume",
         metavar="RUN_DIR",
         help="continue an interrupted run from its last backup (end of its last "
-        "completed epoch), with the recipe saved in RUN_DIR; --recipe and --set "
-        "are not allowed then",
+        "completed epoch), with the recipe saved in RUN_DIR (e.g. "
+        "runs/quickstart/latest); --recipe and --set are not allowed then",
     )
     train.add_argument(
         "--runs-dir",
@@ -114,16 +117,18 @@ def _build_parser():
 
     evaluate = commands.add_parser(
         "evaluate",
-        help="evaluate a saved model and print its per-class IoU table",
+        help="evaluate a saved model on a recipe's validation split",
         description="Evaluate a trained model on the recipe's validation split "
-        "with the recipe's eval settings (scales, flip, window) and print the "
-        "per-class IoU table, mean IoU and pixel accuracy.",
+        "with the recipe's eval settings. A semantic model (scales, flip, "
+        "window) prints the per-class IoU table, mean IoU and pixel accuracy; "
+        "an instance model (PANet) the COCO box and mask AP table (AP, AP50, "
+        "AP75, small/medium/large, per class).",
     )
     evaluate.add_argument(
         "model",
         metavar="MODEL",
-        help="a .keras file, or a run directory (its model.keras and, unless "
-        "--recipe is given, its recipe.yaml)",
+        help="a .keras file, or a run directory such as runs/quickstart/latest "
+        "(its model.keras and, unless --recipe is given, its recipe.yaml)",
     )
     _add_recipe_options(
         evaluate,

@@ -1,5 +1,5 @@
 """Box geometry of the PANet system: box coding, clipping, IoU, the smallest
-box kept and the FPN level of a box, as `../shared/SPEC.md` ("The PANet
+box kept and the FPN level of a box, as `docs/SPEC.md` ("The PANet
 system") defines them. What Keras maintains is used where it matches SPEC:
 `keras.utils.bounding_boxes` (`encode_box_to_deltas`,
 `decode_deltas_to_boxes`, `compute_iou`)."""

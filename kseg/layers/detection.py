@@ -2,7 +2,7 @@
 
 The feature pyramid, anchors, region proposal network, box coding, padded
 non-maximum suppression, the detection layer and the box / mask heads, as
-`../shared/SPEC.md` ("The PANet system") defines them. Every shape is static
+`docs/SPEC.md` ("The PANet system") defines them. Every shape is static
 (proposals and detections are padded to fixed counts with a validity mask),
 so the layers compile with XLA and run on every Keras backend.
 
