@@ -5,6 +5,11 @@ written under a temporary name in the same folder and renamed into place once
 complete: `os.replace` is atomic on POSIX file systems, so a reader sees the
 old file or the new one, never a part. A run directory is locked while a
 process trains in it (`RunLock`).
+
+Files a process opens in place (the lock, appended logs) and the folders it
+writes into are never reached through a symbolic link (`open_no_follow`,
+`make_folder`): a link planted in a run directory (`.lock` pointing at a
+user's file) would otherwise have that file overwritten.
 """
 
 import contextlib
@@ -116,6 +121,57 @@ def write_json(path, value, overwrite=True):
     write_text(path, json.dumps(value, indent=2) + "\n", overwrite=overwrite)
 
 
+class SymbolicLinkError(ValueError):
+    """A file or folder kseg writes in place is a symbolic link."""
+
+
+def _link_error(path):
+    path = Path(path)
+    try:
+        target = f" (to {os.readlink(path)})"
+    except OSError:
+        target = ""
+    return SymbolicLinkError(
+        f"{path} is a symbolic link{target}; kseg writes its files there itself "
+        "and never follows links in a run directory: remove the link"
+    )
+
+
+def refuse_link(path):
+    """Raises `SymbolicLinkError` when `path` is a symbolic link."""
+    if Path(path).is_symlink():
+        raise _link_error(path)
+
+
+def _no_follow_opener(path, flags):
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise _link_error(path) from None
+        raise
+
+
+def open_no_follow(path, mode="r"):
+    """`open(path, mode)` that refuses a symbolic link at `path` (a
+    `SymbolicLinkError`) instead of opening its target."""
+    return open(path, mode, encoding="utf-8", opener=_no_follow_opener)
+
+
+def append_text(path, text):
+    """Appends `text` (UTF-8) to `path`, created when missing; a symbolic
+    link at `path` is refused (`SymbolicLinkError`)."""
+    with open_no_follow(path, "a") as file:
+        file.write(text)
+
+
+def make_folder(path):
+    """Creates the folder `path` (and its parents) unless it exists; a
+    symbolic link at `path` is refused (`SymbolicLinkError`)."""
+    refuse_link(path)
+    Path(path).mkdir(parents=True, exist_ok=True)
+
+
 def describe_os_error(error, action):
     """A one-line message for an `OSError` met while `action` (e.g. "write
     runs/x/model.keras"), naming the cause in words."""
@@ -142,7 +198,8 @@ class RunLock:
 
     `fcntl.flock` on `DIR/.lock`: the kernel releases it when the holder
     exits or is killed, so a crashed run never stays locked. The file holds
-    the holder's host and process id, for the message.
+    the holder's host and process id, for the message; a symbolic link in
+    its place is refused (`SymbolicLinkError`), never written through.
 
     Args:
         run_dir: the run directory.
@@ -157,7 +214,7 @@ class RunLock:
     def acquire(self):
         import fcntl
 
-        file = open(self.path, "a+")
+        file = open_no_follow(self.path, "a+")
         try:
             fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

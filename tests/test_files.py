@@ -11,8 +11,11 @@ import pytest
 from kseg.files import (
     RunLock,
     RunLockedError,
+    SymbolicLinkError,
+    append_text,
     atomic_path,
     describe_os_error,
+    make_folder,
     write_bytes,
 )
 
@@ -87,6 +90,44 @@ def test_a_locked_run_is_refused_naming_the_holder(tmp_path):
         lock.release()
     # Released (and released by the kernel when a holder dies): free again.
     RunLock(tmp_path).acquire().release()
+
+
+def test_a_lock_that_is_a_symbolic_link_is_refused_not_written_through(tmp_path):
+    # A run directory from elsewhere may hold `.lock` -> a user's file, which
+    # taking the lock truncated and overwrote.
+    precious = tmp_path / "bashrc"
+    precious.write_text("the user's settings\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / RunLock.FILE).symlink_to(precious)
+    with pytest.raises(SymbolicLinkError, match=r"run/\.lock is a symbolic link"):
+        RunLock(run).acquire()
+    assert precious.read_text() == "the user's settings\n"
+    # A dangling link is not created through either.
+    precious.unlink()
+    with pytest.raises(SymbolicLinkError, match="remove the link"):
+        RunLock(run).acquire()
+    assert not precious.exists()
+
+
+def test_appends_and_folders_never_follow_a_symbolic_link(tmp_path):
+    precious = tmp_path / "notes.txt"
+    precious.write_text("mine\n")
+    (tmp_path / "epochs.jsonl").symlink_to(precious)
+    with pytest.raises(SymbolicLinkError, match="epochs.jsonl is a symbolic link"):
+        append_text(tmp_path / "epochs.jsonl", "{}\n")
+    assert precious.read_text() == "mine\n"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(SymbolicLinkError, match="checkpoints is a symbolic link"):
+        make_folder(tmp_path / "checkpoints")
+    append_text(tmp_path / "new.jsonl", "a\n")
+    append_text(tmp_path / "new.jsonl", "b\n")
+    assert (tmp_path / "new.jsonl").read_text() == "a\nb\n"
+    make_folder(tmp_path / "made" / "deeper")
+    make_folder(tmp_path / "made" / "deeper")
+    assert (tmp_path / "made" / "deeper").is_dir()
 
 
 def test_os_errors_are_described_in_words():

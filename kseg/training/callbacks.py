@@ -1,6 +1,7 @@
 """Keras callbacks of kseg's training runs."""
 
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -11,7 +12,14 @@ import numpy as np
 import tensorflow as tf
 
 from kseg.data import colorize
-from kseg.files import atomic_path, write_json, write_text
+from kseg.files import (
+    append_text,
+    atomic_path,
+    make_folder,
+    refuse_link,
+    write_json,
+    write_text,
+)
 
 
 class PredictedMasks(keras.callbacks.Callback):
@@ -97,7 +105,8 @@ class EpochSummary(keras.callbacks.Callback):
     step, the learning rate, the wall time and the epoch's logs.
 
     The file is opened in append mode, so a resumed run continues it and the
-    step counter shows where training picked up.
+    step counter shows where training picked up; a symbolic link in its
+    place is refused, never written through.
 
     Args:
         path: str. The JSON-lines file.
@@ -120,23 +129,39 @@ class EpochSummary(keras.callbacks.Callback):
             "seconds": round(time.perf_counter() - self._start, 3),
             **{key: float(value) for key, value in (logs or {}).items()},
         }
-        with open(self.path, "a") as file:
-            file.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n")
+
+    @staticmethod
+    def _records(path):
+        """`[(epoch, line)]` of an epochs file's whole lines."""
+        records = []
+        for line in Path(path).read_text().splitlines():
+            try:
+                epoch = json.loads(line)["epoch"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut off by a kill
+            if isinstance(epoch, int):
+                records.append((epoch, line))
+        return records
+
+    @staticmethod
+    def completed_epochs(path):
+        """The last epoch an epochs file records (0 when it has none or
+        does not exist)."""
+        refuse_link(path)
+        if not Path(path).exists():
+            return 0
+        return max((epoch for epoch, _ in EpochSummary._records(path)), default=0)
 
     @staticmethod
     def truncate(path, epochs):
         """Keeps the lines of the first `epochs` epochs of an epochs file (a
         resumed run drops those of the epochs it trains again)."""
         path = Path(path)
+        refuse_link(path)
         if not path.exists():
             return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["epoch"] <= epochs:
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut off by a kill
+        kept = [line for epoch, line in EpochSummary._records(path) if epoch <= epochs]
         write_text(path, "".join(f"{line}\n" for line in kept))
 
 
@@ -177,9 +202,40 @@ class Checkpoint(keras.callbacks.Callback):
             if value is None or not self._improves(float(value)):
                 return
             self.best = float(value)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(self.path.parent)
         with atomic_path(self.path) as tmp:
             self.model.save(tmp)
+
+
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or infinite."""
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops training with `NonFiniteLossError` at the first batch whose loss
+    is NaN or infinite.
+
+    Keras' `TerminateOnNaN` stops only after the epoch ends, so the epoch's
+    checkpoints and backup would save the diverged weights; raising in the
+    batch leaves the last complete epoch's files the newest.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is None or math.isfinite(float(loss)):
+            return
+        step = int(self.model.optimizer.iterations.numpy())
+        raise NonFiniteLossError(
+            f"the training loss became {float(loss)} in epoch {self._epoch + 1} "
+            f"(step {step}); training stopped"
+        )
 
 
 class BackupState(NamedTuple):
@@ -229,8 +285,14 @@ class RunBackup(keras.callbacks.Callback):
         """Whether any complete backup is present (loadable or not)."""
         return bool(self._complete())
 
+    def on_train_begin(self, logs=None):
+        # The folder exists from the start: a run whose epochs file records
+        # an epoch and that has no backup folder lost it (see the trainer's
+        # resume).
+        make_folder(self.directory)
+
     def on_epoch_end(self, epoch, logs=None):
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_folder(self.directory)
         name = f"epoch-{epoch + 1:04d}"
         weights = self.directory / f"{name}.weights.h5"
         with atomic_path(weights) as tmp:

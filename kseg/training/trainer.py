@@ -41,6 +41,7 @@ from kseg.data import data_error_message
 from kseg.files import (
     RunLock,
     atomic_path,
+    refuse_link,
     remove_temporaries,
     temporary_path,
     write_json,
@@ -48,7 +49,13 @@ from kseg.files import (
 )
 from kseg.models import load_model
 from kseg.tasks import INSTANCE
-from kseg.training.callbacks import Checkpoint, EpochSummary, RunBackup
+from kseg.training.callbacks import (
+    Checkpoint,
+    EpochSummary,
+    NonFiniteLossError,
+    RunBackup,
+    StopOnNonFiniteLoss,
+)
 from kseg.training.instance import InstanceTask
 from kseg.training.recipe import RecipeError, load_recipe, save_recipe
 from kseg.training.semantic import SemanticTask
@@ -65,6 +72,9 @@ MODEL_FILE = "model.keras"
 RESULT_FILE = "result.json"
 EVALUATION_FILE = "evaluation.txt"
 BACKUP_DIR = "backup"
+EPOCHS_FILE = "epochs.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+LOGS_DIR = "logs"
 
 
 def task_for(recipe, data_dir=None):
@@ -236,6 +246,14 @@ def _resumed_run_dir(resume):
         raise FileExistsError(
             f"cannot resume {path}: the run already finished ({RESULT_FILE} exists)"
         )
+    try:
+        # What a run writes in place is never reached through a link (a
+        # run directory from elsewhere may hold one to a user's file).
+        for name in (EPOCHS_FILE, CHECKPOINTS_DIR, BACKUP_DIR, LOGS_DIR):
+            refuse_link(path / name)
+    except ValueError:
+        lock.release()
+        raise
     # The run is ours now: temporary files in it are a killed process's.
     remove_temporaries(path)
     return path, lock
@@ -360,21 +378,24 @@ def _run(recipe, task, strategy, setup, path, description, extra, verbose, clock
         steps_done = setup.total_steps
     else:
         best = Checkpoint(
-            path / "checkpoints" / "best.keras", monitor=task.monitor, mode="max"
+            path / CHECKPOINTS_DIR / "best.keras", monitor=task.monitor, mode="max"
         )
         backup = RunBackup(path / BACKUP_DIR, best)
         with strategy.scope():
             initial_epoch = _restore(model, backup, best, path)
         callbacks = [
-            # First: a task's validation adds its metrics to the epoch's logs
+            # Stops in the batch whose loss is NaN or infinite, before the
+            # epoch's checkpoints and backup could save diverged weights.
+            StopOnNonFiniteLoss(),
+            # A task's validation adds its metrics to the epoch's logs
             # before the checkpoints and summaries read them.
             *task.callbacks(path, chief),
-            Checkpoint(path / "checkpoints" / "last.keras"),
+            Checkpoint(path / CHECKPOINTS_DIR / "last.keras"),
             best,
             keras.callbacks.TensorBoard(
-                str(path / "logs"), write_graph=False, profile_batch=0
+                str(path / LOGS_DIR), write_graph=False, profile_batch=0
             ),
-            EpochSummary(path / "epochs.jsonl"),
+            EpochSummary(path / EPOCHS_FILE),
             *extra,
             # Last: an epoch's backup marks it complete, so everything else
             # the epoch writes (its epochs.jsonl line, the best value) is in
@@ -382,9 +403,17 @@ def _run(recipe, task, strategy, setup, path, description, extra, verbose, clock
             backup,
         ]
         if initial_epoch < train_config.epochs:
-            history = _fit(
-                model, task, strategy, steps, initial_epoch, callbacks, verbose
-            )
+            try:
+                history = _fit(
+                    model, task, strategy, steps, initial_epoch, callbacks, verbose
+                )
+            except NonFiniteLossError as error:
+                raise NonFiniteLossError(
+                    f"{path}: {error}. The run keeps its last complete epoch "
+                    f"({CHECKPOINTS_DIR}/last.keras, best.keras and {BACKUP_DIR}/) "
+                    "and has no model.keras; lower optimizer.learning_rate (or "
+                    "set optimizer.global_clipnorm) and start a new run"
+                ) from None
         steps_done = int(model.optimizer.iterations.numpy())
         # The saved model must load on any backend; synchronized BN is TF-only.
         set_synchronized_batch_norm(model, False)
@@ -434,13 +463,25 @@ def _restore(model, backup, best, path):
                 "(each is damaged or incomplete); start a new run instead of "
                 "training this one again from scratch"
             )
-        # Killed in the first epoch (perhaps after its summary line).
-        EpochSummary.truncate(path / "epochs.jsonl", 0)
+        # Killed in the first epoch (perhaps after its summary line: the
+        # backup is an epoch's last write, and its folder exists from the
+        # start of training). More recorded epochs, or one without the
+        # folder, mean the backups were deleted: starting again would
+        # overwrite the run's checkpoints and epochs file.
+        completed = EpochSummary.completed_epochs(path / EPOCHS_FILE)
+        if completed > 1 or (completed and not backup.directory.is_dir()):
+            raise ValueError(
+                f"cannot resume {path}: {EPOCHS_FILE} records {completed} "
+                f"completed epoch(s), but {backup.directory} holds no backup of "
+                "them (deleted?); start a new run instead of training this one "
+                "again from scratch"
+            )
+        EpochSummary.truncate(path / EPOCHS_FILE, 0)
         return 0
     for message in state.messages:
         _print(message)
     best.best = state.best
-    EpochSummary.truncate(path / "epochs.jsonl", state.epoch)
+    EpochSummary.truncate(path / EPOCHS_FILE, state.epoch)
     _print(f"resuming after epoch {state.epoch} (step {state.step}) from {state.path}")
     return state.epoch
 

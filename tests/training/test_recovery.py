@@ -2,14 +2,32 @@
 kill, resume that never silently restarts, errors that name the file, and
 nothing written before everything is checked."""
 
+import json
+import shutil
+
+import keras
 import numpy as np
 import pytest
 
 from kseg.data import IGNORE_LABEL
 from kseg.data.png import encode_index_png, encode_rgb_png
-from kseg.training.callbacks import Checkpoint, RunBackup
+from kseg.files import RunLock, SymbolicLinkError
+from kseg.models import load_model
+from kseg.training.callbacks import (
+    Checkpoint,
+    EpochSummary,
+    NonFiniteLossError,
+    RunBackup,
+    StopOnNonFiniteLoss,
+)
 from kseg.training.recipe import RecipeError, apply_overrides, load_recipe
-from kseg.training.trainer import RESULT_FILE, _restore, train
+from kseg.training.trainer import (
+    RECIPE_FILE,
+    RESULT_FILE,
+    _restore,
+    _resumed_run_dir,
+    train,
+)
 
 TINY = [
     "model.kwargs.filters=8",
@@ -238,7 +256,142 @@ def test_a_first_epoch_killed_after_its_summary_line_drops_the_line(tmp_path):
     # and the backup, the epoch is trained again and its old line dropped.
     (tmp_path / "epochs.jsonl").write_text('{"epoch": 1, "step": 2}\n')
     backup = RunBackup(tmp_path / "backup")
+    backup.directory.mkdir()  # made when training starts
     assert (
         _restore(_tiny_model(), backup, Checkpoint(tmp_path / "b.keras"), tmp_path) == 0
     )
     assert (tmp_path / "epochs.jsonl").read_text() == ""
+
+
+def _epochs_file(path, epochs):
+    path.write_text("".join(f'{{"epoch": {e}, "step": {2 * e}}}\n' for e in epochs))
+    return path.read_text()
+
+
+def test_resume_with_the_backups_deleted_is_an_error_not_a_fresh_start(tmp_path):
+    # Starting again would truncate epochs.jsonl and overwrite best.keras.
+    lines = _epochs_file(tmp_path / "epochs.jsonl", [1, 2, 3])
+    backup = RunBackup(tmp_path / "backup")
+    for emptied in (True, False):
+        if emptied:
+            backup.directory.mkdir()
+        with pytest.raises(ValueError, match=r"records 3 completed epoch\(s\), but"):
+            _restore(_tiny_model(), backup, Checkpoint(tmp_path / "b.keras"), tmp_path)
+        assert (tmp_path / "epochs.jsonl").read_text() == lines
+        shutil.rmtree(backup.directory, ignore_errors=True)
+    # One recorded epoch and no backup folder at all: it was deleted (the
+    # folder exists from the start of training).
+    lines = _epochs_file(tmp_path / "epochs.jsonl", [1])
+    with pytest.raises(ValueError, match="start a new run"):
+        _restore(_tiny_model(), backup, Checkpoint(tmp_path / "b.keras"), tmp_path)
+    assert (tmp_path / "epochs.jsonl").read_text() == lines
+
+
+def test_the_backup_folder_exists_from_the_start_of_training(tmp_path):
+    class Stop(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            assert (tmp_path / "backup").is_dir()
+            raise KeyboardInterrupt  # killed in the first epoch
+
+    model = _tiny_model()
+    x = np.ones((4, 4), "float32")
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(
+            x, x[:, :2], epochs=1, verbose=0,
+            callbacks=[RunBackup(tmp_path / "backup"), Stop()],
+        )  # fmt: skip
+    assert list((tmp_path / "backup").iterdir()) == []
+
+
+def test_run_files_are_never_written_through_a_symbolic_link(tmp_path):
+    precious = tmp_path / "notes.txt"
+    precious.write_text("mine\n")
+    (tmp_path / "epochs.jsonl").symlink_to(precious)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    x = np.ones((4, 4), "float32")
+    for callback in (
+        EpochSummary(tmp_path / "epochs.jsonl"),
+        Checkpoint(tmp_path / "checkpoints" / "last.keras"),
+        RunBackup(tmp_path / "checkpoints"),
+    ):
+        with pytest.raises(SymbolicLinkError, match="is a symbolic link"):
+            _tiny_model().fit(x, x[:, :2], epochs=1, verbose=0, callbacks=[callback])
+    assert precious.read_text() == "mine\n"
+    assert list(elsewhere.iterdir()) == []
+    with pytest.raises(SymbolicLinkError):
+        EpochSummary.truncate(tmp_path / "epochs.jsonl", 0)
+    assert precious.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("name", ["epochs.jsonl", "checkpoints", "backup", "logs"])
+def test_resume_refuses_a_run_directory_holding_links(tmp_path, name):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / RECIPE_FILE).write_text("name: x\n")
+    (run / name).symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(SymbolicLinkError, match=f"run/{name} is a symbolic link"):
+        _resumed_run_dir(run)
+    RunLock(run).acquire().release()  # the lock was released
+
+
+class _Diverge(keras.callbacks.Callback):
+    """Turns the weights into NaN when epoch `epoch` (0-based) begins, as a
+    diverged training does."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            for variable in self.model.trainable_variables:
+                variable.assign(np.full(variable.shape, np.nan, variable.dtype))
+
+
+def test_a_nan_loss_stops_training_before_the_epoch_saves_anything(tmp_path):
+    # Keras' TerminateOnNaN lets the epoch end: its checkpoint and backup
+    # would hold the NaN weights.
+    model = _tiny_model()
+    x = np.ones((8, 4), "float32")
+    callbacks = [
+        StopOnNonFiniteLoss(),
+        _Diverge(epoch=1),
+        Checkpoint(tmp_path / "last.keras"),
+        RunBackup(tmp_path / "backup"),
+    ]
+    with pytest.raises(NonFiniteLossError, match=r"became nan in epoch 2 \(step 3\)"):
+        model.fit(x, x[:, :2], epochs=3, batch_size=4, verbose=0, callbacks=callbacks)
+    assert sorted(p.name for p in (tmp_path / "backup").iterdir()) == [
+        "epoch-0001.json",
+        "epoch-0001.weights.h5",
+    ]
+    last = keras.saving.load_model(tmp_path / "last.keras", compile=False)
+    assert all(np.isfinite(w).all() for w in last.get_weights())
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_the_run_keeping_the_last_complete_epoch(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError) as error:
+        train(
+            tiny_recipe("train.epochs=3"),
+            run_dir=run,
+            callbacks=[_Diverge(epoch=1)],
+            verbose=0,
+        )
+    message = str(error.value)
+    assert "the training loss became nan in epoch 2 (step 2)" in message
+    assert "last complete epoch" in message and "start a new run" in message
+    # No model, no result: the run did not finish, and epoch 2 left nothing.
+    assert not (run / "model.keras").exists() and not (run / RESULT_FILE).exists()
+    lines = (run / "epochs.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1]
+    assert sorted(p.name for p in (run / "backup").iterdir()) == [
+        "epoch-0001.json",
+        "epoch-0001.weights.h5",
+    ]
+    last = load_model(run / "checkpoints" / "last.keras")
+    assert all(np.isfinite(w).all() for w in last.get_weights())
+    RunLock(run).acquire().release()  # unlocked again
