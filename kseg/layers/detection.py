@@ -153,8 +153,10 @@ class AnchorGenerator(KsegLayer):
     Order: level, then row, column, aspect ratio — the order of the RPN
     head's flattened outputs. kseg's own: keras-hub's `AnchorGenerator`
     rounds the half-sizes to whole pixels (a 46×22 anchor for size 32 and
-    ratio 0.5, not 45.25×22.63), which SPEC does not. The anchors depend
-    only on the static image size, so they are NumPy constants.
+    ratio 0.5, not 45.25×22.63), which SPEC does not. torchvision rounds
+    them too (`round_base=True`: its `AnchorGenerator`'s `base_anchors.round()`,
+    half-sizes to whole pixels, by up to 0.49 px). The anchors depend only
+    on the static image size, so they are NumPy constants.
 
     Example:
     >>> layer = AnchorGenerator(sizes=(8,), strides=(8,), aspect_ratios=(1.0,))
@@ -168,6 +170,8 @@ class AnchorGenerator(KsegLayer):
         sizes: floats, one per level. Defaults to `(32, 64, 128, 256, 512)`.
         strides: ints, one per level. Defaults to `(4, 8, 16, 32, 64)`.
         aspect_ratios: floats `h / w`. Defaults to `(0.5, 1.0, 2.0)`.
+        round_base: bool. Round the base anchors' half-sizes to whole
+            pixels (torchvision's convention). Defaults to `False` (SPEC).
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
     Input shape:
@@ -183,9 +187,11 @@ class AnchorGenerator(KsegLayer):
         sizes=(32, 64, 128, 256, 512),
         strides=(4, 8, 16, 32, 64),
         aspect_ratios=(0.5, 1.0, 2.0),
+        round_base=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.round_base = bool(round_base)
         self.sizes = tuple(float(s) for s in sizes)
         self.strides = tuple(int(s) for s in strides)
         self.aspect_ratios = tuple(float(r) for r in aspect_ratios)
@@ -224,6 +230,8 @@ class AnchorGenerator(KsegLayer):
             half_h = size * np.sqrt(ratios) / 2
             half_w = size / np.sqrt(ratios) / 2
             base = np.stack([-half_h, -half_w, half_h, half_w], axis=-1)
+            if self.round_base:
+                base = np.round(base)
             cy, cx = np.meshgrid(
                 np.arange(h) * stride, np.arange(w) * stride, indexing="ij"
             )
@@ -252,6 +260,7 @@ class AnchorGenerator(KsegLayer):
             "sizes": self.sizes,
             "strides": self.strides,
             "aspect_ratios": self.aspect_ratios,
+            "round_base": self.round_base,
         }
 
 
@@ -361,7 +370,10 @@ class ProposalLayer(KsegLayer):
     decoded (weights `(1, 1, 1, 1)`, `dh, dw` clipped at `log(1000 / 16)`),
     clipped to the image, boxes with a side under `min_size` pixels are
     dropped, then one NMS at `iou_threshold` runs over all levels of an image
-    (scores `sigmoid(objectness)`) and keeps the `post_nms_top_k` best. The
+    (scores `sigmoid(objectness)`) and keeps the `post_nms_top_k` best; with
+    `per_level_nms=True` (torchvision's `batched_nms` by level) the NMS runs
+    within each level (boxes of different levels never suppress each other)
+    and the `post_nms_top_k` best over all levels are kept. The
     counts differ in training (2000 / 1000) and inference (1000 / 1000).
     Proposals carry no gradient (as in Detectron2). Padding rows are zero,
     with `valid` false.
@@ -386,6 +398,10 @@ class ProposalLayer(KsegLayer):
             Defaults to `1e-3`.
         anchor_sizes, anchor_strides, aspect_ratios: the `AnchorGenerator`
             arguments. Default to SPEC's.
+        per_level_nms: bool. NMS within each level (torchvision), else one
+            NMS over all levels (SPEC). Defaults to `False`.
+        round_anchors: bool. `AnchorGenerator`'s `round_base` (torchvision).
+            Defaults to `False`.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
     Input shape:
@@ -409,9 +425,12 @@ class ProposalLayer(KsegLayer):
         anchor_sizes=(32, 64, 128, 256, 512),
         anchor_strides=(4, 8, 16, 32, 64),
         aspect_ratios=(0.5, 1.0, 2.0),
+        per_level_nms=False,
+        round_anchors=False,
         **kwargs,
     ):
         super().__init__(autocast=False, **kwargs)
+        self.per_level_nms = bool(per_level_nms)
         self.pre_nms_top_k_train = check_positive_int(
             pre_nms_top_k_train, "pre_nms_top_k_train"
         )
@@ -427,7 +446,11 @@ class ProposalLayer(KsegLayer):
         self.iou_threshold = float(iou_threshold)
         self.min_size = float(min_size)
         self.anchor_generator = AnchorGenerator(
-            anchor_sizes, anchor_strides, aspect_ratios, name="anchors"
+            anchor_sizes,
+            anchor_strides,
+            aspect_ratios,
+            round_base=round_anchors,
+            name="anchors",
         )
 
     def build(self, input_shape):
@@ -446,9 +469,11 @@ class ProposalLayer(KsegLayer):
         anchors = self.anchor_generator.anchors((height, width))
         pre_nms = self.pre_nms_top_k_train if training else self.pre_nms_top_k_test
         num_anchors = self.anchor_generator.num_anchors
-        boxes, scores = [], []
+        boxes, scores, levels = [], [], []
         start = 0
-        for h, w in self.anchor_generator.level_shapes((height, width)):
+        for level, (h, w) in enumerate(
+            self.anchor_generator.level_shapes((height, width))
+        ):
             stop = start + h * w * num_anchors
             level_logits, index = ops.top_k(
                 logits[:, start:stop], min(pre_nms, stop - start)
@@ -465,9 +490,14 @@ class ProposalLayer(KsegLayer):
             big = large_enough(level_boxes, self.min_size)
             boxes.append(level_boxes)
             scores.append(ops.where(big, ops.sigmoid(level_logits), 0.0))
+            levels.append(ops.full(ops.shape(level_logits), level + 1, "int32"))
             start = stop
         nms = self.nms_train if training else self.nms_test
-        kept = nms([ops.concatenate(boxes, axis=1), ops.concatenate(scores, axis=1)])
+        inputs = [ops.concatenate(boxes, axis=1), ops.concatenate(scores, axis=1)]
+        if self.per_level_nms:
+            # The level as the class: BatchedNMS never lets two classes meet.
+            inputs.append(ops.concatenate(levels, axis=1))
+        kept = nms(inputs)
         return [ops.stop_gradient(kept["boxes"]), kept["valid"]]
 
     def compute_output_spec(self, inputs, training=None):
@@ -491,6 +521,8 @@ class ProposalLayer(KsegLayer):
             "anchor_sizes": anchors.sizes,
             "anchor_strides": anchors.strides,
             "aspect_ratios": anchors.aspect_ratios,
+            "per_level_nms": self.per_level_nms,
+            "round_anchors": anchors.round_base,
         }
 
 

@@ -99,6 +99,9 @@ class PyramidRoIAlign(KsegLayer):
             Defaults to `2`.
         strides: ints. Stride of each level. Defaults to `(4, 8, 16, 32)`.
         adaptive: bool. Pool from every level. Defaults to `True`.
+        aligned: bool. `RoIAlign`'s half-pixel correction; `False` is
+            torchvision's `MultiScaleRoIAlign` (RoI sides at least one
+            feature pixel, no shift). Defaults to `True` (SPEC).
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
     Input shape:
@@ -115,9 +118,11 @@ class PyramidRoIAlign(KsegLayer):
         sampling_ratio=2,
         strides=(4, 8, 16, 32),
         adaptive=True,
+        aligned=True,
         **kwargs,
     ):
         super().__init__(autocast=False, **kwargs)
+        self.aligned = bool(aligned)
         self.output_size = check_positive_int(output_size, "output_size")
         self.sampling_ratio = int(sampling_ratio)
         self.strides = tuple(int(s) for s in strides)
@@ -128,6 +133,7 @@ class PyramidRoIAlign(KsegLayer):
             self.output_size,
             sampling_ratio=self.sampling_ratio,
             strides=self.strides,
+            aligned=self.aligned,
             dtype=self.dtype_policy,
             name="roi_align",
         )
@@ -242,4 +248,5 @@ class PyramidRoIAlign(KsegLayer):
             "sampling_ratio": self.sampling_ratio,
             "strides": self.strides,
             "adaptive": self.adaptive,
+            "aligned": self.aligned,
         }

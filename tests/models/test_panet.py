@@ -14,6 +14,7 @@ from kseg.backbones import build_resnet
 from kseg.data import crop_instance_mask
 from kseg.models.panet import (
     LOSS_NAMES,
+    TORCHVISION_CONVENTIONS,
     PANet,
     roi_heads,
     rpn,
@@ -163,6 +164,22 @@ class PANetTest(TestCase):
             self.assertEqual(type(stage).from_config(config).get_config(), config)
         self.assertEqual(model.rpn.get_config()["anchor_sizes"][0], 16.0)
         self.assertEqual(model.output["masks"].shape[-1], 14)
+
+    def test_torchvision_conventions_reach_the_stages(self):
+        model = tiny_panet(**{**BASELINE, **TORCHVISION_CONVENTIONS})
+        proposals = model.rpn.proposal_layer
+        self.assertTrue(proposals.per_level_nms)
+        self.assertTrue(proposals.anchor_generator.round_base)
+        self.assertEqual(proposals.post_nms_top_k_train, 2000)
+        self.assertFalse(model.roi_heads.box_pool.roi_align.aligned)
+        self.assertFalse(model.roi_heads.mask_pool.roi_align.aligned)
+        revived = PANet.from_config(model.get_config())
+        self.assertEqual(revived.get_config(), model.get_config())
+        self.assertFalse(revived.roi_heads.mask_pool.roi_align.aligned)
+        # SPEC's choices stay the defaults.
+        spec = tiny_panet()
+        self.assertFalse(spec.rpn.proposal_layer.per_level_nms)
+        self.assertTrue(spec.roi_heads.box_pool.roi_align.aligned)
 
     def test_loss_weights_weigh_the_total(self):
         model = tiny_panet(loss_weights={"mask": 2.0, "rpn_box": 0.0})

@@ -4,6 +4,7 @@ end to end with `model.fit`."""
 
 from kseg.models.panet.panet import (
     LOSS_NAMES,
+    TORCHVISION_CONVENTIONS,
     PANet,
     build_panet_resnet50_fpn,
     build_panet_resnext101_fpn,
@@ -16,6 +17,7 @@ __all__ = [
     "PANet",
     "RegionProposalNetwork",
     "RoIHeads",
+    "TORCHVISION_CONVENTIONS",
     "build_panet_resnet50_fpn",
     "build_panet_resnext101_fpn",
 ]

@@ -19,6 +19,20 @@ from kseg.models.panet.roi_heads import RoIHeads
 from kseg.models.panet.rpn import RegionProposalNetwork
 from kseg.models.segmenter import InstanceSegmenter
 
+# torchvision's `maskrcnn_resnet50_fpn` conventions where they differ from
+# SPEC's (`PANet(**TORCHVISION_CONVENTIONS)`): rounded base anchors, the
+# proposal NMS per pyramid level with its 2000 training proposals, unaligned
+# RoIAlign. With them kseg's baseline on torchvision's weights detects what
+# torchvision detects (`kseg.models.from_torchvision`).
+TORCHVISION_CONVENTIONS = {
+    "round_anchors": True,
+    "rpn_per_level_nms": True,
+    "aligned_roi_align": False,
+    "rpn_pre_nms_top_k_train": 2000,
+    "rpn_post_nms_top_k_train": 2000,
+    "rpn_pre_nms_top_k_test": 1000,
+    "rpn_post_nms_top_k_test": 1000,
+}
 LOSS_NAMES = ("rpn_objectness", "rpn_box", "box_class", "box_regression", "mask")
 # Strides of P2..P5 (N2..N5), which the RoI heads pool from; P6 adds 64.
 LEVEL_STRIDES = (4, 8, 16, 32)
@@ -149,6 +163,12 @@ class PANet(InstanceSegmenter):
         mask_size: int. Side of the predicted masks (even). Defaults to `28`.
         sampling_ratio: int. RoIAlign samples per bin (0 = adaptive).
             Defaults to `2`.
+        round_anchors: bool. Base anchors rounded to whole pixels
+            (torchvision). Defaults to `False` (SPEC).
+        rpn_per_level_nms: bool. Proposal NMS within each pyramid level
+            (torchvision) instead of over all levels. Defaults to `False`.
+        aligned_roi_align: bool. RoIAlign with the half-pixel correction;
+            `False` is torchvision's unaligned RoIAlign. Defaults to `True`.
         score_threshold: float. Detection score threshold. Defaults to `0.05`.
         detection_nms_threshold: float. Per-class NMS IoU of the detections.
             Defaults to `0.5`.
@@ -202,6 +222,9 @@ class PANet(InstanceSegmenter):
         roi_foreground_iou=0.5,
         mask_size=28,
         sampling_ratio=2,
+        round_anchors=False,
+        rpn_per_level_nms=False,
+        aligned_roi_align=True,
         score_threshold=0.05,
         detection_nms_threshold=0.5,
         loss_weights=None,
@@ -238,6 +261,8 @@ class PANet(InstanceSegmenter):
             pre_nms_top_k_test=rpn_pre_nms_top_k_test,
             post_nms_top_k_test=rpn_post_nms_top_k_test,
             nms_threshold=rpn_nms_threshold,
+            per_level_nms=rpn_per_level_nms,
+            round_anchors=round_anchors,
             positive_iou=rpn_positive_iou,
             negative_iou=rpn_negative_iou,
             batch_size_per_image=rpn_batch_size,
@@ -259,6 +284,7 @@ class PANet(InstanceSegmenter):
             mask_fusion=mask_fusion,
             mask_size=mask_size,
             sampling_ratio=sampling_ratio,
+            aligned=aligned_roi_align,
             strides=LEVEL_STRIDES,
             batch_size_per_image=roi_batch_size,
             positive_fraction=roi_positive_fraction,
@@ -323,6 +349,9 @@ class PANet(InstanceSegmenter):
         self.roi_foreground_iou = float(roi_foreground_iou)
         self.mask_size = mask_size
         self.sampling_ratio = sampling_ratio
+        self.round_anchors = bool(round_anchors)
+        self.rpn_per_level_nms = bool(rpn_per_level_nms)
+        self.aligned_roi_align = bool(aligned_roi_align)
         self.score_threshold = float(score_threshold)
         self.detection_nms_threshold = float(detection_nms_threshold)
         self.loss_weights = weights
@@ -447,6 +476,9 @@ class PANet(InstanceSegmenter):
             "roi_foreground_iou": self.roi_foreground_iou,
             "mask_size": self.mask_size,
             "sampling_ratio": self.sampling_ratio,
+            "round_anchors": self.round_anchors,
+            "rpn_per_level_nms": self.rpn_per_level_nms,
+            "aligned_roi_align": self.aligned_roi_align,
             "score_threshold": self.score_threshold,
             "detection_nms_threshold": self.detection_nms_threshold,
             "loss_weights": self.loss_weights,

@@ -213,6 +213,9 @@ class RoIHeads(KsegLayer):
             half of it). Defaults to `28`.
         sampling_ratio: int. RoIAlign samples per bin (0 = adaptive).
             Defaults to `2`.
+        aligned: bool. RoIAlign's half-pixel correction of the box and
+            mask pooling; `False` is torchvision's unaligned RoIAlign.
+            Defaults to `True` (SPEC).
         strides: ints. Strides of the pooled levels. Defaults to
             `(4, 8, 16, 32)`.
         batch_size_per_image: int. RoIs sampled per image. Defaults to `512`.
@@ -253,6 +256,7 @@ class RoIHeads(KsegLayer):
         mask_fusion="sum",
         mask_size=28,
         sampling_ratio=2,
+        aligned=True,
         strides=(4, 8, 16, 32),
         batch_size_per_image=512,
         positive_fraction=0.25,
@@ -282,6 +286,7 @@ class RoIHeads(KsegLayer):
         if self.mask_size % 2:
             raise ValueError(f"mask_size must be even, got {mask_size}")
         self.sampling_ratio = int(sampling_ratio)
+        self.aligned = bool(aligned)
         self.strides = tuple(int(s) for s in strides)
         self.batch_size_per_image, self.positive_fraction = check_sampling(
             batch_size_per_image, positive_fraction
@@ -312,6 +317,7 @@ class RoIHeads(KsegLayer):
                 self.sampling_ratio,
                 self.strides,
                 self.adaptive_pooling,
+                aligned=self.aligned,
                 dtype=policy,
                 name=f"{name}_roi_align",
             )
@@ -469,6 +475,7 @@ class RoIHeads(KsegLayer):
             "mask_fusion": self.mask_fusion,
             "mask_size": self.mask_size,
             "sampling_ratio": self.sampling_ratio,
+            "aligned": self.aligned,
             "strides": self.strides,
             "batch_size_per_image": self.batch_size_per_image,
             "positive_fraction": self.positive_fraction,

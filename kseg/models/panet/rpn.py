@@ -113,6 +113,10 @@ class RegionProposalNetwork(KsegLayer):
         pre_nms_top_k_train, post_nms_top_k_train, pre_nms_top_k_test,
         post_nms_top_k_test: ints. Proposal counts (2000, 1000, 1000, 1000).
         nms_threshold: float. Proposal NMS IoU. Defaults to `0.7`.
+        per_level_nms: bool. Proposal NMS within each level (torchvision)
+            instead of over all levels (SPEC). Defaults to `False`.
+        round_anchors: bool. Base anchors rounded to whole pixels
+            (torchvision). Defaults to `False`.
         min_size: float. Proposals with a side under it are dropped.
             Defaults to `1e-3`.
         positive_iou: float. Anchors at least this IoU are positive.
@@ -149,6 +153,8 @@ class RegionProposalNetwork(KsegLayer):
         pre_nms_top_k_test=1000,
         post_nms_top_k_test=1000,
         nms_threshold=0.7,
+        per_level_nms=False,
+        round_anchors=False,
         min_size=1e-3,
         positive_iou=0.7,
         negative_iou=0.3,
@@ -184,6 +190,8 @@ class RegionProposalNetwork(KsegLayer):
             anchor_sizes=anchor_sizes,
             anchor_strides=anchor_strides,
             aspect_ratios=aspect_ratios,
+            per_level_nms=per_level_nms,
+            round_anchors=round_anchors,
             dtype=self.dtype_policy,
             name="proposals",
         )
@@ -265,6 +273,8 @@ class RegionProposalNetwork(KsegLayer):
             "pre_nms_top_k_test": proposals.pre_nms_top_k_test,
             "post_nms_top_k_test": proposals.post_nms_top_k_test,
             "nms_threshold": proposals.iou_threshold,
+            "per_level_nms": proposals.per_level_nms,
+            "round_anchors": anchors.round_base,
             "min_size": proposals.min_size,
             "positive_iou": self.positive_iou,
             "negative_iou": self.negative_iou,
