@@ -71,6 +71,7 @@ from kseg.data.palette import (
 from kseg.data.png import decode_index_png, encode_index_png
 from kseg.data.preprocessing import preprocess_images
 from kseg.data.readers import (
+    check_split_name,
     read_ade20k,
     read_cityscapes,
     read_folder,
@@ -89,7 +90,12 @@ from kseg.data.synthetic_instances import (
     SyntheticInstanceDataset,
     make_synthetic_instances,
 )
-from kseg.data.tfrecord import convert_to_tfrecord, read_tfrecord, shard_paths
+from kseg.data.tfrecord import (
+    convert_to_tfrecord,
+    count_records,
+    read_tfrecord,
+    shard_paths,
+)
 
 __all__ = [
     "ADE20K_CLASSES",
@@ -119,10 +125,12 @@ __all__ = [
     "augment_instances",
     "boxes_from_masks",
     "check_labels",
+    "check_split_name",
     "cityscapes_label_map",
     "class_histogram",
     "colorize",
     "convert_to_tfrecord",
+    "count_records",
     "crop_instance_mask",
     "paste_masks",
     "crop_masks_to_boxes",

@@ -108,7 +108,27 @@ def _check_metadata(name, num_classes, class_names, palette, label_map):
         )
 
 
-def _validate_samples(self, progress=None):
+def bad_sample(error, index, skipped, total, name, skip_corrupt):
+    """What a pipeline does with sample `index` that failed to load (`error`).
+
+    Without `skip_corrupt` it raises a `DataError` with the error's message
+    (which names the file). With it, the sample is left out with a warning,
+    unless every one of the `total` samples has failed (`skipped`, the set of
+    bad indices met so far, is updated): then nothing would be left to read,
+    and a `DataError` says so instead of the pipeline ending empty.
+    """
+    if not skip_corrupt:
+        raise DataError(str(error)) from None
+    skipped.add(index)
+    if len(skipped) >= total:
+        raise DataError(
+            f"every one of the {total} samples of {name} is bad, so "
+            f"data.skip_corrupt leaves nothing to read; the last one: {error}"
+        ) from None
+    warnings.warn(f"skipping a bad sample (data.skip_corrupt): {error}", stacklevel=2)
+
+
+def validate_samples(self, progress=None):
     """Loads and checks every sample (`load`); returns the list of
     `(index, message)` of the bad ones. `progress(done, total)` is called
     after each sample."""
@@ -191,7 +211,7 @@ class SegmentationDataset:
         check_labels(label, self.num_classes, label_path)
         return image, label
 
-    validate = _validate_samples
+    validate = validate_samples
 
     def encoded_image(self, index):
         """Sample `index`'s image as `(encoded bytes, "jpeg" | "png")`.
@@ -237,17 +257,14 @@ class SegmentationDataset:
                 len(self), seed=seed, reshuffle_each_iteration=True
             )
 
+        skipped = set()
+
         def load_checked(index):
             index = int(index)
             try:
                 image, label = self.load(index)
             except (OSError, ValueError) as error:
-                if not skip_corrupt:
-                    raise DataError(str(error)) from None
-                warnings.warn(
-                    f"skipping a bad sample (data.skip_corrupt): {error}",
-                    stacklevel=1,
-                )
+                bad_sample(error, index, skipped, len(self), self.name, skip_corrupt)
                 return np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0), np.uint8), False
             return image, label, True
 
@@ -327,7 +344,7 @@ class ArraySegmentationDataset:
     def encoded_image(self, index):
         return encode_rgb_png(self.images[index]), "png"
 
-    validate = _validate_samples
+    validate = validate_samples
 
     def as_dataset(self, shuffle=False, seed=None):
         """Streams the arrays as a `tf.data.Dataset` of `(image, label)` pairs."""

@@ -312,13 +312,13 @@ def augment_instances(
     return _pad_image(image, height, width), targets
 
 
-def _samples(dataset, shuffle, seed):
+def _samples(dataset, shuffle, seed, skip_corrupt):
     if isinstance(dataset, InstanceDataset):
-        return dataset.as_dataset(shuffle=shuffle, seed=seed)
-    if shuffle:
+        return dataset.as_dataset(shuffle=shuffle, seed=seed, skip_corrupt=skip_corrupt)
+    if shuffle or skip_corrupt:
         raise ValueError(
-            "shuffle=True needs an InstanceDataset (a tf.data.Dataset is taken "
-            "in its own order)"
+            "shuffle=True and skip_corrupt=True need an InstanceDataset (a "
+            "tf.data.Dataset is taken as it is, in its own order)"
         )
     return dataset
 
@@ -337,6 +337,7 @@ def instance_train_pipeline(
     repeat=True,
     seed=0,
     num_parallel_calls=tf.data.AUTOTUNE,
+    skip_corrupt=False,
 ):
     """The training pipeline of instance segmentation: `(x, y)` batches.
 
@@ -360,13 +361,16 @@ def instance_train_pipeline(
         repeat: bool. Repeat forever. Defaults to True.
         seed: int. Seed of shuffling and augmentation. Defaults to 0.
         num_parallel_calls: parallelism of loading and augmentation.
+        skip_corrupt: bool. Leave out samples whose image or annotations
+            fail to load, with a warning naming the file, instead of stopping
+            with an error naming it. Defaults to False.
 
     Returns:
         `tf.data.Dataset` of `(x, y)` as described in this module.
     """
     _output_size(output_size)
     _check_arguments(short_edge_range, max_size, max_instances, mask_size)
-    samples = _samples(dataset, shuffle, seed)
+    samples = _samples(dataset, shuffle, seed, skip_corrupt)
     if repeat:
         samples = samples.repeat()
 

@@ -19,14 +19,21 @@ the COCO mask API of `faster-coco-eval`.
 """
 
 import dataclasses
-import json
 from pathlib import Path
 
 import cv2
 import numpy as np
 import tensorflow as tf
 
-from kseg.data.dataset import decode_image, load_image_file
+from kseg.data.coco_format import (
+    check_box_and_area,
+    check_file_name,
+    check_integer,
+    check_segmentation,
+    load_coco_json,
+)
+from kseg.data.dataset import bad_sample, load_image_file, validate_samples
+from kseg.data.readers import check_split_name
 
 # labelme's COCO export lists a background category (id 0); it is no object class.
 NON_OBJECT_CATEGORIES = ("_background_", "__ignore__")
@@ -42,8 +49,6 @@ CITYSCAPES_INSTANCE_CATEGORIES = (
     (32, "motorcycle"),
     (33, "bicycle"),
 )
-
-_IMAGE_MAGICS = (b"\xff\xd8\xff", b"\x89PNG", b"BM", b"GIF8")
 
 
 def mask_api():
@@ -63,49 +68,6 @@ def encode_mask(mask):
     rle = mask_api().encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
     return rle
-
-
-def check_segmentation(segmentation, height, width, where="<annotation>"):
-    """Checks the structure of a COCO `segmentation` without rasterising it.
-
-    Raises:
-        ValueError: naming `where`, for an empty polygon list, a polygon of
-            fewer than 3 points, an odd or non-numeric coordinate list, an RLE
-            without `size` and `counts`, of another size than the image, or
-            whose uncompressed counts do not sum to the pixel count.
-    """
-    if isinstance(segmentation, list):
-        if not segmentation:
-            raise ValueError(f"{where}: empty polygon list")
-        for polygon in segmentation:
-            if (
-                not isinstance(polygon, list)
-                or len(polygon) < 6
-                or len(polygon) % 2
-                or not all(isinstance(v, (int, float)) for v in polygon)
-            ):
-                raise ValueError(
-                    f"{where}: a polygon must be a list of at least 3 (x, y) "
-                    f"number pairs, got {str(polygon)[:80]}"
-                )
-        return
-    if not isinstance(segmentation, dict) or not {"size", "counts"} <= set(
-        segmentation
-    ):
-        raise ValueError(
-            f"{where}: segmentation must be polygons or an RLE dict with 'size' "
-            f"and 'counts', got {str(segmentation)[:80]}"
-        )
-    if list(segmentation["size"]) != [height, width]:
-        raise ValueError(
-            f"{where}: RLE size {segmentation['size']} differs from the image size "
-            f"[{height}, {width}]"
-        )
-    counts = segmentation["counts"]
-    if isinstance(counts, list) and sum(counts) != height * width:
-        raise ValueError(
-            f"{where}: RLE counts sum to {sum(counts)}, expected {height * width}"
-        )
 
 
 def segmentation_to_rle(segmentation, height, width, where="<annotation>"):
@@ -238,7 +200,7 @@ class InstanceDataset:
         for number, annotation in enumerate(self.annotations(index)):
             if annotation.get("iscrowd", 0):
                 continue
-            where = f"{self.describe(index)}, annotation {number}"
+            where = f"{self.describe(index)}, annotation {annotation.get('id', number)}"
             classes.append(self.class_of(annotation["category_id"], where))
             masks.append(
                 decode_segmentation(annotation["segmentation"], height, width, where)
@@ -247,32 +209,49 @@ class InstanceDataset:
             return np.zeros((0, height, width), np.uint8), np.zeros((0,), np.int32)
         return np.stack(masks).astype(np.uint8), np.asarray(classes, np.int32)
 
-    def load(self, index):
-        """Sample `index` as NumPy arrays.
+    def load(self, index, targets=True):
+        """Sample `index` as NumPy arrays, checked: an image file that is
+        missing or does not decode, an image of another size than its
+        annotations say, or a bad annotation raise `FileNotFoundError` /
+        `ValueError` naming the file.
+
+        Args:
+            index: int. The sample.
+            targets: bool. Decode the masks and classes too. Defaults to True.
 
         Returns:
-            dict with `image` uint8 `(H, W, 3)`, `masks` uint8 `(N, H, W)`,
-            `classes` int32 `(N,)` (1..C) and `image_id` int.
+            dict with `image` uint8 `(H, W, 3)`, `image_id` int and, with
+            `targets`, `masks` uint8 `(N, H, W)` and `classes` int32 `(N,)`
+            (1..C).
         """
         image = self.load_image(index)
-        masks, classes = self.load_targets(index)
         info = self.images[index]
+        # Checked before the masks are drawn at the annotations' size.
         if image.shape[:2] != (info["height"], info["width"]):
             raise ValueError(
                 f"{self.describe(index)}: image is {image.shape[0]}x{image.shape[1]} "
                 f"but the annotations say {info['height']}x{info['width']}"
             )
-        return {
-            "image": image,
-            "masks": masks,
-            "classes": classes,
-            "image_id": int(info["id"]),
-        }
+        sample = {"image": image, "image_id": int(info["id"])}
+        if targets:
+            sample["masks"], sample["classes"] = self.load_targets(index)
+        return sample
 
-    def _image_reader(self):
-        """A function from a scalar index tensor to that sample's uint8 image
-        tensor, for `tf.data` maps; its tensors are made here, eagerly."""
-        raise NotImplementedError
+    validate = validate_samples
+
+    # The attributes holding one entry per image, in sample order (`subset`).
+    _per_image = ("images",)
+
+    def subset(self, indices):
+        """The dataset of the samples `indices` only (e.g. the good ones)."""
+        indices = list(indices)
+        return dataclasses.replace(
+            self,
+            **{
+                field: tuple(getattr(self, field)[i] for i in indices)
+                for field in self._per_image
+            },
+        )
 
     def as_dataset(
         self,
@@ -280,11 +259,15 @@ class InstanceDataset:
         seed=None,
         targets=True,
         num_parallel_calls=tf.data.AUTOTUNE,
+        skip_corrupt=False,
     ):
         """Streams the samples as a `tf.data.Dataset` of dicts.
 
         The sample order is shuffled before anything is loaded, so the shuffle
-        buffer holds indices, not images.
+        buffer holds indices, not images. Each sample goes through `load`
+        (checked), so a bad file stops the pipeline with an error naming it
+        (`kseg.data.data_error_message` gets it back), or, with
+        `skip_corrupt`, is left out with a warning naming it.
 
         Args:
             shuffle: bool. Shuffle the samples (reshuffled each epoch). Defaults
@@ -293,6 +276,8 @@ class InstanceDataset:
             targets: bool. Load the masks and classes; False gives images and
                 ids only (evaluation). Defaults to True.
             num_parallel_calls: parallelism of loading. Defaults to AUTOTUNE.
+            skip_corrupt: bool. Skip bad samples with a warning instead of
+                failing. Defaults to False.
 
         Returns:
             `tf.data.Dataset` of `{"image": uint8 (H, W, 3), "image_id": int64
@@ -304,39 +289,46 @@ class InstanceDataset:
             indices = indices.shuffle(
                 len(self), seed=seed, reshuffle_each_iteration=True
             )
-        image_ids = tf.constant([image["id"] for image in self.images], tf.int64)
-        sizes = tf.constant(
-            [[image["height"], image["width"]] for image in self.images], tf.int32
-        )
-        names = tf.constant([self.describe(i) for i in range(len(self))])
-        read_image = self._image_reader()
+        skipped = set()
 
-        def load_targets(index):
-            return self.load_targets(int(index))
+        def load_checked(index):
+            index = int(index)
+            try:
+                sample = self.load(index, targets=targets)
+            except (OSError, ValueError) as error:
+                bad_sample(error, index, skipped, len(self), self.name, skip_corrupt)
+                sample = {
+                    "image": np.zeros((0, 0, 3), np.uint8),
+                    "image_id": 0,
+                    "masks": np.zeros((0, 0, 0), np.uint8),
+                    "classes": np.zeros((0,), np.int32),
+                }
+                ok = False
+            else:
+                ok = True
+            masks = sample.get("masks", np.zeros((0, 0, 0), np.uint8))
+            classes = sample.get("classes", np.zeros((0,), np.int32))
+            return sample["image"], sample["image_id"], masks, classes, ok
 
         def load(index):
-            image = read_image(index)
-            same = tf.reduce_all(tf.equal(tf.shape(image)[:2], sizes[index]))
-            check = tf.debugging.Assert(
-                same,
-                [
-                    "image size differs from its annotations:",
-                    names[index],
-                    tf.shape(image),
-                    sizes[index],
-                ],
+            image, image_id, masks, classes, ok = tf.py_function(
+                load_checked,
+                [index],
+                (tf.uint8, tf.int64, tf.uint8, tf.int32, tf.bool),
             )
-            with tf.control_dependencies([check]):
-                sample = {"image": tf.identity(image), "image_id": image_ids[index]}
+            sample = {
+                "image": tf.ensure_shape(image, [None, None, 3]),
+                "image_id": tf.ensure_shape(image_id, []),
+            }
             if targets:
-                masks, classes = tf.numpy_function(
-                    load_targets, [index], [tf.uint8, tf.int32], stateful=False
-                )
                 sample["masks"] = tf.ensure_shape(masks, [None, None, None])
                 sample["classes"] = tf.ensure_shape(classes, [None])
-            return sample
+            return sample, tf.ensure_shape(ok, [])
 
-        return indices.map(load, num_parallel_calls=num_parallel_calls)
+        samples = indices.map(load, num_parallel_calls=num_parallel_calls)
+        if skip_corrupt:
+            samples = samples.filter(lambda sample, ok: ok)
+        return samples.map(lambda sample, ok: sample)
 
     def coco_ground_truth(self, indices=None):
         """The COCO ground-truth dict of the evaluation (crowd regions kept).
@@ -403,6 +395,8 @@ class CocoInstanceDataset(InstanceDataset):
     image_paths: tuple = ()
     image_annotations: tuple = ()
 
+    _per_image = ("images", "image_paths", "image_annotations")
+
     def describe(self, index):
         return self.image_paths[index]
 
@@ -411,51 +405,6 @@ class CocoInstanceDataset(InstanceDataset):
 
     def annotations(self, index):
         return self.image_annotations[index]
-
-    def _image_reader(self):
-        return _image_file_reader(self.image_paths)
-
-
-def _image_file_reader(paths):
-    """Reads and decodes `paths[index]` inside a `tf.data` map."""
-    paths = tf.constant(list(paths))
-
-    def read(index):
-        path = paths[index]
-        contents = tf.io.read_file(path)
-        # tf.io.decode_image does not name the file when it fails; catch
-        # non-image files here, with the path.
-        known = tf.reduce_any(
-            [
-                tf.equal(tf.strings.substr(contents, 0, len(magic)), magic)
-                for magic in _IMAGE_MAGICS
-            ]
-        )
-        check = tf.debugging.Assert(
-            known, ["not an image file (JPEG, PNG, BMP, GIF):", path]
-        )
-        with tf.control_dependencies([check]):
-            return decode_image(contents)
-
-    return read
-
-
-def _load_json(path):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"{path}: expected a COCO JSON object, got {type(data).__name__}"
-        )
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise ValueError(f"{path}: missing or invalid {key!r} list")
-    return data
 
 
 def read_coco(annotation_json, image_dir, *, name=None):
@@ -483,7 +432,7 @@ def read_coco(annotation_json, image_dir, *, name=None):
         `CocoInstanceDataset`.
     """
     path = Path(annotation_json)
-    data = _load_json(path)
+    data = load_coco_json(path)
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise FileNotFoundError(f"image directory not found: {image_dir}")
@@ -500,27 +449,30 @@ def read_coco(annotation_json, image_dir, *, name=None):
             )
         if category["name"] in NON_OBJECT_CATEGORIES:
             continue
-        if category["id"] in categories:
-            raise ValueError(f"{path}: category id {category['id']} appears twice")
-        categories[int(category["id"])] = str(category["name"])
+        category_id = check_integer(category["id"], f"{path}: a category's id")
+        if category_id in categories:
+            raise ValueError(f"{path}: category id {category_id} appears twice")
+        categories[category_id] = str(category["name"])
     if not categories:
         raise ValueError(f"{path}: no object categories")
     category_ids = tuple(sorted(categories))
 
     images, paths, by_image = [], [], {}
     for image in data["images"]:
-        try:
-            info = {
-                "id": int(image["id"]),
-                "height": int(image["height"]),
-                "width": int(image["width"]),
-                "file_name": str(image["file_name"]),
-            }
-        except (KeyError, TypeError, ValueError):
+        if not isinstance(image, dict) or not {
+            "id", "height", "width", "file_name"
+        } <= set(image):  # fmt: skip
             raise ValueError(
                 f"{path}: an image needs 'id', 'height', 'width' and 'file_name', "
-                f"got {image}"
-            ) from None
+                f"got {str(image)[:200]}"
+            )
+        where = f"{path}: image {image['id']!r}"
+        info = {
+            "id": check_integer(image["id"], f"{path}: an image's id"),
+            "height": check_integer(image["height"], f"{where}: height", positive=True),
+            "width": check_integer(image["width"], f"{where}: width", positive=True),
+            "file_name": check_file_name(image["file_name"], image_dir, where),
+        }
         if info["id"] in by_image:
             raise ValueError(f"{path}: image id {info['id']} appears twice")
         by_image[info["id"]] = len(images)
@@ -531,21 +483,36 @@ def read_coco(annotation_json, image_dir, *, name=None):
         raise FileNotFoundError(
             f"{len(missing)} image(s) listed by {path} are missing, first: {missing[0]}"
         )
+    if not data["annotations"]:
+        # Nothing to learn, and the COCO AP of an evaluation is undefined
+        # (it would be reported as 0).
+        raise ValueError(
+            f"{path}: the file lists no annotations, so there is nothing to "
+            "train on and no AP to measure; give the annotation file of an "
+            "annotated split"
+        )
 
     per_image = [[] for _ in images]
     for annotation in data["annotations"]:
+        if not isinstance(annotation, dict):
+            raise ValueError(
+                f"{path}: an annotation must be an object, got {str(annotation)[:80]}"
+            )
         where = f"{path}: annotation {annotation.get('id', '?')}"
         for key in ("image_id", "category_id", "segmentation"):
             if key not in annotation:
                 raise ValueError(f"{where}: missing {key!r}")
-        if annotation["image_id"] not in by_image:
-            raise ValueError(f"{where}: unknown image id {annotation['image_id']}")
-        if annotation["category_id"] not in categories:
+        image_id = check_integer(annotation["image_id"], f"{where}: image_id")
+        if image_id not in by_image:
+            raise ValueError(f"{where}: unknown image id {image_id}")
+        category_id = check_integer(annotation["category_id"], f"{where}: category_id")
+        if category_id not in categories:
             raise ValueError(
-                f"{where}: unknown category id {annotation['category_id']} (object "
+                f"{where}: unknown category id {category_id} (object "
                 f"categories: {list(category_ids)})"
             )
-        index = by_image[annotation["image_id"]]
+        check_box_and_area(annotation, where)
+        index = by_image[image_id]
         info = images[index]
         check_segmentation(
             annotation["segmentation"], info["height"], info["width"], where
@@ -576,14 +543,13 @@ class CityscapesInstanceDataset(InstanceDataset):
     image_paths: tuple = ()
     instance_paths: tuple = ()
 
+    _per_image = ("images", "image_paths", "instance_paths")
+
     def describe(self, index):
         return self.instance_paths[index]
 
     def load_image(self, index):
         return load_image_file(self.image_paths[index])
-
-    def _image_reader(self):
-        return _image_file_reader(self.image_paths)
 
     def read_instance_ids(self, index):
         """Sample `index`'s instance-id map, int32 `(H, W)`."""
@@ -661,7 +627,7 @@ def read_cityscapes_instances(root, split="train"):
         `CityscapesInstanceDataset`.
     """
     root = Path(root)
-    split_dir = root / "leftImg8bit" / split
+    split_dir = root / "leftImg8bit" / check_split_name(split)
     if not split_dir.is_dir():
         raise FileNotFoundError(f"Cityscapes split directory not found: {split_dir}")
     suffix = "_leftImg8bit.png"

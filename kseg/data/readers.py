@@ -26,6 +26,22 @@ from kseg.data.palette import (
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
+def check_split_name(split):
+    """`split` if it is a split's name: one file or folder name inside the
+    dataset folder (`train`, `val2017`), never a path (`..`, `/` and `\\`
+    would read outside the dataset folder, as split-file lines may not)."""
+    if (
+        not isinstance(split, str)
+        or split.strip() in ("", ".", "..")
+        or any(c in split for c in "/\\\0")
+    ):
+        raise ValueError(
+            f"split {split!r} is not a split name: a split is one name inside "
+            "the dataset folder (e.g. train or val2017), not a path"
+        )
+    return split
+
+
 def _require_dir(path, what):
     path = Path(path)
     if not path.is_dir():
@@ -124,8 +140,11 @@ def read_voc(
     if names is not None:
         pairs = [(images / f"{n}.jpg", labels / f"{n}.png") for n in names]
         source = "names"
-    elif split_file is not None or split is not None:
-        path = split_file or root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    elif split_file is not None:
+        pairs = _read_split_file(split_file, root, images, labels, ".jpg", ".png")
+        source = str(split_file)
+    elif split is not None:
+        path = root / "ImageSets" / "Segmentation" / f"{check_split_name(split)}.txt"
         pairs = _read_split_file(path, root, images, labels, ".jpg", ".png")
         source = str(path)
     else:
@@ -178,7 +197,7 @@ def read_cityscapes(root, split="train"):
     root = _require_dir(root, "Cityscapes root")
     image_root = _require_dir(root / "leftImg8bit", "Cityscapes image")
     label_root = _require_dir(root / "gtFine", "Cityscapes label")
-    split_dir = image_root / split
+    split_dir = image_root / check_split_name(split)
     if not split_dir.is_dir():
         available = sorted(p.name for p in image_root.iterdir() if p.is_dir())
         raise FileNotFoundError(

@@ -17,7 +17,6 @@ import dataclasses
 
 import cv2
 import numpy as np
-import tensorflow as tf
 
 from kseg.data.instances import InstanceDataset, encode_mask, mask_api
 from kseg.data.synthetic import (
@@ -51,6 +50,14 @@ class SyntheticInstanceDataset(InstanceDataset):
     instance_classes: tuple = ()
     drawn_areas: tuple = ()
 
+    _per_image = (
+        "images",
+        "image_array",
+        "instance_masks",
+        "instance_classes",
+        "drawn_areas",
+    )
+
     def load_image(self, index):
         return self.image_array[index]
 
@@ -75,10 +82,6 @@ class SyntheticInstanceDataset(InstanceDataset):
                 }
             )
         return annotations
-
-    def _image_reader(self):
-        images = tf.constant(self.image_array)
-        return lambda index: tf.gather(images, index)
 
 
 _MODES = ("free", "touch", "occlude")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from kseg.data.dataset import decode_image
+from kseg.data.dataset import bad_sample, decode_image
 from kseg.data.png import encode_index_png
 
 _FEATURES = {
@@ -65,7 +65,9 @@ def _text_progress(done, total):
     sys.stderr.flush()
 
 
-def convert_to_tfrecord(dataset, out_path, num_shards=1, progress=None):
+def convert_to_tfrecord(
+    dataset, out_path, num_shards=1, progress=None, skip_corrupt=False
+):
     """Writes a kseg dataset to sharded TFRecord files.
 
     Existing files are never overwritten. Every shard is written under a
@@ -79,6 +81,9 @@ def convert_to_tfrecord(dataset, out_path, num_shards=1, progress=None):
             Defaults to 1.
         progress: None, True (a text progress bar on stderr) or a callable
             `progress(done, total)` called after each sample.
+        skip_corrupt: bool. Leave out samples that fail to load (a file that
+            does not decode, a bad label), with a warning naming each,
+            instead of stopping at the first. Defaults to False.
 
     Returns:
         The list of written shard paths.
@@ -101,14 +106,24 @@ def convert_to_tfrecord(dataset, out_path, num_shards=1, progress=None):
         if os.path.exists(path):
             raise FileExistsError(f"refusing to overwrite existing file: {path}")
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    done = 0
+    done, skipped = 0, set()
     for shard, path in enumerate(paths):
         begin, end = shard * total // num_shards, (shard + 1) * total // num_shards
         partial = f"{path}.partial"
         try:
             with tf.io.TFRecordWriter(partial) as writer:
                 for index in range(begin, end):
-                    writer.write(_example(dataset, index).SerializeToString())
+                    try:
+                        example = _example(dataset, index)
+                    except (OSError, ValueError) as error:
+                        if not skip_corrupt:
+                            raise
+                        # Warns, or raises once every sample has failed.
+                        bad_sample(
+                            error, index, skipped, total, dataset.name, skip_corrupt
+                        )
+                    else:
+                        writer.write(example.SerializeToString())
                     done += 1
                     if progress is not None:
                         progress(done, total)
@@ -132,6 +147,26 @@ def _parse(record):
     )
     with tf.control_dependencies([check]):
         return tf.identity(image), tf.identity(label)
+
+
+def count_records(files):
+    """The number of records in TFRecord `files`, reading each in full.
+
+    Raises:
+        ValueError: naming the file, for a truncated or damaged one (which
+            TensorFlow reports as a `DataLossError` naming no file).
+    """
+    total = 0
+    for path in files:
+        try:
+            total += sum(1 for _ in tf.data.TFRecordDataset(str(path)))
+        except tf.errors.DataLossError as error:
+            raise ValueError(
+                f"{path}: damaged TFRecord file ({error.message.splitlines()[0]}); "
+                "it was cut short or changed after writing: write it again with "
+                "kseg data convert"
+            ) from None
+    return total
 
 
 def read_tfrecord(pattern, num_parallel_calls=tf.data.AUTOTUNE):

@@ -12,13 +12,16 @@ import tensorflow as tf
 
 from kseg.data import (
     boxes_from_masks,
+    data_error_message,
     encode_mask,
     format_instance_statistics,
     instance_statistics,
     instance_train_pipeline,
+    instances,
     read_cityscapes_instances,
     read_coco,
 )
+from kseg.data.coco_format import _compressed_rle_runs, check_segmentation
 
 LABELME_COCO = Path(
     "/usr/share/doc/labelme-examples/examples/instance_segmentation/data_dataset_coco"
@@ -238,10 +241,196 @@ def test_bad_coco_input_is_named(small_coco, tmp_path):
     with pytest.raises(ValueError, match=r"b\.png: not a decodable image"):
         data.load(1)
     (images / "b.png").write_text("not an image at all")
-    with pytest.raises(
-        tf.errors.InvalidArgumentError, match=r"not an image file.*b\.png"
-    ):
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
         list(data.as_dataset())
+    assert data_error_message(error.value).startswith(
+        f"{images / 'b.png'}: not a decodable image"
+    )
+
+
+@pytest.fixture
+def no_rasterising(monkeypatch):
+    """The COCO mask API replaced by one that fails: a polygon that would
+    take all memory must be refused before anything is rasterised, and a
+    regression fails here instead of exhausting the machine."""
+
+    class Refuse:
+        def __getattr__(self, name):
+            raise AssertionError(f"mask API {name} called on a refused annotation")
+
+    monkeypatch.setattr(instances, "mask_api", Refuse)
+
+
+@pytest.mark.parametrize(
+    "value", [float("nan"), float("inf"), -float("inf"), 1e9, -1e9, 10**400, 151]
+)
+def test_polygon_coordinates_far_outside_the_image_are_refused(
+    small_coco, no_rasterising, value
+):
+    path, _ = small_coco
+    polygon = [10, 5, 30, 5, 30, 15, value, 15]
+    _rewrite(path, lambda d: d["annotations"][0].update(segmentation=[polygon]))
+    # No bbox or area: read_coco would rasterise the polygon to fill them in.
+    with pytest.raises(ValueError, match=r"instances.json: annotation 0: (a )?polygon"):
+        read_coco(path, path.parent / "images")
+    with pytest.raises(ValueError, match=r"x in \[-50, 100\]|not a finite number"):
+        check_segmentation([polygon], 40, 50, "here")
+
+
+def test_polygons_slightly_outside_the_image_are_kept(small_coco):
+    path, _ = small_coco
+    polygon = [-50, -40, 100, -40, 100, 80, -50, 80]
+    _rewrite(path, lambda d: d["annotations"][0].update(segmentation=[polygon]))
+    data = read_coco(path, path.parent / "images")
+    assert data.load(0)["masks"][0].all()  # covers the whole image
+
+
+def test_compressed_rle_runs_decode_as_the_coco_api(small_coco):
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        height, width = (int(v) for v in rng.integers(1, 120, 2))
+        mask = (rng.random((height, width)) < rng.random()).astype(np.uint8)
+        rle = encode_mask(mask)
+        runs = _compressed_rle_runs(rle["counts"])
+        np.testing.assert_array_equal(runs, _uncompressed_rle(mask)["counts"])
+        check_segmentation(rle, height, width)
+
+
+@pytest.mark.parametrize(
+    "counts, reason",
+    [
+        ("_", "ends inside a number"),
+        ("oooooooooooooooo1", "more than 7 characters"),
+        ("\u00e9", "outside '0'..'o'"),
+        ("\x00", "outside '0'..'o'"),
+        ("61", "sum to 7"),
+        ("O?", "negative run"),
+        (17, "must be a list of run lengths or a compressed string"),
+    ],
+)
+def test_malformed_compressed_rle_is_named(small_coco, counts, reason):
+    path, _ = small_coco
+    rle = {"size": [40, 50], "counts": counts}
+    _rewrite(
+        path,
+        lambda d: d["annotations"][3].update(
+            segmentation=rle, area=10.0, bbox=[0, 0, 1, 1]
+        ),
+    )
+    with pytest.raises(ValueError, match=rf"annotation 3: .*{reason}"):
+        read_coco(path, path.parent / "images")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda d: d["categories"].append({"id": "9", "name": "again"}),
+            r"a category's id must be an integer, got '9' \(str\)",
+        ),
+        (
+            lambda d: d["annotations"][0].update(category_id=True),
+            r"annotation 0: category_id must be an integer, got True",
+        ),
+        (
+            lambda d: d["annotations"][0].update(image_id=10.0),
+            r"annotation 0: image_id must be an integer, got 10.0",
+        ),
+        (
+            lambda d: d["images"][0].update(id="10"),
+            r"an image's id must be an integer",
+        ),
+        (
+            lambda d: d["images"][0].update(height=0),
+            r"image 10: height must be positive",
+        ),
+        (
+            lambda d: d["annotations"][0].update(bbox=[0, 0, float("nan"), 1]),
+            r"annotation 0: bbox must be",
+        ),
+        (
+            lambda d: d["annotations"][0].update(area="12"),
+            r"annotation 0: area must be a finite number",
+        ),
+        (
+            lambda d: d["annotations"][0].update(iscrowd="0"),
+            r"annotation 0: iscrowd must be 0 or 1",
+        ),
+    ],
+)
+def test_ids_boxes_and_areas_must_have_their_types(small_coco, change, message):
+    path, _ = small_coco
+    _rewrite(path, change)
+    with pytest.raises(ValueError, match=message):
+        read_coco(path, path.parent / "images")
+
+
+@pytest.mark.parametrize(
+    "file_name", ["../outside.png", "images/../../outside.png", "/etc/hostname",
+                  "..\\outside.png", "C:\\images\\a.png"],
+)  # fmt: skip
+def test_image_file_names_stay_inside_the_image_folder(small_coco, file_name):
+    path, _ = small_coco
+    (path.parent / "outside.png").write_bytes(
+        (path.parent / "images/a.png").read_bytes()
+    )
+    _rewrite(path, lambda d: d["images"][0].update(file_name=file_name))
+    with pytest.raises(ValueError, match=r"image 10: file_name .* points outside"):
+        read_coco(path, path.parent / "images")
+
+
+def test_a_file_without_annotations_is_refused(small_coco):
+    path, _ = small_coco
+    _rewrite(path, lambda d: d.update(annotations=[]))
+    with pytest.raises(ValueError, match=r"instances.json: the file lists no annot"):
+        read_coco(path, path.parent / "images")
+
+
+def _samples(dataset):
+    return [int(sample["image_id"]) for sample in dataset]
+
+
+def test_bad_images_are_named_or_skipped_in_the_stream(small_coco):
+    path, _ = small_coco
+    images = path.parent / "images"
+    jpeg = cv2.imencode(".jpg", np.full((40, 50, 3), 99, np.uint8))[1].tobytes()
+    (images / "a.png").write_bytes(jpeg[: len(jpeg) // 2])  # truncated
+    data = read_coco(path, images)
+    for targets in (True, False):
+        with pytest.raises(tf.errors.InvalidArgumentError) as error:
+            list(data.as_dataset(targets=targets))
+        assert data_error_message(error.value).startswith(
+            f"{images / 'a.png'}: not a decodable image"
+        )
+        with pytest.warns(UserWarning, match=r"skipping a bad sample.*a\.png"):
+            assert _samples(data.as_dataset(targets=targets, skip_corrupt=True)) == [11]
+    problems = data.validate()
+    assert [index for index, _ in problems] == [0]
+    good = data.subset([1])
+    assert len(good) == 1 and good.image_paths == (str(images / "b.png"),)
+    assert good.coco_ground_truth()["images"][0]["id"] == 11
+    assert not good.validate()
+
+    (images / "b.png").write_text("not an image")
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(tf.errors.InvalidArgumentError) as error,
+    ):
+        list(data.as_dataset(skip_corrupt=True))
+    assert "every one of the 2 samples of instances is bad" in data_error_message(
+        error.value
+    )
+
+
+def test_an_image_of_another_size_than_its_annotations_is_named(small_coco):
+    path, _ = small_coco
+    _write_rgb(path.parent / "images" / "b.png", np.zeros((20, 50, 3), np.uint8))
+    data = read_coco(path, path.parent / "images")
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
+        list(data.as_dataset())
+    assert data_error_message(error.value).endswith(
+        "b.png: image is 20x50 but the annotations say 40x50"
+    )
 
 
 def _write_instance_ids(path, ids):

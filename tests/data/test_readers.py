@@ -342,3 +342,35 @@ def test_split_file_lines_cannot_leave_the_dataset_folder(tmp_path, line):
     listing.write_text(f"{line}\n")
     with pytest.raises(ValueError, match=r"list.txt:1: .* outside the dataset"):
         read_voc_aug(tmp_path, split_file=listing)
+
+
+@pytest.mark.parametrize("split", ["../../x", "a/b", "..", "", "a\\b"])
+def test_split_names_cannot_leave_the_dataset_folder(tmp_path, split):
+    _fake_cityscapes(tmp_path, np.random.default_rng(2))
+    (tmp_path / "JPEGImages").mkdir()
+    (tmp_path / "SegmentationClass").mkdir()
+    with pytest.raises(ValueError, match=r"is not a split name"):
+        read_cityscapes(tmp_path, split)
+    with pytest.raises(ValueError, match=r"is not a split name"):
+        read_voc(tmp_path, split)
+
+
+def test_skip_corrupt_skips_bad_samples_but_not_all_of_them(tmp_path):
+    rng = np.random.default_rng(8)
+    for name in ("a", "b"):
+        _write_rgb(tmp_path / "img" / f"{name}.png", _random_image(rng, 4, 4))
+        _write_gray(tmp_path / "lbl" / f"{name}.png", np.zeros((4, 4)))
+    (tmp_path / "img" / "a.png").write_text("not an image")
+    dataset = read_folder(tmp_path / "img", tmp_path / "lbl", 2)
+    with pytest.warns(UserWarning, match=r"skipping a bad sample .*img/a.png"):
+        assert len(list(dataset.as_dataset(skip_corrupt=True))) == 1
+    # With every sample bad the stream must not just end empty (training
+    # then stopped with a bare StopIteration).
+    (tmp_path / "img" / "b.png").write_text("not an image")
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(
+            tf.errors.OpError, match=r"DataError: every one of the 2 samples of folder"
+        ),
+    ):
+        list(dataset.as_dataset(skip_corrupt=True))
