@@ -393,7 +393,7 @@ def _data_source(args):
 
 
 def _convert(args):
-    from kseg.data import convert_to_tfrecord
+    from kseg.data import convert_to_tfrecord, count_records
     from kseg.training.semantic import read_kseg_dataset
 
     recipe = _data_source(args)
@@ -403,8 +403,17 @@ def _convert(args):
             "from their own files (COCO JSON, Cityscapes PNGs)"
         )
     dataset = read_kseg_dataset(recipe.data, args.split, args.data, recipe.train.seed)
-    paths = convert_to_tfrecord(dataset, args.out, args.shards, progress=True)
-    print(f"wrote {len(dataset)} examples to {len(paths)} shard(s): {paths[0]} ...")
+    paths = convert_to_tfrecord(
+        dataset,
+        args.out,
+        args.shards,
+        progress=True,
+        skip_corrupt=recipe.data.skip_corrupt,
+    )
+    print(
+        f"wrote {count_records(paths)} examples to {len(paths)} shard(s): "
+        f"{paths[0]} ..."
+    )
     return 0
 
 

@@ -10,12 +10,14 @@ each epoch (`val_mask_ap`, which `best.keras` maximises), and the COCO table.
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import keras
 import numpy as np
 
 from kseg.data import (
+    check_split_name,
     instance_eval_pipeline,
     instance_train_pipeline,
     make_synthetic_instances,
@@ -33,6 +35,7 @@ def _coco_categories(root, split):
     from kseg.data.instances import NON_OBJECT_CATEGORIES
 
     root = Path(root).expanduser()
+    check_split_name(split)
     for path in (root / "annotations" / f"instances_{split}.json",
                  root / "annotations.json"):  # fmt: skip
         if path.is_file():
@@ -90,6 +93,7 @@ def read_instances(data, split, data_dir=None, seed=0):
             "--data DIR or set data.root"
         )
     root = Path(root).expanduser()
+    check_split_name(split)
     if data.dataset == "coco":
         annotations = root / "annotations" / f"instances_{split}.json"
         if not annotations.is_file() and (root / "annotations.json").is_file():
@@ -193,6 +197,30 @@ class CocoValidation(keras.callbacks.Callback):
         logs["val_box_ap"] = _number(results["bbox"]["AP"])
 
 
+def _checked_validation_set(dataset, data):
+    """`dataset` with every sample loaded and checked: a bad one is an error
+    naming its file, or, with `data.skip_corrupt`, left out (with a warning)
+    of the evaluation and its ground truth."""
+    problems = dataset.validate()
+    if not problems:
+        return dataset
+    messages = [message for _, message in problems]
+    if not data.skip_corrupt or len(problems) == len(dataset):
+        shown = "\n  ".join(messages[:10])
+        left = " (data.skip_corrupt would leave none)" if data.skip_corrupt else ""
+        raise ValueError(
+            f"{len(problems)} of the {len(dataset)} samples of the validation "
+            f"split {data.val_split!r} are bad{left}:\n  {shown}"
+        )
+    for message in messages:
+        warnings.warn(
+            f"skipping a bad validation sample (data.skip_corrupt): {message}",
+            stacklevel=2,
+        )
+    bad = {index for index, _ in problems}
+    return dataset.subset(i for i in range(len(dataset)) if i not in bad)
+
+
 def _images_only(x, y):
     # The model's one input is the image tensor; a dict {"images": ...}
     # feeds it too, but Keras warns on every trace that the structures differ.
@@ -208,6 +236,9 @@ class InstanceTask(Task):
         data, seed = self.recipe.data, self.recipe.train.seed
         self.train_set = read_instances(data, data.train_split, self.data_dir, seed)
         self.val_set = read_instances(data, data.val_split, self.data_dir, seed)
+        if data.dataset != "synthetic":
+            # Checked now rather than after the first training epoch.
+            self.val_set = _checked_validation_set(self.val_set, data)
         self.num_train = len(self.train_set)
         return (
             f"{self.train_set.name} ({len(self.train_set)} train / "
@@ -252,6 +283,7 @@ class InstanceTask(Task):
             max_instances=data.max_instances,
             mask_size=data.mask_size,
             seed=train.seed,
+            skip_corrupt=data.skip_corrupt,
         ).map(_images_only)
 
     def val_dataset(self, model):

@@ -24,6 +24,8 @@ from kseg.data import (
     VOC_CLASSES,
     VOC_PALETTE,
     augment_dataset,
+    check_split_name,
+    count_records,
     eval_transform,
     make_synthetic,
     read_ade20k,
@@ -165,14 +167,15 @@ def read_split(data, split, data_dir=None, seed=0):
         dataset = make_synthetic(split, size, data.image_size, seed)
         return dataset.as_dataset(), len(dataset)
     root = _require_root(data, data_dir)
+    check_split_name(split)
     if data.format == "tfrecord":
         prefix = root / split
         records = read_tfrecord(str(prefix))
         files = sorted(tf.io.gfile.glob(f"{prefix}-?????-of-?????")) or sorted(
             tf.io.gfile.glob(str(prefix))
         )
-        length = sum(1 for _ in tf.data.TFRecordDataset(files))
-        return records, length
+        # Reads every record: a damaged shard is named now, not mid-training.
+        return records, count_records(files)
     if data.dataset == "voc":
         dataset = read_voc(root, split)
     elif data.dataset == "voc_aug":
@@ -195,6 +198,7 @@ def read_kseg_dataset(data, split, data_dir=None, seed=0):
         size = data.num_train_images if split == "train" else data.num_val_images
         return make_synthetic(split, size, data.image_size, seed)
     root = _require_root(data, data_dir)
+    check_split_name(split)
     readers = {
         "voc": read_voc,
         "voc_aug": read_voc_aug,

@@ -8,9 +8,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import cv2
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from kseg.cli import main
 from kseg.training.recipe import RecipeError, apply_overrides, load_recipe
@@ -212,3 +214,115 @@ def test_panet_trains_on_two_replicas(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "STEPS 2" in done.stdout
     assert "2 replica(s)" in done.stdout
+
+
+# === Bad COCO data: named before training, or skipped ===
+
+
+def _coco_folder(root, bad=(), splits=("train", "val")):
+    """`root/annotations/instances_<split>.json` and `root/<split>/<i>.jpg`:
+    4 images of 64x64 with one square each; images `(split, i)` in `bad` are
+    truncated JPEGs."""
+    rng = np.random.default_rng(0)
+    (root / "annotations").mkdir(parents=True)
+    for split in splits:
+        (root / split).mkdir()
+        images, annotations = [], []
+        for i in range(4):
+            image = rng.integers(0, 256, (64, 64, 3), np.uint8)
+            data = cv2.imencode(".jpg", image)[1].tobytes()
+            if (split, i) in bad:
+                data = data[: len(data) // 2]
+            (root / split / f"{i}.jpg").write_bytes(data)
+            images.append(
+                {"id": i + 1, "file_name": f"{i}.jpg", "height": 64, "width": 64}
+            )
+            square = [10, 10, 40, 10, 40, 40, 10, 40]
+            annotations.append(
+                {"id": i + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
+                 "segmentation": [square]}
+            )  # fmt: skip
+        (root / "annotations" / f"instances_{split}.json").write_text(
+            json.dumps(
+                {
+                    "images": images,
+                    "annotations": annotations,
+                    "categories": [{"id": 1, "name": "square"}],
+                }
+            )  # fmt: skip
+        )
+    return root
+
+
+def _coco_recipe(root, *overrides):
+    return tiny_recipe(
+        "data.dataset=coco", f"data.root={root}", "data.train_split=train",
+        "data.val_split=val", *overrides,
+    )  # fmt: skip
+
+
+def test_data_commands_refuse_split_names_that_leave_the_folder(tmp_path, capsys):
+    root = _coco_folder(tmp_path / "coco")
+    (root / "annotations.json").write_text(
+        (root / "annotations" / "instances_train.json").read_text()
+    )
+    for command in (
+        ["inspect", "--dataset", "coco", "--data", str(root)],
+        ["inspect", "--dataset", "folder", "--set", "data.num_classes=2",
+         "--data", str(root)],
+        ["convert", "--dataset", "folder", "--set", "data.num_classes=2",
+         "--data", str(root), "--out", str(tmp_path / "records")],
+    ):  # fmt: skip
+        assert main(["data", *command, "--split", "../coco/train"]) == 1
+        assert "'../coco/train' is not a split name" in capsys.readouterr().err
+
+
+def test_a_bad_validation_image_is_named_before_training(tmp_path):
+    from kseg.training.trainer import task_for
+
+    root = _coco_folder(tmp_path / "coco", bad={("val", 2)})
+    with pytest.raises(ValueError, match=r"1 of the 4 samples of the validation"):
+        task_for(_coco_recipe(root)).prepare()
+    with pytest.raises(ValueError, match=r"val/2.jpg: not a decodable image"):
+        task_for(_coco_recipe(root)).prepare()
+    task = task_for(_coco_recipe(root, "data.skip_corrupt=true"))
+    with pytest.warns(UserWarning, match=r"skipping a bad validation .*val/2.jpg"):
+        task.prepare()
+    assert [image["id"] for image in task.val_set.images] == [1, 2, 4]
+
+
+def test_a_bad_training_image_is_named_or_skipped(tmp_path):
+    from kseg.data import data_error_message
+    from kseg.training.trainer import task_for
+
+    root = _coco_folder(tmp_path / "coco", bad={("train", 1)})
+    task = task_for(_coco_recipe(root))
+    task.prepare()
+    with pytest.raises(tf.errors.InvalidArgumentError) as error:
+        for _ in task.train_dataset(None).take(2):
+            pass
+    assert data_error_message(error.value).startswith(
+        f"{root / 'train' / '1.jpg'}: not a decodable image"
+    )
+    task = task_for(_coco_recipe(root, "data.skip_corrupt=true"))
+    task.prepare()
+    with pytest.warns(UserWarning, match=r"skipping a bad sample .*train/1.jpg"):
+        batches = list(task.train_dataset(None).take(3))
+    assert len(batches) == 3
+
+
+@pytest.mark.slow
+def test_training_on_bad_coco_images_stops_with_their_name(tmp_path):
+    from kseg.training.trainer import train
+
+    root = _coco_folder(tmp_path / "coco", bad={("train", i) for i in range(4)})
+    with pytest.raises(ValueError, match=r"train/\d.jpg: not a decodable image"):
+        train(_coco_recipe(root), runs_dir=tmp_path / "runs", verbose=0)
+    recipe = _coco_recipe(root, "data.skip_corrupt=true")
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(
+            ValueError, match=r"every one of the 4 samples of instances_train is bad"
+        ),
+    ):
+        train(recipe, runs_dir=tmp_path / "runs", verbose=0)
