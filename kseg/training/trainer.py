@@ -48,7 +48,7 @@ from kseg.files import (
     write_text,
 )
 from kseg.models import load_model
-from kseg.tasks import INSTANCE
+from kseg.tasks import INSTANCE, SEMANTIC, is_instance_model
 from kseg.training.callbacks import (
     Checkpoint,
     EpochSummary,
@@ -518,9 +518,22 @@ def evaluate(model, recipe, data_dir=None, split=None, progress=True):
 
     Returns:
         The task's evaluation result (`table()`, `summary()`, `as_json()`).
+
+    Raises:
+        ValueError: an instance model with a semantic recipe, or the reverse.
     """
     if not hasattr(recipe, "train"):
         recipe = load_recipe(recipe)
+    name = f"model {model.name!r}" if isinstance(model, keras.Model) else str(model)
     if not isinstance(model, keras.Model):
         model = load_model(model)
+    model_task = INSTANCE if is_instance_model(model) else SEMANTIC
+    if model_task != recipe.task:
+        a = {INSTANCE: "an", SEMANTIC: "a"}
+        raise ValueError(
+            f"{name} is {a[model_task]} {model_task} segmentation model, but "
+            f"recipe {recipe.name!r} is {a[recipe.task]} {recipe.task} one (task: "
+            f"{recipe.task}); evaluate it with {a[model_task]} {model_task} "
+            "recipe, such as the recipe.yaml of the run that trained it"
+        )
     return task_for(recipe, data_dir).evaluate(model, split=split, progress=progress)

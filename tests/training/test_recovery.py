@@ -395,3 +395,28 @@ def test_a_nan_loss_stops_the_run_keeping_the_last_complete_epoch(tmp_path):
     last = load_model(run / "checkpoints" / "last.keras")
     assert all(np.isfinite(w).all() for w in last.get_weights())
     RunLock(run).acquire().release()  # unlocked again
+
+
+def test_evaluate_refuses_a_model_of_the_other_task_naming_both(tmp_path):
+    # It failed with a raw KeyError: 'boxes' after reading the data.
+    from kseg import testing
+    from kseg.training.trainer import evaluate
+
+    detector = testing.fixed_detector(
+        [[0, 0, 8, 8]], [0.9], [1], np.zeros((1, 4, 4)), 1, (64, 64)
+    )
+    detector.save(tmp_path / "detector.keras")
+    semantic = tiny_recipe()
+    with pytest.raises(
+        ValueError,
+        match=r"detector\.keras is an instance segmentation model, but recipe "
+        r"'quickstart' is a semantic one",
+    ):
+        evaluate(str(tmp_path / "detector.keras"), semantic)
+    instance = load_recipe("panet_quickstart")
+    with pytest.raises(
+        ValueError,
+        match=r"model '\w+' is a semantic segmentation model, but recipe "
+        r"'panet_quickstart' is an instance one \(task: instance\)",
+    ):
+        evaluate(_tiny_model(), instance)
