@@ -205,7 +205,9 @@ def _check_masks(out, photos, overlay=False):
         blended = out / f"{photo.stem}_overlay.png"
         if overlay:
             rgb = _read_rgb(blended)
-            assert rgb.shape == (*PHOTO_SIZE, 3) and rgb.dtype == np.uint8
+            # The overlay, with the legend of its classes to its right.
+            assert rgb.shape[0] >= PHOTO_SIZE[0] and rgb.shape[1] > PHOTO_SIZE[1]
+            assert rgb.shape[2] == 3 and rgb.dtype == np.uint8
         else:
             assert not blended.exists()
     return np.stack(maps)

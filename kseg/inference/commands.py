@@ -10,9 +10,11 @@ For each input `DIR/name.ext` it writes `OUT/name.png`, an indexed (palette,
 colour type 3) PNG whose pixel values are the class indices — the format of
 VOC's `SegmentationClass`, read back exactly by `kseg.data.read_label` — and,
 with `--overlay`, `OUT/name_overlay.png`, the label colours blended over the
-image (RGB PNG). An image that cannot be read or segmented is reported on
-stderr (naming the file and the reason) and skipped; the exit status is 1 if
-any image failed. Existing outputs are never replaced without `--overwrite`.
+image in grey, with a legend of the classes present to its right (names from
+the run's recipe, else `class <k>`; RGB PNG). An image that cannot be read
+or segmented is reported on stderr (naming the file and the reason) and
+skipped; the exit status is 1 if any image failed. Existing outputs are
+never replaced without `--overwrite`.
 
 Images larger than `--max-pixels` (default 1 megapixel) run by windows
 (`--window`, default 512×512) one row of windows at a time, so memory does
@@ -25,7 +27,11 @@ import re
 import sys
 from pathlib import Path
 
-from kseg.inference.defaults import DEFAULT_SCORE_THRESHOLD, PAN_TTA_SCALES
+from kseg.inference.defaults import (
+    DEFAULT_ALPHA,
+    DEFAULT_SCORE_THRESHOLD,
+    PAN_TTA_SCALES,
+)
 
 # TensorFlow and Keras load only when the command runs: `kseg --help` and
 # argument errors answer at once.
@@ -122,8 +128,8 @@ def register(subparsers):
     parser.add_argument(
         "--alpha",
         type=_alpha,
-        default=0.5,
-        help="weight of the label colours in the overlay (default: 0.5)",
+        default=DEFAULT_ALPHA,
+        help=f"weight of the label colours in the overlay (default: {DEFAULT_ALPHA})",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace existing output files"
@@ -161,7 +167,7 @@ def run_predict(args):
     from kseg.files import describe_os_error
     from kseg.inference.predict import predict, predict_tiled
     from kseg.inference.sources import open_model
-    from kseg.inference.visualize import overlay
+    from kseg.inference.visualize import overlay_with_legend
 
     try:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -184,6 +190,9 @@ def run_predict(args):
         "batch_size": args.batch_size,
     }
     palette = None
+    class_names = (
+        _semantic_class_names(args.model, source.path) if args.overlay else None
+    )
     claimed = {}
     failures = 0
     for image_path in args.images:
@@ -212,7 +221,9 @@ def run_predict(args):
             label_map = label_map.astype("uint8")
             _write(outputs[0], encode_index_png(label_map, palette), args.overwrite)
             if args.overlay:
-                blended = overlay(image, label_map, palette, alpha=args.alpha)
+                blended = overlay_with_legend(
+                    image, label_map, palette, args.alpha, class_names
+                )
                 _write(outputs[1], encode_rgb_png(blended), args.overwrite)
         except (OSError, ValueError) as error:
             failures += 1
@@ -336,6 +347,25 @@ def _run_instances(args, source):
         _error(f"{failures} of {len(args.images)} images failed")
         return 1
     return 0
+
+
+def _semantic_class_names(model_path, source_path):
+    """The class names of a semantic run's recipe (the model is a run
+    directory, or a `.keras` file in one), else `None` (`class <k>`)."""
+    from kseg.inference.instance_outputs import find_recipe_path
+    from kseg.training.recipe import load_recipe
+    from kseg.training.semantic import dataset_info
+
+    recipe_path = find_recipe_path(model_path) or find_recipe_path(source_path)
+    if recipe_path is None:
+        return None
+    try:
+        recipe = load_recipe(recipe_path)
+    except (OSError, ValueError):
+        return None
+    if recipe.task != "semantic":
+        return None
+    return dataset_info(recipe.data).class_names
 
 
 def _recipe_resize(recipe_path):

@@ -8,3 +8,7 @@ PAN_TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 # detection out by default: a threshold for looking at results (COCO
 # evaluation wants every detection: 0).
 DEFAULT_SCORE_THRESHOLD = 0.5
+
+# The weight of the label colours in a semantic overlay (`kseg predict
+# --overlay`, `kseg.inference.overlay`).
+DEFAULT_ALPHA = 0.7

@@ -31,12 +31,11 @@ import numpy as np
 
 from kseg.data.instances import mask_api
 from kseg.export.categories import categories_file
+from kseg.inference.visualize import draw_labels, text_height
 from kseg.training.instance import recipe_categories
 
 DETECTIONS_FILE = "detections.json"
 IMAGES_FILE = "images.json"
-
-_FONT_SCALE = 0.4
 
 
 def instance_colors(count):
@@ -54,7 +53,9 @@ def instance_colors(count):
 
 def draw_instances(image, instances, class_names, alpha=0.5):
     """The overlay: uint8 RGB `(H, W, 3)` with each instance's mask blended
-    in its colour (`alpha` its weight), its box and its `name score` label."""
+    in its colour (`alpha` its weight), its box and its `name score` label
+    (`kseg.inference.visualize.draw_labels`: on the instance's colour, never
+    over another label)."""
     import cv2
 
     result = np.asarray(image, np.float32).copy()
@@ -64,32 +65,19 @@ def draw_instances(image, instances, class_names, alpha=0.5):
         mask = instances.masks[index]
         result[mask] = (1 - alpha) * result[mask] + alpha * colors[index]
     canvas = np.ascontiguousarray(np.round(result).astype(np.uint8))
+    line = max(1, round(text_height(canvas.shape) / 12))
     for index in range(len(instances.scores) - 1, -1, -1):
         color = tuple(int(c) for c in colors[index])
         y1, x1, y2, x2 = instances.boxes[index]
         top_left = (int(np.floor(x1)), int(np.floor(y1)))
         bottom_right = (max(int(np.ceil(x2)) - 1, 0), max(int(np.ceil(y2)) - 1, 0))
-        cv2.rectangle(canvas, top_left, bottom_right, color, 1)
-        label = (
-            f"{class_names[instances.classes[index] - 1]} {instances.scores[index]:.2f}"
-        )
-        (text_width, text_height), baseline = cv2.getTextSize(
-            label, cv2.FONT_HERSHEY_SIMPLEX, _FONT_SCALE, 1
-        )
-        x = min(max(top_left[0], 0), max(canvas.shape[1] - text_width, 0))
-        y = top_left[1] - baseline
-        if y - text_height < 0:
-            y = top_left[1] + text_height + 1
-        cv2.putText(
-            canvas,
-            label,
-            (x, y),
-            cv2.FONT_HERSHEY_SIMPLEX,
-            _FONT_SCALE,
-            color,
-            1,
-            cv2.LINE_AA,
-        )
+        cv2.rectangle(canvas, top_left, bottom_right, color, line)
+    # Best first: the best-scoring labels get the places next to their boxes.
+    labels = [
+        f"{class_names[k - 1]} {score:.2f}"
+        for k, score in zip(instances.classes, instances.scores, strict=True)
+    ]
+    draw_labels(canvas, labels, instances.boxes, colors)
     return canvas
 
 

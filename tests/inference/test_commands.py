@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from kseg.data import CITYSCAPES_PALETTE, decode_image, read_label, voc_colormap
-from kseg.inference import PAN_TTA_SCALES, overlay, predict, register
+from kseg.inference import PAN_TTA_SCALES, predict, register
+from kseg.inference.visualize import overlay_with_legend
 from kseg.layers.common import ConvBNReLU
 
 NUM_CLASSES = 3
@@ -90,7 +91,13 @@ def test_two_good_images_and_one_unreadable(model_path, images, tmp_path, capsys
         assert _png_color_type(overlay_path) == 2
         written = cv2.imread(str(overlay_path), cv2.IMREAD_UNCHANGED)[..., ::-1]
         palette = voc_colormap(NUM_CLASSES)
-        np.testing.assert_array_equal(written, overlay(image, expected, palette))
+        # The overlay, then the legend of the classes present (no recipe
+        # beside the model: `class <k>`).
+        np.testing.assert_array_equal(
+            written, overlay_with_legend(image, expected, palette)
+        )
+        assert written.shape[0] >= image.shape[0]
+        assert written.shape[1] > image.shape[1]
 
 
 def test_missing_image_is_reported(model_path, images, tmp_path, capsys):
@@ -188,3 +195,25 @@ def test_bad_options_are_usage_errors(extra, capsys):
     with pytest.raises(SystemExit) as error:
         _parse(["predict", "m.keras", "a.png", "--out", "o", *extra])
     assert error.value.code == 2
+
+
+def test_overlay_legend_names_the_classes_of_the_runs_recipe(
+    model_path, images, tmp_path
+):
+    from kseg.data import SYNTHETIC_CLASSES
+    from kseg.training.recipe import dump_recipe, load_recipe
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.keras").write_bytes(model_path.read_bytes())
+    (run / "recipe.yaml").write_text(dump_recipe(load_recipe("quickstart")))
+    out = tmp_path / "out"
+    argv = ["predict", str(run / "model.keras"), str(images / "first.png")]
+    assert _run([*argv, "--out", str(out), "--overlay"]) == 0
+    written = cv2.imread(str(out / "first_overlay.png"))[..., ::-1]
+    image = decode_image((images / "first.png").read_bytes()).numpy()
+    expected = read_label(out / "first.png")
+    palette = voc_colormap(NUM_CLASSES)
+    named = overlay_with_legend(image, expected, palette, class_names=SYNTHETIC_CLASSES)
+    np.testing.assert_array_equal(written, named)
+    assert not np.array_equal(written, overlay_with_legend(image, expected, palette))

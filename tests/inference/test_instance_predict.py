@@ -18,6 +18,7 @@ from kseg.inference.instance_outputs import (
     encode_instance_png,
     instance_colors,
 )
+from kseg.inference.visualize import contrast_ratio, text_color
 
 SIZE = 64
 # Hand-made detections in model-input pixels (64 × 64), best score not first.
@@ -169,10 +170,18 @@ def test_overlay_blends_masks_and_draws_boxes_and_labels():
     np.testing.assert_array_equal(drawn[40, 18], color)
     np.testing.assert_array_equal(drawn[40, 43], color)
     np.testing.assert_array_equal(drawn[51, 30], color)
-    # The label "square 0.87" above the box changes pixels there only.
-    assert (drawn[10:28, 18:80] != 100).any()
+    # The label "square 0.87" sits right above the box, filled with the
+    # instance's colour, its text in black or white whichever contrasts more
+    # (kseg.inference.visualize.draw_labels); nothing else changes.
+    filled = np.all(drawn[:28] == color, axis=-1)
+    rows = np.flatnonzero(filled[:, 0])  # the label's padding (it fills the width)
+    assert len(rows) >= 12 and rows[-1] == 27 and np.all(np.diff(rows) == 1)
+    label = drawn[rows[0] : 28].reshape(-1, 3).astype(float)
+    ink = np.array(text_color(color), float)
+    assert (np.abs(label - ink).max(-1) < 60).sum() >= 20
+    assert contrast_ratio(ink, color) >= 4.5
+    np.testing.assert_array_equal(drawn[: rows[0]], image[: rows[0]])
     np.testing.assert_array_equal(drawn[55:, :], image[55:, :])
-    np.testing.assert_array_equal(drawn[:, :15], image[:, :15])
 
 
 def test_instance_png_reads_back_exactly(tmp_path):
