@@ -208,7 +208,11 @@ class Checkpoint(keras.callbacks.Callback):
 
 
 class NonFiniteLossError(ValueError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite in epoch `epoch` (from 1)."""
+
+    def __init__(self, message, epoch):
+        super().__init__(message)
+        self.epoch = epoch
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
@@ -234,7 +238,8 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
         step = int(self.model.optimizer.iterations.numpy())
         raise NonFiniteLossError(
             f"the training loss became {float(loss)} in epoch {self._epoch + 1} "
-            f"(step {step}); training stopped"
+            f"(step {step}); training stopped",
+            epoch=self._epoch + 1,
         )
 
 

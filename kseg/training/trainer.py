@@ -408,11 +408,17 @@ def _run(recipe, task, strategy, setup, path, description, extra, verbose, clock
                     model, task, strategy, steps, initial_epoch, callbacks, verbose
                 )
             except NonFiniteLossError as error:
+                kept = (
+                    f"its {CHECKPOINTS_DIR}/ and {BACKUP_DIR}/ hold epoch "
+                    f"{error.epoch - 1}, the last complete one"
+                    if error.epoch > 1
+                    else "no epoch completed, so nothing was saved"
+                )
                 raise NonFiniteLossError(
-                    f"{path}: {error}. The run keeps its last complete epoch "
-                    f"({CHECKPOINTS_DIR}/last.keras, best.keras and {BACKUP_DIR}/) "
-                    "and has no model.keras; lower optimizer.learning_rate (or "
-                    "set optimizer.global_clipnorm) and start a new run"
+                    f"{path}: {error}; {kept}, and there is no {MODEL_FILE}. "
+                    "Lower optimizer.learning_rate (or set "
+                    "optimizer.global_clipnorm) and start a new run",
+                    error.epoch,
                 ) from None
         steps_done = int(model.optimizer.iterations.numpy())
         # The saved model must load on any backend; synchronized BN is TF-only.

@@ -383,7 +383,8 @@ def test_a_nan_loss_stops_the_run_keeping_the_last_complete_epoch(tmp_path):
         )
     message = str(error.value)
     assert "the training loss became nan in epoch 2 (step 2)" in message
-    assert "last complete epoch" in message and "start a new run" in message
+    assert "checkpoints/ and backup/ hold epoch 1, the last complete one" in message
+    assert "no model.keras" in message and "start a new run" in message
     # No model, no result: the run did not finish, and epoch 2 left nothing.
     assert not (run / "model.keras").exists() and not (run / RESULT_FILE).exists()
     lines = (run / "epochs.jsonl").read_text().splitlines()
