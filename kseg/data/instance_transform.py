@@ -79,8 +79,16 @@ def paste_masks(masks, boxes, height, width, threshold=0.5):
             returns the pasted probabilities. Defaults to 0.5.
 
     Returns:
-        bool `(D, height, width)`, or float32 with `threshold=None`.
+        bool `(D, height, width)`, or float32 with `threshold=None`. D full
+        image planes: `paste_mask_crops` holds only the boxes.
     """
+    return np.asarray(paste_mask_crops(masks, boxes, height, width, threshold))
+
+
+def paste_mask_crops(masks, boxes, height, width, threshold=0.5):
+    """`paste_masks` as a `PastedMasks`: each mask pasted inside its box when
+    it is read, so memory grows with the boxes, not with D × H × W. The same
+    pixels as `paste_masks` (which is built on it)."""
     masks = np.asarray(masks, dtype=np.float64)
     boxes = np.asarray(boxes, dtype=np.float64)
     if masks.ndim != 3:
@@ -90,25 +98,155 @@ def paste_masks(masks, boxes, height, width, threshold=0.5):
             f"boxes must have shape ({len(masks)}, 4) for {len(masks)} masks, got "
             f"{boxes.shape}"
         )
-    pasted = np.zeros((len(masks), height, width), np.float32)
-    if len(masks):
-        rows = ops.convert_to_numpy(
-            paste_weights(boxes[:, 0], boxes[:, 2], height, masks.shape[1])
+    if threshold is not None and not threshold > 0:
+        raise ValueError(
+            "threshold must be positive or None (outside its box a mask's "
+            f"probability is 0), got {threshold!r}"
         )
-        cols = ops.convert_to_numpy(
-            paste_weights(boxes[:, 1], boxes[:, 3], width, masks.shape[2])
-        )
-    for k, mask in enumerate(masks.astype(np.float32)):
-        # Only the rows and columns inside the box.
-        top, bottom = _span(rows[k])
-        left, right = _span(cols[k])
-        if bottom > top and right > left:
-            pasted[k, top:bottom, left:right] = (
-                rows[k, top:bottom] @ mask @ cols[k, left:right].T
+    return PastedMasks(masks, boxes, height, width, threshold)
+
+
+class PastedMasks:
+    """D masks of an `height × width` image, pasted inside their boxes on
+    demand (`paste_mask_crops`): what `paste_masks` returns, without the D
+    full image planes.
+
+    Reads like the `(D, H, W)` array: `shape`, `dtype`, `len`, `masks[k]`
+    (one full plane), `masks[k, rows, cols]`, and `np.asarray(masks)` (all
+    D planes). `crop(k)` and `crop_rows(k, first, stop)` give a mask inside
+    its box only, for work whose memory stays with the boxes.
+
+    A pixel's probability is computed in float64 from the float32 sampling
+    weights of `paste_weights` (at most two taps along each axis), one
+    pixel at a time, so it does not depend on which rows are pasted
+    together (matrix products round differently by shape): a crop, a band
+    of rows and the full plane agree exactly.
+    """
+
+    def __init__(self, masks, boxes, height, width, threshold=0.5):
+        self.masks = np.asarray(masks, np.float64)
+        self.threshold = threshold
+        self.shape = (len(self.masks), int(height), int(width))
+        self.dtype = np.dtype(np.float32 if threshold is None else np.bool_)
+        self.ndim = 3
+        self._spans = []
+        for k, mask in enumerate(self.masks):
+            # One box at a time: nothing here grows with D × H or D × W.
+            rows = ops.convert_to_numpy(
+                paste_weights(
+                    boxes[k : k + 1, 0], boxes[k : k + 1, 2], height, len(mask)
+                )
+            )[0]
+            cols = ops.convert_to_numpy(
+                paste_weights(
+                    boxes[k : k + 1, 1], boxes[k : k + 1, 3], width, mask.shape[1]
+                )
+            )[0]
+            top, bottom = _span(rows)
+            left, right = _span(cols)
+            if bottom <= top or right <= left:
+                top = bottom = left = right = 0
+            self._spans.append(
+                (top, left, _taps(rows[top:bottom]), _taps(cols[left:right]))
             )
-    if threshold is None:
-        return pasted
-    return pasted >= threshold
+
+    def __len__(self):
+        return self.shape[0]
+
+    def box(self, index):
+        """`(top, bottom, left, right)`: the pixels a mask may cover."""
+        top, left, rows, cols = self._spans[index]
+        return top, top + len(rows[0]), left, left + len(cols[0])
+
+    def crop_rows(self, index, first, stop):
+        """Mask `index` on image rows `[first, stop)` (clipped to its box)
+        and its box's columns: `(first, left, array)`."""
+        top, left, rows, cols = self._spans[index]
+        first = min(max(first, top), top + len(rows[0]))
+        stop = max(min(stop, top + len(rows[0])), first)
+        row_lower, row_upper, row_low, row_high = (
+            tap[first - top : stop - top, None] for tap in rows
+        )
+        column_lower, column_upper, column_low, column_high = cols
+        mask = self.masks[index]
+
+        def sample(mask_rows):
+            return (
+                column_low * mask[mask_rows, column_lower]
+                + column_high * mask[mask_rows, column_upper]
+            )
+
+        pasted = row_low * sample(row_lower) + row_high * sample(row_upper)
+        if self.threshold is None:
+            return first, left, pasted.astype(np.float32)
+        return first, left, pasted >= self.threshold
+
+    def crop(self, index):
+        """`(top, left, array)`: mask `index` inside its box."""
+        return self.crop_rows(index, 0, self.shape[1])
+
+    def plane(self, index):
+        """Mask `index` as a full `(H, W)` array."""
+        top, left, crop = self.crop(index)
+        result = np.zeros(self.shape[1:], self.dtype)
+        result[top : top + crop.shape[0], left : left + crop.shape[1]] = crop
+        return result
+
+    def __getitem__(self, key):
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if isinstance(first, (int, np.integer)):
+            if not -len(self) <= first < len(self):
+                raise IndexError(f"mask {first} of {len(self)}")
+            return self.plane(int(first) % len(self))[rest]
+        return np.asarray(self)[key]
+
+    def __array__(self, dtype=None, copy=None):
+        result = np.zeros(self.shape, self.dtype)
+        for index in range(len(self)):
+            top, left, crop = self.crop(index)
+            result[index, top : top + crop.shape[0], left : left + crop.shape[1]] = crop
+        return result if dtype is None else result.astype(dtype, copy=False)
+
+
+def as_pasted_masks(masks):
+    """`masks` as something with `PastedMasks`' `crop` / `crop_rows` /
+    `box`: itself, or a `(D, H, W)` array's planes wrapped whole."""
+    if isinstance(masks, PastedMasks):
+        return masks
+    return _Planes(np.asarray(masks))
+
+
+class _Planes:
+    """A `(D, H, W)` array read through `PastedMasks`' crop methods."""
+
+    def __init__(self, masks):
+        self.masks = masks
+        self.shape = masks.shape
+
+    def __len__(self):
+        return len(self.masks)
+
+    def box(self, index):
+        return 0, self.shape[1], 0, self.shape[2]
+
+    def crop_rows(self, index, first, stop):
+        first = min(max(first, 0), self.shape[1])
+        return first, 0, self.masks[index, first : max(stop, first)]
+
+    def crop(self, index):
+        return 0, 0, self.masks[index]
+
+
+def _taps(weights):
+    """A `paste_weights` row set `(L, S)` (at most two adjacent nonzero
+    weights a row) as `(lower, upper, lower weight, upper weight)`, each
+    `(L,)`; the upper weight is 0 where both taps are one sample."""
+    lower = np.argmax(weights > 0, axis=1)
+    upper = np.minimum(lower + 1, weights.shape[1] - 1)
+    pixels = np.arange(len(weights))
+    low_weight = weights[pixels, lower].astype(np.float64)
+    high_weight = np.where(upper > lower, weights[pixels, upper], 0.0)
+    return lower, upper, low_weight, high_weight.astype(np.float64)
 
 
 def _span(weights):

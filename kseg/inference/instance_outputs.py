@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kseg.data.instance_transform import as_pasted_masks
 from kseg.data.instances import mask_api
 from kseg.export.categories import categories_file
 from kseg.inference.visualize import draw_labels, text_height
@@ -36,6 +37,8 @@ from kseg.training.instance import recipe_categories
 
 DETECTIONS_FILE = "detections.json"
 IMAGES_FILE = "images.json"
+# Rows of the overlay blended at a time.
+_BAND_ROWS = 256
 
 
 def instance_colors(count):
@@ -58,13 +61,9 @@ def draw_instances(image, instances, class_names, alpha=0.5):
     over another label)."""
     import cv2
 
-    result = np.asarray(image, np.float32).copy()
+    image = np.asarray(image)
     colors = instance_colors(len(instances.scores))
-    # Worst first, so the best-scoring instance is on top where they overlap.
-    for index in range(len(instances.scores) - 1, -1, -1):
-        mask = instances.masks[index]
-        result[mask] = (1 - alpha) * result[mask] + alpha * colors[index]
-    canvas = np.ascontiguousarray(np.round(result).astype(np.uint8))
+    canvas = blend_masks(image, instances.masks, colors, alpha)
     line = max(1, round(text_height(canvas.shape) / 12))
     for index in range(len(instances.scores) - 1, -1, -1):
         color = tuple(int(c) for c in colors[index])
@@ -78,6 +77,33 @@ def draw_instances(image, instances, class_names, alpha=0.5):
         for k, score in zip(instances.classes, instances.scores, strict=True)
     ]
     draw_labels(canvas, labels, instances.boxes, colors)
+    return canvas
+
+
+def blend_masks(image, masks, colors, alpha):
+    """uint8 `image` `(H, W, 3)` with mask k (of `masks`, `(D, H, W)` bool or
+    a `PastedMasks`) blended in `colors[k]`: `(1 − alpha) · pixel + alpha ·
+    colour` in float32, worst (last) first so the best-scoring instance is
+    on top where they overlap, rounded once at the end.
+
+    One band of rows at a time, each mask pasted on the band's rows only: a
+    float copy of the image would be 12 bytes a pixel, all D masks D bytes.
+    """
+    image = np.asarray(image)
+    masks = as_pasted_masks(masks)
+    canvas = np.empty(image.shape, np.uint8)
+    for top in range(0, image.shape[0], _BAND_ROWS):
+        bottom = min(top + _BAND_ROWS, image.shape[0])
+        band = np.asarray(image[top:bottom], np.float32).copy()
+        for index in range(len(masks) - 1, -1, -1):
+            box_top, box_bottom, _, _ = masks.box(index)
+            if box_bottom <= top or box_top >= bottom:
+                continue
+            first, left, mask = masks.crop_rows(index, top, bottom)
+            window = band[first - top : first - top + len(mask)]
+            window = window[:, left : left + mask.shape[1]]
+            window[mask] = (1 - alpha) * window[mask] + alpha * colors[index]
+        canvas[top:bottom] = np.round(band).astype(np.uint8)
     return canvas
 
 
@@ -114,11 +140,15 @@ def coco_results(instances, image_id, category_ids):
     """COCO result dicts of one image's `Instances` (compressed RLE)."""
     if not len(instances.scores):
         return []
-    masks = np.asfortranarray(instances.masks.transpose(1, 2, 0).astype(np.uint8))
-    rles = mask_api().encode(masks)
     height, width = instances.masks.shape[1:]
     results = []
-    for index, rle in enumerate(rles):
+    masks = as_pasted_masks(instances.masks)
+    for index in range(len(masks)):
+        # One full-size plane at a time (the RLE runs over the whole image).
+        top, left, crop = masks.crop(index)
+        mask = np.zeros((height, width, 1), np.uint8, order="F")
+        mask[top : top + crop.shape[0], left : left + crop.shape[1], 0] = crop
+        (rle,) = mask_api().encode(mask)
         y1, x1, y2, x2 = (float(v) for v in instances.boxes[index])
         results.append(
             {

@@ -6,8 +6,9 @@ resize so the whole image fits, optionally to a given shorter edge, then zero
 padding below and right), the model runs, and its detections go back to the
 image: boxes divided by the resize scale and clipped to the image, the 28 × 28
 mask probabilities pasted inside the boxes at image resolution
-(`kseg.data.instance_transform.paste_masks`) — what `detections_to_coco` does for
-the COCO evaluation.
+(`kseg.data.instance_transform.paste_mask_crops`: each mask held inside its
+box, so memory grows with the boxes, not detections × H × W) — what
+`detections_to_coco` does for the COCO evaluation.
 
 An exported PANet SavedModel (`kseg.export`) does the fitting and the box
 mapping in its graph; `open_model` wraps it as a
@@ -23,7 +24,11 @@ from typing import NamedTuple
 import numpy as np
 from keras import ops
 
-from kseg.data.instance_transform import boxes_to_image, paste_masks
+from kseg.data.instance_transform import (
+    as_pasted_masks,
+    boxes_to_image,
+    paste_mask_crops,
+)
 from kseg.inference.defaults import DEFAULT_SCORE_THRESHOLD
 from kseg.inference.sources import InstanceSavedModel
 from kseg.tasks import is_instance_model
@@ -39,7 +44,10 @@ class Instances(NamedTuple):
             (i, j) covers `[i, i + 1) × [j, j + 1)`), clipped to the image.
         scores: float32 `(D,)`, descending.
         classes: int32 `(D,)` classes in 1..C.
-        masks: bool `(D, H, W)` at the image's size.
+        masks: bool `(D, H, W)` at the image's size: from
+            `predict_instances` a `kseg.data.instance_transform.PastedMasks`
+            (each mask held inside its box; `masks[k]` is a full plane,
+            `np.asarray(masks)` all of them).
     """
 
     boxes: np.ndarray
@@ -52,8 +60,12 @@ class Instances(NamedTuple):
         detection (1-based) — the best-scoring one where masks overlap."""
         height, width = self.masks.shape[1:]
         result = np.zeros((height, width), np.uint16)
-        for index in range(len(self.masks) - 1, -1, -1):
-            result[self.masks[index]] = index + 1
+        masks = as_pasted_masks(self.masks)
+        # One mask inside its box at a time.
+        for index in range(len(masks) - 1, -1, -1):
+            top, left, crop = masks.crop(index)
+            window = result[top : top + crop.shape[0], left : left + crop.shape[1]]
+            window[crop] = index + 1
         return result
 
 
@@ -132,7 +144,9 @@ def _select(detections, image_shape, score_threshold, max_detections, mask_thres
         boxes=boxes.astype(np.float32),
         scores=scores[keep],
         classes=classes[keep],
-        masks=paste_masks(masks, boxes.reshape(-1, 4), height, width, mask_threshold),
+        masks=paste_mask_crops(
+            masks, boxes.reshape(-1, 4), height, width, mask_threshold
+        ),
     )
 
 

@@ -58,3 +58,74 @@ def test_shape_errors():
         paste_masks(np.ones((28, 28)), [[0, 0, 1, 1]], 4, 4)
     with pytest.raises(ValueError, match="boxes"):
         paste_masks(np.ones((2, 28, 28)), [[0, 0, 1, 1]], 4, 4)
+
+
+def _random_detections(seed, count, height, width):
+    """Fractional boxes (some beyond the image, one empty) and smooth
+    masks whose pasted values cross 0.5 often."""
+    rng = np.random.default_rng(seed)
+    y = rng.uniform(-10, height + 10, (count, 2))
+    x = rng.uniform(-10, width + 10, (count, 2))
+    boxes = np.stack([y.min(-1), x.min(-1), y.max(-1), x.max(-1)], axis=-1)
+    boxes[3, 2] = boxes[3, 0]
+    coarse = rng.uniform(0, 1, (count, 4, 4))
+    centres = (np.arange(28) + 0.5) / 7 - 0.5
+    lower = np.clip(np.floor(centres).astype(int), 0, 3)
+    upper = np.minimum(lower + 1, 3)
+    fraction = np.clip(centres - lower, 0, 1)[:, None]
+    rows = coarse[:, lower] * (1 - fraction) + coarse[:, upper] * fraction
+    fraction = fraction[:, 0]
+    masks = rows[:, :, lower] * (1 - fraction) + rows[:, :, upper] * fraction
+    return masks.astype(np.float32), boxes
+
+
+def _full_size_paste(masks, boxes, height, width):
+    """The paste over every image pixel: full-size weights, one product."""
+    from keras import ops
+
+    from kseg.data.instance_transform import paste_weights
+
+    rows = ops.convert_to_numpy(paste_weights(boxes[:, 0], boxes[:, 2], height, 28))
+    cols = ops.convert_to_numpy(paste_weights(boxes[:, 1], boxes[:, 3], width, 28))
+    return np.einsum(
+        "dha,dab,dwb->dhw",
+        rows.astype(np.float64),
+        masks.astype(np.float64),
+        cols.astype(np.float64),
+    )
+
+
+def test_pasting_inside_the_box_gives_the_full_size_paste_exactly():
+    from kseg.data.instance_transform import paste_mask_crops
+
+    height, width = 45, 70
+    masks, boxes = _random_detections(3, 12, height, width)
+    full = _full_size_paste(masks, boxes, height, width)
+    assert ((full > 0.3) & (full < 0.7)).sum() > 500  # near the threshold
+    expected = full >= 0.5
+    pasted = paste_mask_crops(masks, boxes, height, width)
+    assert pasted.shape == (12, height, width) and pasted.dtype == bool
+    np.testing.assert_array_equal(np.asarray(pasted), expected)
+    np.testing.assert_array_equal(paste_masks(masks, boxes, height, width), expected)
+    np.testing.assert_allclose(
+        paste_masks(masks, boxes, height, width, threshold=None), full, atol=1e-6
+    )
+    for k in range(12):
+        np.testing.assert_array_equal(pasted[k], expected[k])
+        top, left, crop = pasted.crop(k)
+        # Nothing of the mask lies outside its crop.
+        assert expected[k].sum() == crop.sum()
+        np.testing.assert_array_equal(
+            crop, expected[k, top : top + crop.shape[0], left : left + crop.shape[1]]
+        )
+        # Any band of rows: the same pixels as the whole crop.
+        first, _, band = pasted.crop_rows(k, 10, 23)
+        np.testing.assert_array_equal(band, crop[first - top : first - top + len(band)])
+    assert pasted.crop(3)[2].size == 0  # the empty box
+    np.testing.assert_array_equal(pasted[5, 10:20, 3], expected[5, 10:20, 3])
+
+
+def test_a_threshold_must_be_positive():
+    # Outside its box a mask is 0: a threshold of 0 would fill the image.
+    with pytest.raises(ValueError, match="threshold must be positive"):
+        paste_masks(np.ones((1, 28, 28)), [[0, 0, 1, 1]], 4, 4, threshold=0)
