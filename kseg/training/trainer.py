@@ -21,7 +21,11 @@ backup of the previous epoch is kept until the next one is complete, and a
 run is finished only once `result.json` exists (written last). `train(
 resume=run_dir)` continues from the newest complete backup, falling back to
 the one before when it is damaged, and never silently from scratch. A run
-directory is locked while a process trains in it (`kseg.files.RunLock`).
+directory is locked while a process trains in it (`kseg.files.RunLock`), and
+what a run writes in place is never reached through a symbolic link. A loss
+that becomes NaN or infinite stops the run in that batch with an error
+(`StopOnNonFiniteLoss`), before the epoch's checkpoints and backup are
+written, so they stay those of the last complete epoch.
 Everything that can be checked (recipe, data, model) is checked before the
 run directory is created.
 """
