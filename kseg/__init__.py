@@ -3,3 +3,7 @@
 __version__ = "0.1.0"
 
 from kseg.allocator import tune_cpu_allocator as tune_cpu_allocator
+from kseg.registration import register_when_keras_loads
+
+# `keras.saving.load_model` finds kseg's classes (see kseg.registration).
+register_when_keras_loads()
