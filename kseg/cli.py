@@ -271,11 +271,13 @@ def _build_parser():
     )
     images.set_defaults(func=_images)
 
+    from kseg.convert_commands import register as register_convert
     from kseg.export.commands import register as register_export
     from kseg.inference.commands import register as register_predict
 
     register_predict(commands)
     register_export(commands)
+    register_convert(commands)
     return parser
 
 

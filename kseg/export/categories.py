@@ -2,7 +2,8 @@
 ids and class names, so `kseg predict` reports them for any export. A
 SavedModel keeps it in `assets.extra/categories.json` (TF Serving ignores
 `assets.extra`), a `.tflite` file in `NAME.categories.json`
-beside it."""
+beside it, and so does a `.keras` model that no run's recipe describes
+(`kseg convert` writes one for torchvision's COCO model)."""
 
 import json
 from pathlib import Path
@@ -14,10 +15,10 @@ CATEGORIES_FILE = "categories.json"
 
 def categories_file(export_path):
     """Where an exported instance model keeps its categories: a SavedModel's
-    `assets.extra/categories.json`, a `.tflite` file's `NAME.categories.json`
-    beside it."""
+    `assets.extra/categories.json`, a `.tflite` (or `.keras`) file's
+    `NAME.categories.json` beside it."""
     export_path = Path(export_path)
-    if export_path.suffix == ".tflite":
+    if export_path.suffix in (".tflite", ".keras"):
         return export_path.with_name(f"{export_path.stem}.{CATEGORIES_FILE}")
     return export_path / "assets.extra" / CATEGORIES_FILE
 
