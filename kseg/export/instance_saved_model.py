@@ -26,8 +26,8 @@ evaluation pipeline fits it (`kseg.data.instance_eval_transform`: resize so
 it fits, optionally to a shorter edge, zero padding), the boxes are divided by
 the resize scale, and the masks are pasted with the sampling of
 `kseg.data.instance_transform.paste_weights` (bilinear, mask pixel centres spread
-evenly over the box, edge values held) as two small matrix products per
-detection, one detection at a time, so memory stays O(N·H·W).
+evenly over the box, edge values held), one detection at a time inside its
+box, so memory stays O(N·H·W) and the work grows with the boxes.
 """
 
 import tensorflow as tf
@@ -72,6 +72,12 @@ def paste_instance_map(boxes, scores, masks, num_detections, height, width):
     the row of the best-scoring detection (the first on ties) whose mask
     pasted into its box has probability ≥ 0.5 at the pixel, −1 for none.
 
+    One detection at a time, inside its box: the work and the memory of
+    a detection grow with its box, not with N × H × W. Each pixel's
+    probability is `kseg.data.instance_transform.PastedMasks`' float64
+    two-by-two tap sum of `paste_weights`, so the map is the one
+    `predict_instances` pastes.
+
     Args:
         boxes: float32 `(N, D, 4)` `[y1, x1, y2, x2]` image pixels.
         scores: float32 `(N, D)`.
@@ -82,25 +88,74 @@ def paste_instance_map(boxes, scores, masks, num_detections, height, width):
     batch = tf.shape(boxes)[0]
     count = tf.shape(boxes)[1]
     size = masks.shape[-1]
-    masks = tf.cast(masks, tf.float32)
+    masks = tf.cast(masks, tf.float64)
     best = tf.fill(tf.stack([batch, height, width]), float("-inf"))
     index = tf.fill(tf.stack([batch, height, width]), -1)
 
-    def body(k, best, index):
-        box = boxes[:, k]
-        rows = paste_weights(box[:, 0], box[:, 2], height, size)
-        cols = paste_weights(box[:, 1], box[:, 3], width, size)
-        pasted = tf.matmul(tf.matmul(rows, masks[:, k]), cols, transpose_b=True)
-        score = scores[:, k][:, None, None]
-        covers = (pasted >= 0.5) & (k < num_detections)[:, None, None] & (score > best)
-        return (
-            k + 1,
-            tf.where(covers, score, best),
-            tf.where(covers, k, index),
+    def taps(low, high, length):
+        """`(start, lower, upper, low weight, high weight)` of the pixels
+        inside `[low, high)` along one axis (see `PastedMasks`)."""
+        weights = paste_weights(low[None], high[None], length, size)[0]
+        inside = tf.reduce_any(weights > 0, axis=1)
+        start = tf.cast(tf.argmax(tf.cast(inside, tf.int32)), tf.int32)
+        weights = weights[start : start + tf.reduce_sum(tf.cast(inside, tf.int32))]
+        lower = tf.argmax(tf.cast(weights > 0, tf.int32), axis=1, output_type=tf.int32)
+        upper = tf.minimum(lower + 1, size - 1)
+        low_weight = tf.cast(tf.gather(weights, lower, batch_dims=1), tf.float64)
+        high_weight = tf.where(
+            upper > lower,
+            tf.cast(tf.gather(weights, upper, batch_dims=1), tf.float64),
+            tf.constant(0.0, tf.float64),
         )
+        return start, lower, upper, low_weight, high_weight
+
+    def body(i, best, index):
+        image, k = i // count, i % count
+        top, row_lower, row_upper, row_low, row_high = taps(
+            boxes[image, k, 0], boxes[image, k, 2], height
+        )
+        left, col_lower, col_upper, col_low, col_high = taps(
+            boxes[image, k, 1], boxes[image, k, 3], width
+        )
+        mask = masks[image, k]
+
+        def sample(mask_rows):
+            rows = tf.gather(mask, mask_rows)
+            return col_low * tf.gather(rows, col_lower, axis=1) + col_high * tf.gather(
+                rows, col_upper, axis=1
+            )
+
+        pasted = row_low[:, None] * sample(row_lower) + row_high[:, None] * sample(
+            row_upper
+        )
+        begin = tf.stack([image, top, left])
+        end = begin + tf.concat([[1], tf.shape(pasted)], axis=0)
+        strides = tf.ones([3], tf.int32)
+        old_best = tf.strided_slice(best, begin, end, strides)[0]
+        old_index = tf.strided_slice(index, begin, end, strides)[0]
+        score = scores[image, k]
+        covers = (pasted >= 0.5) & (k < num_detections[image]) & (score > old_best)
+        best = tf.raw_ops.TensorStridedSliceUpdate(
+            input=best,
+            begin=begin,
+            end=end,
+            strides=strides,
+            value=tf.where(covers, score, old_best)[None],
+        )
+        index = tf.raw_ops.TensorStridedSliceUpdate(
+            input=index,
+            begin=begin,
+            end=end,
+            strides=strides,
+            value=tf.where(covers, k, old_index)[None],
+        )
+        return i + 1, best, index
 
     _, _, index = tf.while_loop(
-        lambda k, best, index: k < count, body, (tf.constant(0), best, index)
+        lambda i, best, index: i < batch * count,
+        body,
+        (tf.constant(0), best, index),
+        parallel_iterations=1,
     )
     return index
 
