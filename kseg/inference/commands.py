@@ -16,10 +16,11 @@ or segmented is reported on stderr (naming the file and the reason) and
 skipped; the exit status is 1 if any image failed. Existing outputs are
 never replaced without `--overwrite`.
 
-Images larger than `--max-pixels` (default 1 megapixel) run by windows
-(`--window`, default 512×512) one row of windows at a time, so memory does
-not grow with the image beyond the image and its class map; test-time
-augmentation then applies to each window.
+Images larger than `--max-pixels` (default 1 megapixel), or whose largest
+test scale would be, run by windows (`--window`, default 512×512, smaller
+where a test scale would enlarge a window beyond `--max-pixels`) one row of
+windows at a time, so memory does not grow with the image beyond the image
+and its class map; test-time augmentation then applies to each window.
 """
 
 import argparse
@@ -30,6 +31,7 @@ from pathlib import Path
 from kseg.inference.defaults import (
     DEFAULT_ALPHA,
     DEFAULT_SCORE_THRESHOLD,
+    MAX_TEST_SCALE,
     PAN_TTA_SCALES,
 )
 
@@ -41,6 +43,8 @@ from kseg.tasks import is_instance_model
 PALETTE_NAMES = ("ade20k", "cityscapes", "voc")
 DEFAULT_MAX_PIXELS = 1 << 20
 DEFAULT_TILE = 512
+# The smallest default window (`--max-pixels` with large test scales).
+MIN_TILE = 64
 
 
 def register(subparsers):
@@ -80,10 +84,11 @@ def register(subparsers):
     )
     augmentation.add_argument(
         "--scales",
-        type=_positive_float,
+        type=_scale,
         nargs="+",
         default=(1.0,),
-        help="test scales whose probabilities are averaged (default: 1.0)",
+        help="test scales whose probabilities are averaged, each in (0, "
+        f"{MAX_TEST_SCALE:g}] (default: 1.0)",
     )
     parser.add_argument(
         "--flip", action="store_true", help="also average the mirrored image"
@@ -101,8 +106,9 @@ def register(subparsers):
         "--max-pixels",
         type=_positive_int,
         default=DEFAULT_MAX_PIXELS,
-        help="images with more pixels run by windows, one row at a time, so "
-        f"memory stays bounded (default: {DEFAULT_MAX_PIXELS})",
+        help="images with more pixels (at their largest test scale) run by "
+        "windows, one row at a time, so memory stays bounded (default: "
+        f"{DEFAULT_MAX_PIXELS})",
     )
     parser.add_argument(
         "--overlap",
@@ -209,8 +215,11 @@ def run_predict(args):
                         )
             image = _read_image(image_path)
             height, width = image.shape[:2]
-            if height * width > args.max_pixels or source.input_size is not None:
-                tile = window or (DEFAULT_TILE, DEFAULT_TILE)
+            # The largest model run, not only the image, must fit the cap.
+            largest = max(options["scales"])
+            pixels = max(height * width, _scaled_pixels(height, width, largest))
+            if pixels > args.max_pixels or source.input_size is not None:
+                tile = window or _default_tile(args.max_pixels, largest)
                 label_map = predict_tiled(source.model, image, tile, **options)
             else:
                 label_map = predict(
@@ -234,6 +243,21 @@ def run_predict(args):
         _error(f"{failures} of {len(args.images)} images failed")
         return 1
     return 0
+
+
+def _scaled_pixels(height, width, scale):
+    """The pixels of an image resized by `scale` (as `predict` resizes)."""
+    return max(1, round(height * scale)) * max(1, round(width * scale))
+
+
+def _default_tile(max_pixels, largest_scale):
+    """The window of an image run by windows: `DEFAULT_TILE`, smaller where
+    its largest test scale would make a run of more than `max_pixels`
+    pixels (at least `MIN_TILE`)."""
+    side = DEFAULT_TILE
+    while side > MIN_TILE and _scaled_pixels(side, side, largest_scale) > max_pixels:
+        side -= 1
+    return side, side
 
 
 def _claim(output, image_path, claimed):
@@ -470,7 +494,9 @@ def _number(convert, accept, expected):
 
 
 _positive_int = _number(int, lambda v: v >= 1, "a positive int")
-_positive_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")
+_scale = _number(
+    float, lambda v: 0 < v <= MAX_TEST_SCALE, f"a number in (0, {MAX_TEST_SCALE:g}]"
+)
 _overlap = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 _alpha = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 _unit_float = _alpha

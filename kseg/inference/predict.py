@@ -13,7 +13,6 @@ half-pixel centres). Bilinear weights are convex, so every averaged
 probability vector still sums to 1.
 """
 
-import math
 from typing import NamedTuple
 
 import keras
@@ -21,6 +20,7 @@ import numpy as np
 
 from kseg.data.augment import IMAGENET_MEAN
 from kseg.data.preprocessing import preprocess_images
+from kseg.inference.defaults import MAX_TEST_SCALE
 from kseg.layers.common import resize
 from kseg.models.segmenter import check_positive_int, check_rate
 
@@ -83,8 +83,8 @@ def predict(
             to that logits tensor directly.
         image: array `(H, W, 3)`, any integer (typically uint8) or floating
             dtype, RGB values in 0–255.
-        scales: sequence of positive floats. Resize factors of the runs.
-            Defaults to `(1.0,)`.
+        scales: sequence of floats in (0, 4] (`MAX_TEST_SCALE`). Resize
+            factors of the runs. Defaults to `(1.0,)`.
         flip: bool. Also run each scale horizontally mirrored. Defaults to
             `False`.
         window: `None`, int or `(height, width)`. Sliding-window size; `None`
@@ -348,9 +348,11 @@ def _check_scales(scales):
         raise ValueError(
             f"scales must be a sequence of positive floats, got {scales!r}"
         ) from None
-    if not scales or not all(math.isfinite(s) and s > 0 for s in scales):
+    if not scales or not all(0 < s <= MAX_TEST_SCALE for s in scales):
         raise ValueError(
-            f"scales must be a non-empty sequence of positive floats, got {scales}"
+            "scales must be a non-empty sequence of floats in (0, "
+            f"{MAX_TEST_SCALE:g}] (a scale s runs the model on s² times the "
+            f"pixels), got {scales}"
         )
     return scales
 
