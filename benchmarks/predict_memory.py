@@ -1,20 +1,31 @@
 """Benchmark: peak memory (RSS) and time of `kseg predict` by image size.
 
 One `kseg predict` subprocess per image (a gradient with shapes and noise,
-written as PNG), at 1, 4, 16 and 64 megapixels; its peak RSS is the child's
-own `ru_maxrss` (`os.wait4`), its time the wall time of the whole command
-(Python and TensorFlow start-up included). The model is the quickstart
-recipe's PAN (48 filters, a ResNet of widths 16-64, output stride 8), built
-here with random weights and saved as `.keras`: memory depends on the
-activations, not on what the weights learnt.
+written as PNG); its peak RSS is the child's own `ru_maxrss` (`os.wait4`),
+its time the wall time of the whole command (Python and TensorFlow start-up
+included). The models have random weights, saved as `.keras`: memory
+depends on the activations and the outputs, not on what the weights learnt.
 
-`kseg predict` runs images above `--max-pixels` (default 1 megapixel) by
-512×512 windows, one row at a time, so its peak should stay near the
-image and its class map. The peer, measured in the same run, is the whole
-image in one call (`--max-pixels` above the image's size), at the sizes
-where that still fits in this machine's memory (`--peer-max` megapixels).
+- semantic (`--sizes`, default 1 4 16 64 MP): the quickstart recipe's PAN
+  (48 filters, a ResNet of widths 16-64, output stride 8). `kseg predict`
+  runs images above `--max-pixels` (default 1 megapixel) by 512×512
+  windows, one row at a time, so its peak should stay near the image and
+  its class map. The peer, measured in the same run, is the whole image in
+  one call (`--max-pixels` above the image's size), at the sizes where that
+  still fits in this machine's memory (`--peer-max` megapixels).
+- semantic `--tta` (`--tta-sizes`, default 1 4 16 MP): PAN's six scales and
+  flips; a run whose largest scale exceeds `--max-pixels` goes by windows.
+- PANet (`--panet-sizes`, default 1 16 64 MP): the panet_quickstart
+  recipe's model with `--score-threshold 0`, so every detection it returns
+  (up to its `max_detections`) is pasted, drawn, written to the instance
+  PNG and encoded as COCO RLE.
+
+Growth from 16 to 64 MP should be about the image and its outputs (3 bytes
+a pixel of image, 3 of overlay, 1 or 2 of class / instance map), not a
+multiple of them.
 
     python benchmarks/predict_memory.py [--sizes 1 4 16 64] [--peer-max 4]
+        [--tta-sizes 1 4 16] [--panet-sizes 1 16 64]
 """
 
 import argparse
@@ -33,13 +44,34 @@ import numpy as np  # noqa: E402
 MEGAPIXEL = 1 << 20
 
 
-def save_model(path):
-    """The quickstart recipe's model, random weights, saved as `.keras`."""
-    from kseg.data import SYNTHETIC_CLASSES
+def save_model(path, recipe="quickstart"):
+    """A recipe's model (`quickstart`: PAN, `panet_quickstart`: PANet),
+    random weights, saved as `.keras`."""
+    from kseg.data import SYNTHETIC_CLASSES, SYNTHETIC_INSTANCE_CLASSES
     from kseg.training.recipe import load_recipe
-    from kseg.training.task import build_model
+    from kseg.training.task import (
+        BACKBONE_BUILDERS,
+        build_model,
+        with_input_normalization,
+    )
 
-    model = build_model(load_recipe("quickstart"), len(SYNTHETIC_CLASSES))
+    recipe = load_recipe(recipe)
+    if recipe.task == "instance":
+        from kseg.models import PANet
+
+        # What the instance task builds, less its training arguments.
+        size = tuple(recipe.data.crop_size)
+        backbone = BACKBONE_BUILDERS[recipe.backbone.name](
+            **{"input_shape": (*size, 3), **recipe.backbone.kwargs}
+        )
+        model = PANet(
+            with_input_normalization(backbone),
+            len(SYNTHETIC_INSTANCE_CLASSES),
+            image_size=size,
+            **recipe.model.kwargs,
+        )
+    else:
+        model = build_model(recipe, len(SYNTHETIC_CLASSES))
     model.save(path)
     return path
 
@@ -68,10 +100,10 @@ def write_image(path, megapixels, seed=0):
     return side
 
 
-def measure(model, image, out, max_pixels=None):
+def measure(model, image, out, max_pixels=None, options=()):
     """Runs `kseg predict` once; returns (peak RSS MiB, seconds, exit status)."""
     command = [sys.executable, "-m", "kseg.cli", "predict", str(model), str(image)]
-    command += ["--out", str(out), "--overwrite"]
+    command += ["--out", str(out), "--overwrite", *options]
     if max_pixels is not None:
         command += ["--max-pixels", str(max_pixels)]
     started = time.perf_counter()
@@ -91,26 +123,46 @@ def measure(model, image, out, max_pixels=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=float, nargs="+", default=(1, 4, 16, 64))
+    parser.add_argument("--sizes", type=float, nargs="*", default=(1, 4, 16, 64))
     parser.add_argument(
         "--peer-max",
         type=float,
         default=4,
         help="largest size (megapixels) run whole as the peer (default: 4)",
     )
+    parser.add_argument("--tta-sizes", type=float, nargs="*", default=(1, 4, 16))
+    parser.add_argument("--panet-sizes", type=float, nargs="*", default=(1, 16, 64))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kseg-predict-memory-") as folder:
         folder = Path(folder)
-        model = save_model(folder / "quickstart.keras")
-        rows = []
+        semantic = save_model(folder / "quickstart.keras")
+        panet = None
+        if args.panet_sizes:
+            panet = save_model(folder / "panet.keras", "panet_quickstart")
+        plans = {}
         for megapixels in args.sizes:
+            runs = plans.setdefault(megapixels, [])
+            runs.append(("kseg predict (default)", semantic, None, ()))
+            if megapixels <= args.peer_max:
+                runs.append(("whole image (peer)", semantic, "whole", ()))
+        for megapixels in args.tta_sizes:
+            plans.setdefault(megapixels, []).append(
+                ("kseg predict --tta", semantic, None, ("--tta",))
+            )
+        for megapixels in args.panet_sizes:
+            plans.setdefault(megapixels, []).append(
+                ("PANet kseg predict", panet, None, ("--score-threshold", "0"))
+            )
+        rows = []
+        for megapixels in sorted(plans):
             image = folder / f"{megapixels:g}mp.png"
             side = write_image(image, megapixels)
-            runs = [("kseg predict (default)", None)]
-            if megapixels <= args.peer_max:
-                runs.append(("whole image (peer)", side * side))
-            for label, max_pixels in runs:
-                rss, seconds, status = measure(model, image, folder / "out", max_pixels)
+            for label, model, max_pixels, options in plans[megapixels]:
+                if max_pixels == "whole":
+                    max_pixels = side * side
+                rss, seconds, status = measure(
+                    model, image, folder / "out", max_pixels, options
+                )
                 rows.append((megapixels, side, label, rss, seconds, status))
                 print(
                     f"{megapixels:g} MP ({side}x{side}) {label}: {rss:.0f} MiB, "
