@@ -17,9 +17,12 @@ Every command and option is described by `kseg COMMAND --help`.
 """
 
 import argparse
+import logging
 import os
 import sys
-import tempfile
+import traceback
+
+from kseg.console import progress_bar, quiet_tensorflow
 
 DEFAULT_RECIPE = "quickstart"
 
@@ -420,8 +423,6 @@ def _convert(args):
 
 
 def _inspect(args):
-    import keras
-
     from kseg.data import class_histogram, format_class_histogram
     from kseg.training.semantic import read_kseg_dataset
 
@@ -430,7 +431,7 @@ def _inspect(args):
         return _inspect_instances(recipe, args)
     dataset = read_kseg_dataset(recipe.data, args.split, args.data, recipe.train.seed)
     # Every image is decoded and every label checked (size, values).
-    bar = keras.utils.Progbar(len(dataset), unit_name="sample")
+    bar = progress_bar(len(dataset), unit_name="sample")
     problems = dataset.validate(progress=lambda done, total: bar.update(done))
     if problems:
         for _, message in problems:
@@ -451,13 +452,11 @@ def _inspect(args):
 def _inspect_instances(recipe, args):
     """`kseg data inspect` of an instance dataset: every annotation read
     (and every image decoded), then instances per class and per image."""
-    import keras
-
     from kseg.data import format_instance_statistics, instance_statistics
     from kseg.training.instance import read_instances
 
     dataset = read_instances(recipe.data, args.split, args.data, recipe.train.seed)
-    bar = keras.utils.Progbar(len(dataset), unit_name="image")
+    bar = progress_bar(len(dataset), unit_name="image")
     problems = []
     for index in range(len(dataset)):
         try:
@@ -507,38 +506,6 @@ class _UsageError(Exception):
     """A command line whose options do not fit together."""
 
 
-def quiet_tensorflow():
-    """Imports TensorFlow without its C++ start-up lines.
-
-    On a CPU machine TensorFlow prints CUDA probing lines (`cudart_stub`,
-    "failed call to cuInit") and a CPU-feature banner through absl before
-    its log level applies, so a command line would open with them. Unless
-    the user asked for TensorFlow's INFO lines (`TF_CPP_MIN_LOG_LEVEL=0`),
-    the level defaults to 3 and the file descriptor 2 is sent to a
-    temporary file while TensorFlow loads; if the import fails, what it
-    printed is shown.
-    """
-    if "tensorflow" in sys.modules:
-        return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if os.environ["TF_CPP_MIN_LOG_LEVEL"].strip() in ("", "0"):
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            import tensorflow  # noqa: F401
-        except BaseException:
-            os.dup2(saved, 2)
-            captured.seek(0)
-            sys.stderr.write(captured.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
 def _reexec_with_allocator_settings():
     """Starts this command again with kseg's allocator (`kseg.allocator`:
     tcmalloc preloaded when installed, else glibc's `MALLOC_*` settings),
@@ -558,9 +525,17 @@ def main(argv=None):
 
     With `argv=None` (the `kseg` command itself) the process first
     re-executes itself once with kseg's allocator (`kseg.allocator`;
-    `KSEG_MALLOC=off` skips it)."""
+    `KSEG_MALLOC=off` skips it); output to a closed pipe is dropped
+    (`_drop_output_to_closed_pipes`), and the process ends with the
+    command's status as soon as it is done (`_exit_with`)."""
     if argv is None:
         _reexec_with_allocator_settings()
+        _drop_output_to_closed_pipes()
+        _exit_with(lambda: _run(None))
+    return _run(argv)
+
+
+def _run(argv):
     parser = _build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "imports_tensorflow", True):
@@ -583,6 +558,83 @@ def main(argv=None):
         message = describe_os_error(error, action)
         print(f"kseg {args.command}: error: {message}", file=sys.stderr)
         return 1
+
+
+def _exit_with(command):
+    """Runs `command()` and ends the process with its status through
+    `os._exit`, after flushing the output: Python's shutdown never runs.
+
+    A bad sample stops `model.fit` with tf.data iterators still alive (held
+    by the error's traceback, and by Keras): their prefetch threads are in
+    the middle of `py_function` calls that need the GIL. Python's shutdown
+    destroys them from the main thread, which holds the GIL and waits for
+    those threads: the process printed its error and then hung in about
+    half the runs, or aborted with "terminate called without an active
+    exception". Every file kseg writes is complete when a command returns
+    (written atomically, run lock released), so nothing is lost by not
+    tearing the objects down. An exception no command handles is printed
+    with its traceback (status 1), as Python would."""
+    try:
+        code = command()
+    except SystemExit as exit:  # argparse's --help and usage errors
+        code = exit.code
+    except KeyboardInterrupt:
+        print("kseg: interrupted", file=sys.stderr)
+        code = 130
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # closed by the reader, or by the command itself
+    os._exit(code)
+
+
+class _ClosedPipeTolerant:
+    """A text stream whose writes are dropped once its reader has gone
+    (`kseg train | head -1`): the first `BrokenPipeError` points its file
+    descriptor at os.devnull instead of stopping the command."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+        # What is still buffered now goes to os.devnull.
+        self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _drop_output_to_closed_pipes():
+    """Training must not stop because the program reading its output did
+    (`| head`): stdout and stderr drop what a closed pipe cannot take."""
+    sys.stdout = _ClosedPipeTolerant(sys.stdout)
+    sys.stderr = _ClosedPipeTolerant(sys.stderr)
 
 
 if __name__ == "__main__":

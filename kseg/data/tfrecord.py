@@ -60,8 +60,12 @@ def _example(dataset, index):
 def _text_progress(done, total):
     width = 30
     filled = width * done // total
-    end = "\n" if done == total else ""
-    sys.stderr.write(f"\r[{'=' * filled}{'.' * (width - filled)}] {done}/{total}{end}")
+    bar = f"[{'=' * filled}{'.' * (width - filled)}] {done}/{total}"
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r{bar}" + ("\n" if done == total else ""))
+    elif done == total:
+        # Redrawn with carriage returns, the bar would fill a log file.
+        sys.stderr.write(f"{bar}\n")
     sys.stderr.flush()
 
 

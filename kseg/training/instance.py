@@ -16,6 +16,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from kseg.console import progress_bar
 from kseg.data import (
     check_split_name,
     instance_eval_pipeline,
@@ -158,7 +159,7 @@ def evaluate_instances(model, dataset, recipe, progress=True):
     evaluator = CocoEvaluator(ground_truth, dataset.category_ids, dataset.class_names)
     bar = None
     if progress:
-        bar = keras.utils.Progbar(
+        bar = progress_bar(
             math.ceil(len(dataset) / recipe.eval.batch_size), unit_name="batch"
         )
     for step, (x, meta) in enumerate(batches, start=1):

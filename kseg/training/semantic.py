@@ -10,10 +10,10 @@ per-class IoU evaluation.
 import dataclasses
 from pathlib import Path
 
-import keras
 import numpy as np
 import tensorflow as tf
 
+from kseg.console import progress_bar
 from kseg.data import (
     ADE20K_CLASSES,
     ADE20K_PALETTE,
@@ -358,7 +358,7 @@ def evaluate_model(model, pairs, info, evaluation, progress=True):
     cardinality = int(batches.cardinality())
     bar = None
     if progress:
-        bar = keras.utils.Progbar(
+        bar = progress_bar(
             cardinality if cardinality > 0 else None,
             unit_name="image" if augmented else "batch",
         )
