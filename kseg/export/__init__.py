@@ -5,7 +5,8 @@
 signatures; `export_tflite` writes a float32, float16 or int8 `.tflite` file
 for one fixed input size, run by `TFLiteSegmenter` (`TFLiteInstanceSegmenter`
 for PANet); `export_onnx` writes an
-`.onnx` file (dynamic batch and size), run by `ONNXSegmenter`. `kseg export` is the
+`.onnx` file (dynamic batch and size), run by `ONNXSegmenter`
+(`ONNXInstanceSegmenter` for PANet). `kseg export` is the
 command line (`kseg.export.commands`).
 """
 
@@ -40,7 +41,8 @@ _EXPORTS = {
         "kseg.export.tflite",
     ),
     **dict.fromkeys(
-        ("ONNXSegmenter", "convert_to_onnx", "export_onnx"), "kseg.export.onnx"
+        ("ONNXInstanceSegmenter", "ONNXSegmenter", "convert_to_onnx", "export_onnx"),
+        "kseg.export.onnx",
     ),
 }
 __all__ = sorted(_EXPORTS)

@@ -1,7 +1,7 @@
 """The categories file of an exported instance model: the dataset's category
 ids and class names, so `kseg predict` reports them for any export. A
 SavedModel keeps it in `assets.extra/categories.json` (TF Serving ignores
-`assets.extra`), a `.tflite` file in `NAME.categories.json`
+`assets.extra`), a `.tflite` or `.onnx` file in `NAME.categories.json`
 beside it, and so does a `.keras` model that no run's recipe describes
 (`kseg convert` writes one for torchvision's COCO model)."""
 
@@ -15,19 +15,20 @@ CATEGORIES_FILE = "categories.json"
 
 def categories_file(export_path):
     """Where an exported instance model keeps its categories: a SavedModel's
-    `assets.extra/categories.json`, a `.tflite` (or `.keras`) file's
-    `NAME.categories.json` beside it."""
+    `assets.extra/categories.json`, a `.tflite`, `.onnx` (or `.keras`)
+    file's `NAME.categories.json` beside it."""
     export_path = Path(export_path)
-    if export_path.suffix in (".tflite", ".keras"):
+    if export_path.suffix in (".tflite", ".onnx", ".keras"):
         return export_path.with_name(f"{export_path.stem}.{CATEGORIES_FILE}")
     return export_path / "assets.extra" / CATEGORIES_FILE
 
 
 def categories_json(model, categories):
     """The categories file of an instance model's export (a SavedModel's
-    `assets.extra/categories.json`, a `.tflite` file's `.categories.json`
-    beside it): `[{"id", "name"}, ...]` of classes 1..C as JSON text, or
-    `None` (not an instance model, or no categories and no class count).
+    `assets.extra/categories.json`, a `.tflite` or `.onnx` file's
+    `.categories.json` beside it): `[{"id", "name"}, ...]` of classes 1..C
+    as JSON text, or `None` (not an instance model, or no categories and no
+    class count).
 
     Args:
         model: the exported model.

@@ -10,8 +10,8 @@ MODEL is a .keras file or a `kseg train` run directory. An instance model
 instance map (`kseg.export.instance_saved_model`), with the run's evaluation
 resize and category ids; its TFLite and ONNX files return the detections and
 masks at the model's own input size (`kseg.export.instance_graph`), each
-TFLite file with its categories beside it (NAME.categories.json). The
-SavedModel goes
+TFLite and ONNX file with its categories beside it (NAME.categories.json).
+The SavedModel goes
 to OUT/NAME/VERSION/ (VERSION defaults to the next free integer; TF Serving's
 --model_base_path is OUT/NAME), each TFLite file to
 OUT/NAME/tflite/NAME_vVERSION_QUANTIZATION_HxW.tflite, the ONNX file (--onnx:
@@ -137,6 +137,7 @@ def run_export(args):
         FileNotFoundError: the model file or calibration folder is missing.
         ValueError: options that do not fit the model or each other.
     """
+    from kseg.export.categories import categories_file
     from kseg.export.saved_model import (
         check_segmentation_model,
         export_saved_model,
@@ -180,6 +181,8 @@ def run_export(args):
     onnx_path = model_dir / "onnx" / f"{args.name}_v{version}.onnx"
     if args.onnx:
         refuse_existing(onnx_path, "ONNX file")
+        if instance:
+            refuse_existing(categories_file(onnx_path), "categories file")
     calibration = None
     if "int8" in tflite_paths:
         if args.calibration_dir is not None:
@@ -210,7 +213,8 @@ def run_export(args):
     if args.onnx:
         from kseg.export.onnx import export_onnx
 
-        print(f"ONNX: {export_onnx(model, onnx_path)}")
+        categories = settings.get("categories")
+        print(f"ONNX: {export_onnx(model, onnx_path, categories=categories)}")
     return 0
 
 

@@ -29,8 +29,14 @@ cycles"), so the graph is traced with the same greedy NMS as TensorFlow's
 `CombinedNonMaxSuppression` (`onnx_convertible_nms`), which tf2onnx maps to
 ONNX's `NonMaxSuppression` (`kseg.export.instance_graph`).
 
+`export_onnx` writes a PANet file's categories beside it
+(`NAME.categories.json`, as for a `.tflite` file), where `kseg predict`
+finds the dataset's category ids and class names.
+
 Needs the `onnx` extra (`pip install kseg[onnx]`: onnx, tf2onnx and
-onnxruntime); `ONNXSegmenter` runs a semantic file with ONNX Runtime.
+onnxruntime). `ONNXSegmenter` runs a file with ONNX Runtime,
+`ONNXInstanceSegmenter` a PANet file; `kseg.inference.open_model` opens
+either for `kseg predict`, `predict` and `predict_instances`.
 """
 
 import contextlib
@@ -47,15 +53,15 @@ from tensorflow.python.framework.convert_to_constants import (
     convert_variables_to_constants_v2,
 )
 
+from kseg.export.categories import categories_file, categories_json
 from kseg.export.instance_graph import (
     CombinedNMS,
     instance_function,
     swapped_nms,
 )
+from kseg.export.instance_saved_model import DETECTION_OUTPUTS
 from kseg.export.saved_model import (
-    CLASS_MAP,
     IMAGES,
-    PROBABILITIES,
     check_segmentation_model,
     predict_images,
     refuse_existing,
@@ -66,7 +72,6 @@ from kseg.tasks import is_instance_model
 # ONNX Runtime >= 1.14 runs opset 17 on every execution provider; it has
 # every op a kseg semantic model needs (Resize with half-pixel centres).
 ONNX_OPSET = 17
-OUTPUTS = (CLASS_MAP, PROBABILITIES)
 
 
 def _tf2onnx():
@@ -189,20 +194,33 @@ def convert_to_onnx(model, input_size=None, opset=ONNX_OPSET):
         return convert_function_to_onnx(function, opset).SerializeToString()
 
 
-def export_onnx(model, path, input_size=None, opset=ONNX_OPSET):
-    """Converts `model` (see `convert_to_onnx`) and writes it to `path`.
+def export_onnx(model, path, input_size=None, opset=ONNX_OPSET, categories=None):
+    """Converts `model` (see `convert_to_onnx`) and writes it to `path`; for
+    an instance model also its categories, `NAME.categories.json` beside it
+    (`kseg predict` reads the dataset's ids and names there).
 
-    Never overwrites: an existing `path` raises `FileExistsError`, checked
-    before the conversion and again when the file is created (the file is
-    written under a temporary name and renamed into place).
+    Never overwrites: an existing `path` (or categories file) raises
+    `FileExistsError`, checked before the conversion and again when the
+    file is created (the file is written under a temporary name and renamed
+    into place).
+
+    Args:
+        categories: instance models: `(category_ids, class_names)` of
+            classes 1..C; `None` for ids 1..C named `class_<k>`.
+            Defaults to `None`.
 
     Returns:
         `path` as a `Path`.
     """
     path = Path(path)
     refuse_existing(path, "ONNX file")
+    text = categories_json(model, categories)
+    if text is not None:
+        refuse_existing(categories_file(path), "categories file")
     data = convert_to_onnx(model, input_size, opset)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if text is not None:
+        write_bytes(categories_file(path), text.encode(), overwrite=False)
     try:
         write_bytes(path, data, overwrite=False)
     except FileExistsError:
@@ -211,7 +229,7 @@ def export_onnx(model, path, input_size=None, opset=ONNX_OPSET):
 
 
 class ONNXSegmenter:
-    """Runs an exported `.onnx` segmentation file with ONNX Runtime (CPU).
+    """Runs an exported `.onnx` file with ONNX Runtime (CPU).
 
     Example:
     >>> segmenter = ONNXSegmenter("shapes_v1.onnx")  # doctest: +SKIP
@@ -222,6 +240,11 @@ class ONNXSegmenter:
         model: str or Path of a `.onnx` file, or its `bytes`.
         num_threads: int or `None`. Intra-op threads; `None` lets ONNX
             Runtime choose. Defaults to `None`.
+
+    Attributes:
+        input_size: `(height, width)` of the file's input when it is fixed
+            (`input_size` at export, PANet), else `None`.
+        output_names: the names of the file's outputs, sorted.
     """
 
     task = "semantic"
@@ -231,7 +254,8 @@ class ONNXSegmenter:
             import onnxruntime
         except ImportError as error:
             raise ImportError(
-                "ONNXSegmenter needs ONNX Runtime: pip install onnxruntime"
+                f"{type(self).__name__} needs ONNX Runtime: pip install "
+                "kseg[onnx] (or pip install onnxruntime)"
             ) from error
         options = onnxruntime.SessionOptions()
         if num_threads is not None:
@@ -241,10 +265,20 @@ class ONNXSegmenter:
         self.session = onnxruntime.InferenceSession(
             source, options, providers=["CPUExecutionProvider"]
         )
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if IMAGES not in inputs:
+            raise ValueError(
+                f"not a kseg export: its inputs are {sorted(inputs)}, not [{IMAGES!r}]"
+            )
+        height, width = inputs[IMAGES].shape[1:3]
+        fixed = all(isinstance(side, int) for side in (height, width))
+        self.input_size = (height, width) if fixed else None
+        self.output_names = sorted(o.name for o in self.session.get_outputs())
 
     def __call__(self, images):
-        """`{"class_map", "probabilities"}` NumPy arrays of uint8 images
-        `(N, H, W, 3)` (or one `(H, W, 3)` image)."""
+        """The file's outputs (`{"class_map", "probabilities"}` for a
+        semantic file) as NumPy arrays, of uint8 images `(N, H, W, 3)` (or
+        one `(H, W, 3)` image), at the input size if the file has one."""
         images = np.asarray(images)
         single = images.ndim == 3
         if single:
@@ -253,8 +287,48 @@ class ONNXSegmenter:
             raise ValueError(
                 f"images must be (N, H, W, 3) RGB, got shape {images.shape}"
             )
+        if self.input_size is not None and images.shape[1:3] != self.input_size:
+            raise ValueError(
+                f"images must be (N, {self.input_size[0]}, {self.input_size[1]}, 3) "
+                f"for this file, got shape {images.shape}"
+            )
         if images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 RGB, got dtype {images.dtype}")
-        values = self.session.run(list(OUTPUTS), {IMAGES: images})
-        outputs = dict(zip(OUTPUTS, values, strict=True))
+        values = self.session.run(self.output_names, {IMAGES: images})
+        outputs = dict(zip(self.output_names, values, strict=True))
         return {key: value[0] for key, value in outputs.items()} if single else outputs
+
+
+class ONNXInstanceSegmenter(ONNXSegmenter):
+    """Runs an exported `.onnx` instance segmentation file (PANet) with ONNX
+    Runtime: called on uint8 images `(N, H, W, 3)` at its input size, it
+    returns `num_detections`, `boxes` (input pixels), `scores`, `classes`
+    and `masks` (see the module docstring).
+    `kseg.inference.predict_instances` runs it on images of any size.
+
+    Example:
+    >>> detector = ONNXInstanceSegmenter("panet_v1.onnx")  # doctest: +SKIP
+    >>> detector(images)["boxes"].shape
+    (2, 100, 4)
+
+    Args:
+        model: str or Path of a `.onnx` file, or its `bytes`.
+        num_threads: int or `None`. Intra-op threads; `None` lets ONNX
+            Runtime choose. Defaults to `None`.
+    """
+
+    task = "instance"
+
+    def __init__(self, model, num_threads=None):
+        super().__init__(model, num_threads)
+        if not is_instance_file(self.output_names) or self.input_size is None:
+            raise ValueError(
+                f"not an instance segmentation file: its outputs are "
+                f"{self.output_names}, not {sorted(DETECTION_OUTPUTS)} at a "
+                "fixed input size"
+            )
+
+
+def is_instance_file(output_names):
+    """Whether a `.onnx` file with these outputs is an instance model's."""
+    return set(DETECTION_OUTPUTS) <= set(output_names)

@@ -2,9 +2,10 @@
 
 MODEL is any model `kseg train` or `kseg export` writes: a `.keras` file
 (`model.keras`, `checkpoints/best.keras`), a run directory, a SavedModel
-(version folder or TF Serving model folder: its highest version) or a
+(version folder or TF Serving model folder: its highest version), a
 `.tflite` file (run by windows of its fixed input size; a PANet file gets
-each image fitted into it, as the Keras PANet does).
+each image fitted into it, as the Keras PANet does) or a `.onnx` file (run
+with ONNX Runtime, as the SavedModel runs).
 
 For each input `DIR/name.ext` it writes `OUT/name.png`, an indexed (palette,
 colour type 3) PNG whose pixel values are the class indices — the format of
@@ -63,7 +64,8 @@ def register(subparsers):
         "model",
         type=Path,
         metavar="MODEL",
-        help="a .keras file, a run directory, a SavedModel folder or a .tflite file",
+        help="a .keras file, a run directory, a SavedModel folder, a .tflite "
+        "or a .onnx file",
     )
     parser.add_argument(
         "images",

@@ -14,9 +14,9 @@ An exported PANet SavedModel (`kseg.export`) does the fitting and the box
 mapping in its graph; `open_model` wraps it as a
 `kseg.inference.sources.InstanceSavedModel`, which `predict_instances` runs
 the same way. A PANet `.tflite` file
-(`kseg.export.tflite.TFLiteInstanceSegmenter`) takes uint8 images of its
-fixed size only: it gets the fitted images, rounded to uint8, like a Keras
-model.
+(`kseg.export.tflite.TFLiteInstanceSegmenter`) or `.onnx` file
+(`kseg.export.onnx.ONNXInstanceSegmenter`) takes uint8 images of its fixed
+size only: it gets the fitted images, rounded to uint8, like a Keras model.
 """
 
 from typing import NamedTuple
@@ -30,7 +30,7 @@ from kseg.data.instance_transform import (
     paste_mask_crops,
 )
 from kseg.inference.defaults import DEFAULT_SCORE_THRESHOLD
-from kseg.inference.sources import InstanceSavedModel
+from kseg.inference.sources import InstanceSavedModel, as_model
 from kseg.tasks import is_instance_model
 
 DEFAULT_BATCH_SIZE = 4
@@ -69,15 +69,18 @@ class Instances(NamedTuple):
         return result
 
 
-def _is_tflite(model):
+def _is_exported_file(model):
+    """Whether `model` runs an exported `.tflite` or `.onnx` PANet file
+    (uint8 images of its fixed size)."""
+    from kseg.export.onnx import ONNXInstanceSegmenter
     from kseg.export.tflite import TFLiteInstanceSegmenter
 
-    return isinstance(model, TFLiteInstanceSegmenter)
+    return isinstance(model, (TFLiteInstanceSegmenter, ONNXInstanceSegmenter))
 
 
 def model_input_size(model):
     """The fixed `(H, W)` of an instance model's input."""
-    if _is_tflite(model):
+    if _is_exported_file(model):
         return tuple(model.input_size)
     size = tuple(model.input_shape[1:3])
     if None in size:
@@ -107,7 +110,7 @@ def _fitted(model, images, short_edge, max_size, batch_size):
             strict=True,
         )
         inputs = np.stack([np.asarray(x) for x in inputs])
-        if _is_tflite(model):
+        if _is_exported_file(model):
             outputs = model(np.clip(np.round(inputs), 0, 255).astype(np.uint8))
         else:
             outputs = model(inputs, training=False)
@@ -173,7 +176,8 @@ def predict_instances(
             returns `boxes`, `scores`, `classes`, `masks`, `num_detections`)
             or an exported PANet (`open_model` of a SavedModel:
             `InstanceSavedModel`, of a `.tflite` file:
-            `TFLiteInstanceSegmenter`).
+            `TFLiteInstanceSegmenter`, of a `.onnx` file:
+            `ONNXInstanceSegmenter`), or what `open_model` returns.
         images: uint8 RGB images `(H, W, 3)` (a list; sizes may differ) or
             an array `(N, H, W, 3)`.
         score_threshold: float. Detections scoring less are left out.
@@ -184,8 +188,8 @@ def predict_instances(
             best first; None keeps all the model returns. Defaults to None.
         short_edge, max_size: the evaluation resize (`eval.short_edge`,
             `data.max_size` of a recipe); None fits each image into the
-            model's input without enlarging it. Keras models and `.tflite`
-            files only (a SavedModel holds its own). Default to None.
+            model's input without enlarging it. Keras models, `.tflite` and
+            `.onnx` files only (a SavedModel holds its own). Default to None.
         mask_threshold: float. Threshold of the pasted mask probabilities.
             Defaults to 0.5.
         batch_size: int. Images per model call. Defaults to 4.
@@ -196,6 +200,7 @@ def predict_instances(
     """
     if max_detections is not None and max_detections < 1:
         raise ValueError(f"max_detections must be positive, got {max_detections}")
+    model = as_model(model)
     images = [_check_image(image) for image in images]
     if isinstance(model, InstanceSavedModel):
         raw = [model.detect(image) for image in images]

@@ -6,7 +6,10 @@
 - a SavedModel: a version folder (`saved_models/NAME/3`) or a TF Serving
   model folder (`saved_models/NAME`, its highest version);
 - a `.tflite` file (fixed input size: images run by windows of that size; a
-  PANet file's are fitted into it).
+  PANet file's are fitted into it);
+- a `.onnx` file (ONNX Runtime: any size, or the fixed size it was exported
+  for, run like a `.tflite` file's; a PANet file's images are fitted into
+  it).
 
 `open_model(path)` returns a `ModelSource` whose `model` is called like a
 kseg Keras model on float32 RGB batches in 0–255 and returns `{"logits"}`
@@ -14,17 +17,24 @@ kseg Keras model on float32 RGB batches in 0–255 and returns `{"logits"}`
 probabilities), so `kseg.inference.predict` runs all of them the same way.
 An exported instance model comes as a
 `kseg.inference.sources.InstanceSavedModel` (PANet SavedModel, whose
-signature returns an `instance_map`) or a
-`kseg.export.tflite.TFLiteInstanceSegmenter` (PANet `.tflite` file), which
-`predict_instances` runs like the Keras PANet.
+signature returns an `instance_map`), a
+`kseg.export.tflite.TFLiteInstanceSegmenter` (PANet `.tflite` file) or a
+`kseg.export.onnx.ONNXInstanceSegmenter` (PANet `.onnx` file), which
+`predict_instances` runs like the Keras PANet. The prediction functions take
+the `ModelSource` itself as well as its `model` (`as_model`).
 """
 
+import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 MODEL_FILE = "model.keras"
+MODEL_KINDS = (
+    "a .keras file, a `kseg train` run directory, a SavedModel folder, "
+    "a .tflite file or a .onnx file"
+)
 
 
 class ModelSource(NamedTuple):
@@ -33,9 +43,10 @@ class ModelSource(NamedTuple):
     Attributes:
         model: callable `(images float32 (N, h, w, 3), training=False) ->
             {"logits": (N, h, w, C)}`.
-        kind: `"keras"`, `"saved_model"` or `"tflite"`.
+        kind: `"keras"`, `"saved_model"`, `"tflite"` or `"onnx"`.
         path: the file or folder loaded.
-        input_size: `(H, W)` the model only takes (TFLite), else `None`.
+        input_size: `(H, W)` the model only takes (TFLite, fixed-size
+            ONNX), else `None`.
     """
 
     model: object
@@ -74,7 +85,21 @@ def open_model(path):
         )
     if path.suffix == ".tflite":
         return _tflite(path)
+    if path.suffix == ".onnx":
+        return _onnx(path)
+    if path.suffix != ".keras" and not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{path} is not a model file kseg runs: pass {MODEL_KINDS} "
+            f"(its suffix {path.suffix or '(none)'!r} is none of .keras, "
+            ".tflite, .onnx)"
+        )
     return _keras(path)
+
+
+def as_model(model):
+    """The model of a `ModelSource` (what `open_model` returns); any other
+    model as it is."""
+    return model.model if isinstance(model, ModelSource) else model
 
 
 def _keras(path):
@@ -160,29 +185,28 @@ def _saved_model(path):
     return ModelSource(runner, "saved_model", path, None)
 
 
-class _TFLiteRunner:
-    """A kseg `.tflite` file as a kseg-model-like callable: other sizes than
-    the file's fixed one (test-time scales) are resized to it and the
-    probabilities back (bilinear, half-pixel centres, as the SavedModel does
-    for a fixed-size model)."""
+class _ExportRunner:
+    """A kseg `.tflite` or `.onnx` semantic file (its runner `segmenter`:
+    uint8 images → `{"probabilities"}`) as a kseg-model-like callable.
+    Other sizes than a file's fixed one (test-time scales) are resized to it
+    and the probabilities back (bilinear, half-pixel centres, as the
+    SavedModel does for a fixed-size model)."""
 
     task = "semantic"
 
-    def __init__(self, path):
-        from kseg.export.tflite import TFLiteSegmenter
-
-        try:
-            self._segmenter = TFLiteSegmenter(path)
-        except ValueError as error:
-            raise ValueError(f"cannot load the TFLite file {path}: {error}") from None
-        self.input_size = self._segmenter.input_size
+    def __init__(self, segmenter):
+        self._segmenter = segmenter
+        self.input_size = segmenter.input_size
 
     def __call__(self, images, training=False):
         import cv2
 
         images = np.asarray(images, np.float32)
         height, width = images.shape[1:3]
-        if (height, width) != tuple(self.input_size):
+        resized = self.input_size is not None and (height, width) != tuple(
+            self.input_size
+        )
+        if resized:
             # cv2's INTER_LINEAR samples at half-pixel centres: kseg's resize.
             size = (self.input_size[1], self.input_size[0])
             images = np.stack(
@@ -190,7 +214,7 @@ class _TFLiteRunner:
             )
         pixels = np.clip(np.round(images), 0, 255).astype(np.uint8)
         probabilities = self._segmenter(pixels)["probabilities"]
-        if (height, width) != tuple(self.input_size):
+        if resized:
             probabilities = np.stack(
                 [
                     cv2.resize(
@@ -203,10 +227,44 @@ class _TFLiteRunner:
 
 
 def _tflite(path):
-    from kseg.export.tflite import TFLiteInstanceSegmenter, is_instance_file
+    from kseg.export.tflite import (
+        TFLiteInstanceSegmenter,
+        TFLiteSegmenter,
+        is_instance_file,
+    )
 
-    runner = _TFLiteRunner(path)
-    if is_instance_file(runner._segmenter.output_names):
+    try:
+        segmenter = TFLiteSegmenter(path)
+    except ValueError as error:
+        raise ValueError(f"cannot load the TFLite file {path}: {error}") from None
+    runner = _ExportRunner(segmenter)
+    if is_instance_file(segmenter.output_names):
         # An exported instance model (PANet): `predict_instances` runs it.
         runner = TFLiteInstanceSegmenter(path)
     return ModelSource(runner, "tflite", path, runner.input_size)
+
+
+def _onnx(path):
+    try:
+        from kseg.export.onnx import (
+            ONNXInstanceSegmenter,
+            ONNXSegmenter,
+            is_instance_file,
+        )
+
+        segmenter = ONNXSegmenter(path)
+    except ImportError as error:
+        raise ImportError(f"cannot run the ONNX file {path}: {error}") from None
+    except Exception as error:  # ONNX Runtime's own errors (a damaged file)
+        raise ValueError(f"cannot load the ONNX file {path}: {error}") from None
+    if is_instance_file(segmenter.output_names):
+        # An exported instance model (PANet): `predict_instances` runs it.
+        runner = ONNXInstanceSegmenter(path)
+    elif "probabilities" in segmenter.output_names:
+        runner = _ExportRunner(segmenter)
+    else:
+        raise ValueError(
+            f"the ONNX file {path} is not a kseg export: its outputs are "
+            f"{segmenter.output_names}"
+        )
+    return ModelSource(runner, "onnx", path, runner.input_size)

@@ -248,3 +248,138 @@ def test_panet_converts_with_nms(synthetic_val):
         for layer in model._flatten_layers()
         if isinstance(layer, BatchedNMS) and "nms" in vars(layer)
     )
+
+
+# === Running .onnx files: kseg predict, open_model ===
+
+
+def _write_images(folder, images):
+    import cv2
+
+    folder.mkdir()
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(folder / f"image{index}.png")
+        cv2.imwrite(str(paths[-1]), image[..., ::-1])
+    return paths
+
+
+def test_kseg_predict_runs_a_semantic_onnx_file(pan_model, pan_onnx, tmp_path, capsys):
+    # Before: "is not a complete .keras model file ... damaged".
+    import cv2
+
+    from kseg.cli import main
+    from kseg.data import read_label
+    from kseg.inference import open_model, predict
+
+    path = tmp_path / "pan_v1.onnx"
+    path.write_bytes(pan_onnx)
+    source = open_model(path)
+    assert source.kind == "onnx" and source.input_size is None
+    images = [_images((40, 56, 3), seed=3), _images((33, 47, 3), seed=4)]
+    paths = _write_images(tmp_path / "images", images)
+    out = tmp_path / "out"
+    status = main(["predict", str(path), *map(str, paths), "--out", str(out),
+                   "--overlay"])  # fmt: skip
+    assert status == 0, capsys.readouterr().err
+    for image, image_path in zip(images, paths, strict=True):
+        written = read_label(out / f"{image_path.stem}.png")
+        expected = predict(pan_model, image).class_map
+        assert np.mean(written == expected) >= AGREEMENT
+        # What `predict` gives the runner `open_model` returns, and its overlay.
+        np.testing.assert_array_equal(written, predict(source.model, image).class_map)
+        drawn = cv2.imread(str(out / f"{image_path.stem}_overlay.png"))
+        assert drawn is not None and drawn.shape[0] >= image.shape[0]
+
+
+def test_kseg_predict_names_the_model_kinds_it_takes(tmp_path, capsys):
+    from kseg.cli import main
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\x00" * 64)
+    image = _write_images(tmp_path / "images", [_images((8, 8, 3))])[0]
+    assert main(["predict", str(path), str(image), "--out", str(tmp_path)]) == 1
+    error = capsys.readouterr().err
+    assert "weights.bin is not a model file kseg runs" in error
+    assert ".onnx" in error and "damaged" not in error
+
+
+PANET_CATEGORIES = ((11, 27), ("disc", "square"))
+
+
+@pytest.fixture(scope="module")
+def fixed_onnx(tmp_path_factory):
+    """`(detector, path)`: `kseg.testing`'s hand-made instance model and its
+    `.onnx` file, exported with category ids 11 and 27 (the conversion takes
+    ~2 s: no NMS)."""
+    from kseg import testing
+
+    masks = np.zeros((3, 28, 28), np.float32)
+    masks[0] = 1.0
+    masks[1, :14] = 0.9
+    detector = testing.fixed_detector(
+        boxes=[[4, 8, 30, 40], [20, 2, 60, 30], [0, 0, 0, 0]],
+        scores=[0.9, 0.6, 0.0],
+        classes=[2, 1, 0],
+        masks=masks,
+        count=2,
+        image_size=(64, 128),
+    )
+    path = tmp_path_factory.mktemp("onnx") / "fixed_v1.onnx"
+    export_onnx(detector, path, categories=PANET_CATEGORIES)
+    return detector, path
+
+
+def test_instance_onnx_file_runs_like_its_keras_model(fixed_onnx, tmp_path, capsys):
+    # Before: ONNXSegmenter failed ("Invalid output name: class_map") and
+    # nothing in kseg ran a PANet ONNX file; its export wrote no categories.
+    import json
+
+    import cv2
+
+    from kseg.cli import main
+    from kseg.export.onnx import ONNXInstanceSegmenter
+    from kseg.inference import open_model, predict_instances
+    from kseg.inference.instance_outputs import draw_instances
+
+    detector, path = fixed_onnx
+    categories = json.loads(path.with_name("fixed_v1.categories.json").read_text())
+    assert categories == [{"id": 11, "name": "disc"}, {"id": 27, "name": "square"}]
+    outputs = ONNXSegmenter(path)(np.full((2, 64, 128, 3), 100, np.uint8))
+    assert sorted(outputs) == sorted(DETECTION_OUTPUTS)
+    np.testing.assert_array_equal(outputs["num_detections"], [2, 2])
+    with pytest.raises(ValueError, match=r"\(N, 64, 128, 3\) for this file"):
+        ONNXSegmenter(path)(np.zeros((1, 64, 64, 3), np.uint8))
+
+    source = open_model(path)
+    assert isinstance(source.model, ONNXInstanceSegmenter)
+    assert source.kind == "onnx" and source.input_size == (64, 128)
+    images = [_images((30, 90, 3), seed=5), _images((96, 64, 3), seed=6)]
+    expected = predict_instances(detector, images)
+    # What open_model returns, and its model: the same detections as Keras.
+    for model in (source, source.model):
+        for mine, keras_result in zip(
+            predict_instances(model, images), expected, strict=True
+        ):
+            assert len(keras_result.scores) == 2
+            np.testing.assert_array_equal(mine.classes, keras_result.classes)
+            np.testing.assert_allclose(mine.scores, keras_result.scores)
+            np.testing.assert_allclose(mine.boxes, keras_result.boxes, atol=1e-4)
+            np.testing.assert_array_equal(mine.masks, keras_result.masks)
+
+    paths = _write_images(tmp_path / "images", images)
+    out = tmp_path / "out"
+    assert main(["predict", str(path), *map(str, paths), "--out", str(out)]) == 0
+    assert str(path.with_name("fixed_v1.categories.json")) in capsys.readouterr().out
+    detections = json.loads((out / "detections.json").read_text())
+    assert sorted({d["category_id"] for d in detections}) == [11, 27]
+    assert len(detections) == 4
+    for image, image_path, result in zip(images, paths, expected, strict=True):
+        instance_map = cv2.imread(
+            str(out / f"{image_path.stem}_instances.png"), cv2.IMREAD_UNCHANGED
+        )
+        np.testing.assert_array_equal(instance_map, result.instance_map())
+        drawn = cv2.imread(str(out / f"{image_path.stem}_overlay.png"))[..., ::-1]
+        np.testing.assert_array_equal(
+            drawn, draw_instances(image, result, PANET_CATEGORIES[1])
+        )

@@ -93,7 +93,7 @@ def test_tflite_files_run_other_sizes_by_resizing_to_their_input():
     # must be (N, 64, 64, 3) for this file" on every image).
     import cv2
 
-    from kseg.inference.sources import _TFLiteRunner
+    from kseg.inference.sources import _ExportRunner
 
     class Segmenter:
         input_size = (8, 8)
@@ -103,9 +103,7 @@ def test_tflite_files_run_other_sizes_by_resizing_to_their_input():
             red = pixels[..., :1].astype(np.float32) / 255.0
             return {"probabilities": np.concatenate([red, 1 - red], axis=-1)}
 
-    runner = object.__new__(_TFLiteRunner)
-    runner._segmenter = Segmenter()
-    runner.input_size = (8, 8)
+    runner = _ExportRunner(Segmenter())
     images = np.random.default_rng(3).uniform(0, 255, (2, 12, 6, 3))
     logits = runner(images)["logits"]
     assert logits.shape == (2, 12, 6, 2)
@@ -114,3 +112,45 @@ def test_tflite_files_run_other_sizes_by_resizing_to_their_input():
         red = np.round(small[..., 0]) / 255.0
         expected = cv2.resize(np.stack([red, 1 - red], -1), (6, 12))
         np.testing.assert_allclose(np.exp(result), expected, atol=1e-6)
+
+
+def test_predict_instances_runs_what_open_model_returns(tmp_path):
+    # Before: predict_instances(open_model(...), images) said it "needs an
+    # instance segmentation model"; only `open_model(...).model` ran.
+    from kseg import testing
+    from kseg.export import export_saved_model, export_tflite
+    from kseg.inference import predict_instances
+
+    masks = np.zeros((2, 28, 28), np.float32)
+    masks[0, :, :20] = 1.0
+    detector = testing.fixed_detector(
+        boxes=[[6, 4, 40, 50], [0, 0, 0, 0]],
+        scores=[0.8, 0.0],
+        classes=[1, 0],
+        masks=masks,
+        count=1,
+        image_size=(64, 64),
+    )
+    detector.save(tmp_path / "fixed.keras")
+    paths = {
+        "keras": tmp_path / "fixed.keras",
+        "saved_model": export_saved_model(detector, tmp_path / "saved_models" / "f"),
+        "tflite": export_tflite(detector, tmp_path / "fixed_float32.tflite"),
+    }
+    try:
+        from kseg.export.onnx import export_onnx
+
+        paths["onnx"] = export_onnx(detector, tmp_path / "fixed.onnx")
+    except ImportError:  # no onnx extra: the other kinds still run
+        pass
+    image = np.random.default_rng(4).integers(20, 256, (50, 70, 3), dtype=np.uint8)
+    (expected,) = predict_instances(detector, [image])
+    assert len(expected.scores) == 1
+    for kind, path in paths.items():
+        source = open_model(path)
+        assert source.kind == kind
+        for model in (source, source.model):
+            (result,) = predict_instances(model, [image])
+            np.testing.assert_array_equal(result.classes, expected.classes)
+            np.testing.assert_allclose(result.boxes, expected.boxes, atol=1e-3)
+            np.testing.assert_array_equal(result.masks, expected.masks)
