@@ -35,6 +35,7 @@ from kseg.models.panet.panet import (
     TORCHVISION_CONVENTIONS,
     PANet,
 )
+from kseg.models.panet.transfer import weights_by_name
 
 SUFFIXES = (".pth", ".pt", ".npz", ".safetensors")
 # The Mask R-CNN baseline: PANet with its components off.
@@ -412,7 +413,7 @@ def load_torchvision_weights(model, state, where="state dict"):
     state = _normalize_names(state)
     architecture = torchvision_architecture(state, where)
     mapping = weight_mapping(architecture, set(state))
-    variables = _weights_by_name(model)
+    variables = weights_by_name(model)
     expected = {name for name, _, _ in mapping}
     missing = sorted(expected - set(state))
     extra = sorted(set(state) - expected)
@@ -446,25 +447,6 @@ def load_torchvision_weights(model, state, where="state dict"):
         variable.assign(value)
     unmapped = sorted(set(variables) - {path for _, path, _ in mapping})
     return unmapped
-
-
-def _weights_by_name(model):
-    """`{name: variable}` of the baseline's weights, named as in a fresh
-    process (`stem_conv/kernel`, `rpn/rpn_head/conv/kernel`, ...): the
-    backbone's by layer name, the stages' under their default names (Keras
-    numbers a stage's name when another model was built before)."""
-    weights = {}
-    for layer in model.backbone.layers:
-        for variable in layer.weights:
-            weights[f"{layer.name}/{variable.name}"] = variable
-    for name, stage in (
-        ("feature_pyramid", model.fpn),
-        ("rpn", model.rpn),
-        ("roi_heads", model.roi_heads),
-    ):
-        for variable in stage.weights:
-            weights[name + variable.path[len(stage.name) :]] = variable
-    return weights
 
 
 def _names(names, limit=8):

@@ -11,6 +11,7 @@ from kseg.models.panet.panet import (
 )
 from kseg.models.panet.roi_heads import RoIHeads
 from kseg.models.panet.rpn import RegionProposalNetwork
+from kseg.models.panet.transfer import load_weights_by_name, set_trainable
 
 __all__ = [
     "LOSS_NAMES",
@@ -20,4 +21,6 @@ __all__ = [
     "TORCHVISION_CONVENTIONS",
     "build_panet_resnet50_fpn",
     "build_panet_resnext101_fpn",
+    "load_weights_by_name",
+    "set_trainable",
 ]
