@@ -383,3 +383,66 @@ def test_instance_onnx_file_runs_like_its_keras_model(fixed_onnx, tmp_path, caps
         np.testing.assert_array_equal(
             drawn, draw_instances(image, result, PANET_CATEGORIES[1])
         )
+
+
+@pytest.mark.slow  # exporting PANet (SavedModel and ONNX) takes minutes
+def test_panet_run_exported_to_onnx_runs_in_kseg_predict(synthetic_val, tmp_path):
+    """`kseg export RUN --onnx` then `kseg predict` on the PANet `.onnx`
+    file: the run's dataset categories, Keras' detections."""
+    import json
+
+    from kseg.backbones import build_resnet
+    from kseg.cli import main
+    from kseg.data.synthetic_instances import SYNTHETIC_INSTANCE_CLASSES
+    from kseg.inference import open_model, predict_instances
+    from kseg.models import PANet
+    from kseg.training.recipe import dump_recipe, load_recipe
+
+    keras.utils.set_random_seed(3)
+    backbone = build_resnet(
+        (1, 1, 1, 1), (4, 4, 4, 4), input_shape=(PANET_SIZE, PANET_SIZE, 3)
+    )
+    model = PANet(
+        backbone,
+        len(SYNTHETIC_INSTANCE_CLASSES),
+        filters=8,
+        fc_units=16,
+        max_detections=6,
+        max_instances=3,
+        rpn_pre_nms_top_k_test=60,
+        rpn_post_nms_top_k_test=30,
+        seed=1,
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    model.save(run / "model.keras")
+    (run / "recipe.yaml").write_text(dump_recipe(load_recipe("panet_quickstart")))
+    saved_models = tmp_path / "saved_models"
+    assert main(["export", str(run), "--name", "panet", "--onnx",
+                 "--out", str(saved_models)]) == 0  # fmt: skip
+    path = saved_models / "panet" / "onnx" / "panet_v1.onnx"
+    assert path.with_name("panet_v1.categories.json").is_file()
+
+    images = [synthetic_val.images[0], _images((40, 90, 3), seed=7)]
+    paths = _write_images(tmp_path / "images", images)
+    out = tmp_path / "out"
+    assert main(["predict", str(path), *map(str, paths), "--out", str(out),
+                 "--score-threshold", "0"]) == 0  # fmt: skip
+    listing = json.loads((out / "images.json").read_text())
+    assert [c["name"] for c in listing["categories"]] == list(
+        SYNTHETIC_INSTANCE_CLASSES
+    )
+    detections = json.loads((out / "detections.json").read_text())
+    results = predict_instances(open_model(path), images, score_threshold=0)
+    assert len(detections) == sum(len(r.scores) for r in results) > 0
+    # Keras gets the fitted float image, the file its uint8 rounding (±0.5
+    # levels where the image was resized): on this untrained model's
+    # confident detections that moves boxes by < 0.2 px and scores by < 1e-3.
+    # (IoU matching fails here: some boxes are clipped to zero height.)
+    expected = predict_instances(model, images, score_threshold=0.5)
+    mine = predict_instances(open_model(path), images, score_threshold=0.5)
+    for result, keras_result in zip(mine, expected, strict=True):
+        assert len(keras_result.scores) > 0
+        np.testing.assert_array_equal(result.classes, keras_result.classes)
+        np.testing.assert_allclose(result.scores, keras_result.scores, atol=5e-3)
+        np.testing.assert_allclose(result.boxes, keras_result.boxes, atol=1.0)
