@@ -87,6 +87,19 @@ def _tf2onnx():
     return tf2onnx
 
 
+@contextlib.contextmanager
+def _tensorflow_warnings_quieted():
+    """tf2onnx calls TensorFlow v1 graph functions, each of which logs a
+    deprecation warning (16 lines per export) meant for tf2onnx's authors."""
+    logger = logging.getLogger("tensorflow")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def convert_function_to_onnx(function, opset=ONNX_OPSET):
     """Converts a `tf.function` with an `input_signature` of named
     `tf.TensorSpec`s to an ONNX model whose inputs keep the spec names and
@@ -121,12 +134,13 @@ def convert_function_to_onnx(function, opset=ONNX_OPSET):
             for tensor, key in zip(frozen.outputs, output_keys, strict=True)
         }
     )
-    proto, _ = tf2onnx.convert.from_graph_def(
-        frozen.graph.as_graph_def(),
-        input_names=[tensor.name for tensor in frozen.inputs],
-        output_names=[tensor.name for tensor in frozen.outputs],
-        opset=opset,
-    )
+    with _tensorflow_warnings_quieted():
+        proto, _ = tf2onnx.convert.from_graph_def(
+            frozen.graph.as_graph_def(),
+            input_names=[tensor.name for tensor in frozen.inputs],
+            output_names=[tensor.name for tensor in frozen.outputs],
+            opset=opset,
+        )
     # tf2onnx names the graph's inputs and outputs after TensorFlow tensors
     # ("images:0", "Identity:0"): give them the signature's names.
     for node in proto.graph.node:

@@ -59,6 +59,7 @@ from tensorflow.python.framework.convert_to_constants import (
     convert_variables_to_constants_v2,
 )
 
+from kseg.console import native_output_quieted
 from kseg.data import instance_eval_transform
 from kseg.export.categories import categories_file
 from kseg.export.defaults import DEFAULT_CALIBRATION_IMAGES, QUANTIZATIONS
@@ -248,9 +249,11 @@ def convert_function(
             warnings.filterwarnings(
                 "ignore", ".*tf.lite.Interpreter is deprecated", UserWarning
             )
-            if quantization == "int8" and float_scopes:
-                return _quantize_except(converter, float_scopes)
-            return converter.convert()
+            # The quantizer prints `fully_quantize: 0, inference_type: 6, ...`.
+            with native_output_quieted():
+                if quantization == "int8" and float_scopes:
+                    return _quantize_except(converter, float_scopes)
+                return converter.convert()
     except Exception as error:  # the converter's own (private) ConverterError
         needed = re.search(r"TF Select ops: (.*)", str(error))
         if needed is None:
@@ -473,10 +476,16 @@ class TFLiteSegmenter:
             raise ImportError(
                 f"{type(self).__name__} needs LiteRT: pip install ai-edge-litert"
             ) from error
-        if isinstance(model, bytes):
-            interpreter = Interpreter(model_content=model, num_threads=num_threads)
-        else:
-            interpreter = Interpreter(model_path=str(model), num_threads=num_threads)
+        # LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate for
+        # CPU." when it first allocates the tensors: done here, quietly.
+        source = (
+            {"model_content": model}
+            if isinstance(model, bytes)
+            else {"model_path": str(model)}
+        )
+        with native_output_quieted():
+            interpreter = Interpreter(**source, num_threads=num_threads)
+            interpreter.allocate_tensors()
         self.interpreter = interpreter
         self._runner = interpreter.get_signature_runner(SERVING_SIGNATURE)
         shape = self._runner.get_input_details()[IMAGES]["shape"]
