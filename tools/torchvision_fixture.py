@@ -14,7 +14,8 @@ random weights give real, well-separated detections. Written:
 - `tests/models/data/torchvision_tiny_outputs.npz`: the `image` (uint8,
   `SIZE × SIZE × 3`) and torchvision's outputs on it, boxes as
   `[y1, x1, y2, x2]`: `proposals`, `boxes`, `scores`, `labels`, `masks`
-  (the 28×28 probabilities of each detection's class, before pasting).
+  (the 28×28 probabilities of each detection's class, before pasting) and
+  `pasted` (torchvision's `paste_masks_in_image` of them, > 0.5).
 
 `build(...)` and `outputs(...)` also serve the slow parity test with
 torchvision's full `maskrcnn_resnet50_fpn`.
@@ -33,11 +34,18 @@ from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.ops import misc
 
 SIZE = 128
 NUM_CLASSES = 5  # background included, as torchvision counts
+# The full model's class logits need no scaling: random weights give 100
+# detections scoring 0.45..0.85 at 512² (the smallest gap 1.7e-5).
+FULL_LOGIT_SCALE = 1.0
+# Its mask logits reach ±50 (probabilities of 1e-23): scaled down to a few
+# units, so the masks hold probabilities between 0 and 1 to compare.
+FULL_MASK_SCALE = 0.05
 OUT = Path(__file__).resolve().parents[1] / "tests" / "models" / "data"
 
 
@@ -81,7 +89,7 @@ def full_model(size, num_classes=91):
     )
 
 
-def randomise(model, seed=0, logit_scale=8.0):
+def randomise(model, seed=0, logit_scale=8.0, mask_scale=None):
     """Random batch-norm statistics and affine parameters (a fresh model's
     are 0 / 1, which frozen batch norm never changes), and the class and
     mask logits scaled up: random weights then give spread-out scores."""
@@ -96,7 +104,8 @@ def randomise(model, seed=0, logit_scale=8.0):
                 module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
         heads = model.roi_heads
         heads.box_predictor.cls_score.weight.mul_(logit_scale)
-        heads.mask_predictor.mask_fcn_logits.weight.mul_(logit_scale)
+        mask_scale = logit_scale if mask_scale is None else mask_scale
+        heads.mask_predictor.mask_fcn_logits.weight.mul_(mask_scale)
     return model.eval()
 
 
@@ -132,6 +141,11 @@ def outputs(model, image):
         "scores": out["scores"].numpy(),
         "labels": out["labels"].numpy().astype("int32"),
         "masks": out["masks"][:, 0].numpy(),
+        # torchvision's pasting of those masks, thresholded at 0.5.
+        "pasted": paste_masks_in_image(out["masks"], out["boxes"], image.shape[:2])[
+            :, 0
+        ].numpy()
+        > 0.5,
     }
 
 
@@ -141,10 +155,45 @@ def state_arrays(model):
     }
 
 
+def write_full(size, out, logit_scale=FULL_LOGIT_SCALE, mask_scale=FULL_MASK_SCALE):
+    """torchvision's full `maskrcnn_resnet50_fpn` (COCO's 91 classes, random
+    weights, seed 0) at `size`²: `maskrcnn_full.npz` (its state dict) and
+    `maskrcnn_full_outputs.npz` (its outputs on `test_image(size)`)."""
+    torch.manual_seed(0)
+    model = randomise(full_model(size), logit_scale=logit_scale, mask_scale=mask_scale)
+    result = outputs(model, test_image(size))
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "maskrcnn_full.npz", **state_arrays(model))
+    np.savez(out / "maskrcnn_full_outputs.npz", **result)
+    return model, result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--logit-scale", type=float, default=FULL_LOGIT_SCALE)
+    parser.add_argument("--mask-scale", type=float, default=FULL_MASK_SCALE)
+    parser.add_argument(
+        "--full",
+        type=int,
+        metavar="SIZE",
+        help="write the full maskrcnn_resnet50_fpn at SIZE² instead (slow test)",
+    )
     args = parser.parse_args()
+    if args.full:
+        model, result = write_full(
+            args.full, args.out, args.logit_scale, args.mask_scale
+        )
+        scores = np.concatenate([result["scores"], [np.nan]])
+        gaps = -np.diff(result["scores"]) if len(scores) > 2 else [np.nan]
+        print(
+            f"{len(model.state_dict())} tensors; {len(scores) - 1} detections, "
+            f"scores {np.nanmin(scores):.4f}..{np.nanmax(scores):.4f} (smallest "
+            f"gap {np.min(gaps):.2e}), "
+            f"{len(set(result['labels'].tolist()))} classes; mask probabilities "
+            f"in (0.01, 0.99): {np.mean(np.abs(result['masks'] - 0.5) < 0.49):.0%}"
+        )
+        return
     torch.manual_seed(0)
     model = randomise(tiny_model())
     result = outputs(model, test_image(SIZE))

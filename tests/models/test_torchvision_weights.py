@@ -191,3 +191,23 @@ def test_coco_categories():
     assert (names[0], names[2], names[89]) == ("person", "car", "toothbrush")
     assert sum(name != "N/A" for name in names) == 80
     assert len(set(COCO_CATEGORY_NAMES) - {"N/A"}) == 81  # with the background
+
+
+def test_paste_masks_torchvision_equals_torchvision():
+    from kseg.models.torchvision_weights import paste_masks_torchvision
+
+    ref = np.load(OUTPUTS)
+    pasted = paste_masks_torchvision(ref["masks"], ref["boxes"], SIZE, SIZE)
+    differ = (pasted > 0.5) != ref["pasted"]
+    # Only where the probability is 0.5 up to float32 rounding of the
+    # interpolation (a different summation order than torch's).
+    assert np.all(np.abs(pasted[differ] - 0.5) < 1e-5), np.sum(differ)
+    assert ref["pasted"].sum() > 1000
+    # kseg's own pasting (SPEC's) is another function of the same masks.
+    from kseg.data import paste_masks
+
+    spec = np.stack(
+        [np.asarray(paste_masks(m[None], b[None], SIZE, SIZE))[0]
+         for m, b in zip(ref["masks"][:5], ref["boxes"][:5], strict=True)]
+    )  # fmt: skip
+    assert np.sum(spec != ref["pasted"][:5]) > 0
