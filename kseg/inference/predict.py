@@ -21,6 +21,7 @@ import numpy as np
 from kseg.data.augment import IMAGENET_MEAN
 from kseg.data.preprocessing import preprocess_images
 from kseg.inference.defaults import MAX_TEST_SCALE
+from kseg.inference.sources import as_model
 from kseg.layers.common import resize
 from kseg.models.segmenter import check_positive_int, check_rate
 
@@ -80,7 +81,9 @@ def predict(
         model: a `keras.Model` mapping float32 images
             `(N, h, w, 3)` in 0–255 to a dict with `"logits"`
             `(N, h, w, num_classes)` at the input size (kseg's segmenters), or
-            to that logits tensor directly.
+            to that logits tensor directly; or what
+            `kseg.inference.open_model` returns (any saved or exported
+            model), or its `model`.
         image: array `(H, W, 3)`, any integer (typically uint8) or floating
             dtype, RGB values in 0–255.
         scales: sequence of floats in (0, 4] (`MAX_TEST_SCALE`). Resize
@@ -99,6 +102,7 @@ def predict(
     Returns:
         `Prediction(class_map, probabilities)` at the original `H × W`.
     """
+    model = as_model(model)
     image = _check_image(image)
     scales = _check_scales(scales)
     if not isinstance(flip, (bool, np.bool_)):
@@ -173,6 +177,7 @@ def predict_tiled(
     Returns:
         int32 array `(H, W)`: the arg-max class of each pixel.
     """
+    model = as_model(model)
     image = np.asarray(image)
     if image.ndim != 3:
         raise ValueError(f"image must have shape (height, width, 3), got {image.shape}")

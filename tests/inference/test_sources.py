@@ -39,6 +39,10 @@ def test_predict_loads_a_model_saved_with_its_training_optimizer(
     assert source.kind == "keras" and source.input_size is None
     expected = predict(model, image).class_map
     np.testing.assert_array_equal(predict(source.model, image).class_map, expected)
+    # What open_model returns runs as it is too (before: not callable).
+    np.testing.assert_array_equal(predict(source, image).class_map, expected)
+    tiled = predict_tiled(source, image, (16, 16))
+    np.testing.assert_array_equal(tiled, predict(model, image, window=(16, 16))[0])
     # A run directory means its model.keras.
     assert open_model(run).path == run / "model.keras"
 
