@@ -20,9 +20,15 @@ def lazy_exports(package, exports):
     def __getattr__(name):
         if name not in exports:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(exports[name]), name)
-        setattr(sys.modules[package], name, value)
-        return value
+        module = importlib.import_module(exports[name])
+        # Every name of that module at once: importing a submodule sets the
+        # package attribute of its own name (`kseg.inference.predict`, the
+        # module), which would hide the function of that name exported from
+        # it once another of its names had been asked for first.
+        for export, source in exports.items():
+            if source == exports[name]:
+                setattr(sys.modules[package], export, getattr(module, export))
+        return getattr(module, name)
 
     def __dir__():
         return sorted(exports)
