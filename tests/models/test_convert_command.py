@@ -11,7 +11,7 @@ import pytest
 from kseg.cli import main
 from kseg.models import load_model
 
-DATA = Path(__file__).parent / "models" / "data"
+DATA = Path(__file__).parent / "data"
 SIZE = 128
 
 
