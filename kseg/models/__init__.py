@@ -22,4 +22,7 @@ from kseg.models.segmenter import InstanceSegmenter as InstanceSegmenter
 from kseg.models.segmenter import Segmenter as Segmenter
 from kseg.models.segmodel import SegModel as SegModel
 from kseg.models.segmodel import build_segmodel_resnet101 as build_segmodel_resnet101
+from kseg.models.torchvision_weights import (
+    backbone_from_torchvision as backbone_from_torchvision,
+)
 from kseg.models.torchvision_weights import from_torchvision as from_torchvision

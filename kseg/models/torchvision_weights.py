@@ -187,35 +187,49 @@ def _need(state, name, where):
     return state[name]
 
 
-def torchvision_architecture(state, where="state dict"):
-    """The kseg model arguments that torchvision's state dict describes:
-    `block_counts`, `expansion`, `group_width`, `stem_width`, `filters`,
-    `fc_units`, `num_classes` (without the background)."""
+def resnet_architecture(state, where="state dict", prefix="backbone.body."):
+    """The `kseg.backbones.build_resnet` arguments of torchvision's ResNet
+    under `prefix`: `block_counts`, `expansion`, `group_width`,
+    `stem_width`."""
     blocks = []
     for stage in range(1, 5):
         count = 0
-        while f"backbone.body.layer{stage}.{count}.conv1.weight" in state:
+        while f"{prefix}layer{stage}.{count}.conv1.weight" in state:
             count += 1
         if count == 0:
-            _need(state, f"backbone.body.layer{stage}.0.conv1.weight", where)
+            _need(state, f"{prefix}layer{stage}.0.conv1.weight", where)
         blocks.append(count)
-    stem_width = _need(state, "backbone.body.conv1.weight", where).shape[0]
-    inner = _need(state, "backbone.body.layer1.0.conv1.weight", where).shape[0]
-    out = _need(state, "backbone.body.layer1.0.conv3.weight", where).shape[0]
-    filters = _need(state, "backbone.fpn.inner_blocks.0.0.weight", where).shape[0]
-    fc_units = _need(state, "roi_heads.box_head.fc6.weight", where).shape[0]
-    classes = _need(state, "roi_heads.box_predictor.cls_score.weight", where).shape[0]
+    stem_width = _need(state, f"{prefix}conv1.weight", where).shape[0]
+    inner = _need(state, f"{prefix}layer1.0.conv1.weight", where).shape[0]
+    out = _need(state, f"{prefix}layer1.0.conv3.weight", where).shape[0]
     # torchvision's stages have 64, 128, 256, 512 planes; kseg's widths.
-    if out % 64 or classes < 2:
+    if out % 64:
         raise ValueError(
-            f"{where}: layer1 outputs {out} channels and the box predictor "
-            f"{classes} classes; expected a multiple of 64 and at least 2"
+            f"{where}: layer1 outputs {out} channels; expected a multiple of 64 "
+            "(torchvision's bottleneck ResNets)"
         )
     return {
         "block_counts": tuple(blocks),
         "expansion": out // 64,
         "group_width": inner,
         "stem_width": stem_width,
+    }
+
+
+def torchvision_architecture(state, where="state dict"):
+    """The kseg model arguments that torchvision's state dict describes:
+    `block_counts`, `expansion`, `group_width`, `stem_width`, `filters`,
+    `fc_units`, `num_classes` (without the background)."""
+    architecture = resnet_architecture(state, where)
+    filters = _need(state, "backbone.fpn.inner_blocks.0.0.weight", where).shape[0]
+    fc_units = _need(state, "roi_heads.box_head.fc6.weight", where).shape[0]
+    classes = _need(state, "roi_heads.box_predictor.cls_score.weight", where).shape[0]
+    if classes < 2:
+        raise ValueError(
+            f"{where}: the box predictor has {classes} classes; expected at least 2"
+        )
+    return {
+        **architecture,
         "filters": filters,
         "fc_units": fc_units,
         "num_classes": classes - 1,
@@ -309,16 +323,14 @@ def _deconv(weight):
     return np.transpose(weight, (2, 3, 1, 0))
 
 
-def weight_mapping(architecture, names):
-    """`[(torchvision name, kseg weight path, transform or None)]` for the
-    baseline of `architecture`, every tensor of the state dict once (`names`:
-    the state dict's names, which tell the blocks with a projection
-    shortcut)."""
-    pairs = _conv_names("backbone.body.conv1", "stem_conv", bias=False)
-    pairs += _bn_names("backbone.body.bn1", "stem_bn")
+def resnet_mapping(architecture, names, prefix):
+    """`[(torchvision name, kseg weight path, transform or None)]` of a
+    torchvision ResNet under `prefix` and kseg's `build_resnet` layers."""
+    pairs = _conv_names(f"{prefix}conv1", "stem_conv", bias=False)
+    pairs += _bn_names(f"{prefix}bn1", "stem_bn")
     for stage, count in enumerate(architecture["block_counts"]):
         for block in range(count):
-            torch_block = f"backbone.body.layer{stage + 1}.{block}"
+            torch_block = f"{prefix}layer{stage + 1}.{block}"
             kseg_block = f"res{stage + 2}_block{block + 1}"
             for k in (1, 2, 3):
                 pairs += _conv_names(
@@ -334,6 +346,15 @@ def weight_mapping(architecture, names):
                 pairs += _bn_names(
                     f"{torch_block}.downsample.1", f"{kseg_block}_shortcut_bn"
                 )
+    return pairs
+
+
+def weight_mapping(architecture, names):
+    """`[(torchvision name, kseg weight path, transform or None)]` for the
+    baseline of `architecture`, every tensor of the state dict once (`names`:
+    the state dict's names, which tell the blocks with a projection
+    shortcut)."""
+    pairs = resnet_mapping(architecture, names, "backbone.body.")
     for level in range(4):
         pairs += _conv_names(
             f"backbone.fpn.inner_blocks.{level}.0",
@@ -409,11 +430,22 @@ def weight_mapping(architecture, names):
 def load_torchvision_weights(model, state, where="state dict"):
     """Copies torchvision's `state` (`{name: array}`) into `model`, the
     baseline `build_torchvision_model` built for it. Missing or extra
-    names, or a shape that does not fit, raise `ValueError` naming them."""
+    names, or a shape that does not fit, raise `ValueError` naming them.
+    Returns the model's weights that got no value (none for the baseline)."""
     state = _normalize_names(state)
     architecture = torchvision_architecture(state, where)
     mapping = weight_mapping(architecture, set(state))
-    variables = weights_by_name(model)
+    return _assign(
+        mapping,
+        state,
+        weights_by_name(model),
+        where,
+        "torchvision's maskrcnn_resnet50_fpn layout",
+        "build_torchvision_model",
+    )
+
+
+def _assign(mapping, state, variables, where, layout, builder):
     expected = {name for name, _, _ in mapping}
     missing = sorted(expected - set(state))
     extra = sorted(set(state) - expected)
@@ -424,15 +456,14 @@ def load_torchvision_weights(model, state, where="state dict"):
         if extra:
             parts.append(f"{len(extra)} unexpected keys: {_names(extra)}")
         raise ValueError(
-            f"{where}: not the state dict of torchvision's maskrcnn_resnet50_fpn "
-            f"layout ({'; '.join(parts)})"
+            f"{where}: not the state dict of {layout} ({'; '.join(parts)})"
         )
     values = []
     for name, path, convert in mapping:
         if path not in variables:
             raise ValueError(
                 f"{where}: the kseg model has no weight {path!r} for {name!r} "
-                "(build it with build_torchvision_model)"
+                f"(build it with {builder})"
             )
         variable = variables[path]
         array = np.asarray(state[name], "float32")
@@ -445,8 +476,57 @@ def load_torchvision_weights(model, state, where="state dict"):
         values.append((variable, value))
     for variable, value in values:
         variable.assign(value)
-    unmapped = sorted(set(variables) - {path for _, path, _ in mapping})
-    return unmapped
+    return sorted(set(variables) - {path for _, path, _ in mapping})
+
+
+def backbone_from_torchvision(source, input_shape=(None, None, 3)):
+    """kseg's ResNet encoder holding torchvision's ImageNet ResNet weights
+    (`torchvision.models.resnet50` / `resnet101` state dicts, their names:
+    `conv1.weight`, `layer1.0.conv1.weight`, ...; the classifier `fc` is
+    left out), with torchvision's input normalization inside: it takes RGB
+    in 0–255, like every kseg backbone.
+
+    Args:
+        source: a `.pth`/`.pt` (needs torch), `.npz` or `.safetensors`
+            file, or the state dict itself.
+        input_shape: `(H, W, 3)`. Defaults to `(None, None, 3)`.
+
+    Returns:
+        A `keras.Model` of `kseg.backbones.build_resnet`'s outputs
+        `{"res2", .., "res5"}`, usable as `PANet`'s or any kseg model's
+        backbone.
+    """
+    if isinstance(source, (str, Path)):
+        where = str(source)
+        state = read_state_dict(source)
+    else:
+        where = "state dict"
+        state = _as_arrays(dict(source), where)
+    state = {
+        name: value
+        for name, value in state.items()
+        if not name.endswith("num_batches_tracked") and not name.startswith("fc.")
+    }
+    architecture = resnet_architecture(state, where, prefix="")
+    backbone = build_resnet(
+        **architecture, input_shape=tuple(input_shape), name="resnet"
+    )
+    variables = {
+        f"{layer.name}/{variable.name}": variable
+        for layer in backbone.layers
+        for variable in layer.weights
+    }
+    _assign(
+        resnet_mapping(architecture, set(state), ""),
+        state,
+        variables,
+        where,
+        "torchvision's ImageNet ResNet",
+        "build_resnet",
+    )
+    return prepend_normalization(
+        backbone, _IMAGENET_MEAN, _IMAGENET_STD, name="imagenet_normalization"
+    )
 
 
 def _names(names, limit=8):

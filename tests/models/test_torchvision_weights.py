@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kseg.models import from_torchvision
+from kseg.models import backbone_from_torchvision, from_torchvision
 from kseg.models.coco import COCO_CATEGORY_NAMES, coco_categories
 from kseg.models.torchvision_weights import read_safetensors, read_state_dict
 from kseg.testing import TestCase
@@ -86,6 +86,30 @@ class FromTorchvisionTest(TestCase):
         self.assertFalse(model.bottom_up_path or model.adaptive_pooling)
         self.assertTrue(model.round_anchors and model.rpn_per_level_nms)
         self.assertFalse(model.aligned_roi_align)
+
+    def test_imagenet_resnet_into_a_kseg_backbone(self):
+        # An ImageNet ResNet's state dict: the fixture's body, its own names,
+        # with a classifier. Its features must be the converted Mask R-CNN's
+        # (whose detections equal torchvision's).
+        prefix = "backbone.body."
+        state = {
+            name[len(prefix) :]: value
+            for name, value in _state().items()
+            if name.startswith(prefix)
+        }
+        state["fc.weight"] = np.zeros((10, 512), "float32")
+        state["fc.bias"] = np.zeros(10, "float32")
+        backbone = backbone_from_torchvision(state, input_shape=(SIZE, SIZE, 3))
+        image = self.reference["image"][None].astype("float32")
+        got = backbone(image)
+        want = self.model.backbone(image)
+        for level in ("res2", "res5"):
+            np.testing.assert_allclose(
+                np.asarray(got[level]), np.asarray(want[level]), rtol=1e-5, atol=1e-5
+            )
+        del state["layer4.0.bn2.running_var"]
+        with self.assertRaisesRegex(ValueError, r"ImageNet ResNet.*layer4\.0\.bn2"):
+            backbone_from_torchvision(state, input_shape=(SIZE, SIZE, 3))
 
     def test_spec_conventions_do_not_equal_torchvision(self):
         # The conventions are what makes the detections equal: with SPEC's
