@@ -564,16 +564,17 @@ def _exit_with(command):
     """Runs `command()` and ends the process with its status through
     `os._exit`, after flushing the output: Python's shutdown never runs.
 
-    A bad sample stops `model.fit` with tf.data iterators still alive (held
-    by the error's traceback, and by Keras): their prefetch threads are in
-    the middle of `py_function` calls that need the GIL. Python's shutdown
-    destroys them from the main thread, which holds the GIL and waits for
-    those threads: the process printed its error and then hung in about
-    half the runs, or aborted with "terminate called without an active
+    A bad sample stops `model.fit` with its tf.data iterator still alive,
+    held by a Keras generator in the error's traceback. Python's shutdown
+    collects that generator and destroys the iterator from the main thread,
+    holding the GIL; the iterator's destructor waits for its in-flight map
+    calls, which wait for `py_function` decodes that never complete: the
+    process printed its error and then hung (5 of 20 runs here, 7 of 15 in
+    the report), or aborted with "terminate called without an active
     exception". Every file kseg writes is complete when a command returns
-    (written atomically, run lock released), so nothing is lost by not
-    tearing the objects down. An exception no command handles is printed
-    with its traceback (status 1), as Python would."""
+    (written atomically; the kernel releases the run's lock), so nothing
+    is lost by not tearing the objects down. An exception no command
+    handles is printed with its traceback (status 1), as Python would."""
     try:
         code = command()
     except SystemExit as exit:  # argparse's --help and usage errors
