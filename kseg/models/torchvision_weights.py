@@ -34,8 +34,8 @@ from kseg.models.panet.panet import (
     _IMAGENET_STD,
     TORCHVISION_CONVENTIONS,
     PANet,
+    weights_by_name,
 )
-from kseg.models.panet.transfer import weights_by_name
 
 SUFFIXES = (".pth", ".pt", ".npz", ".safetensors")
 # The Mask R-CNN baseline: PANet with its components off.

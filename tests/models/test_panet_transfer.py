@@ -75,12 +75,27 @@ class LoadByNameTest(TestCase):
             self.assertIn(name, report.loaded)
         self.assertIn("loaded", report.summary())
 
-    def test_same_model_loads_everything(self):
+    def test_same_model_from_a_keras_file_loads_everything(self):
         source = tiny_panet_like_fixture()
+        path = Path(self.get_temp_dir()) / "earlier.keras"
+        source.save(path)
         model = tiny_panet_like_fixture()
-        report = load_weights_by_name(model, source)
+        report = load_weights_by_name(model, path)
         self.assertEqual((report.skipped, report.fresh), ({}, []))
         self.assertEqual(len(report.loaded), len(model.weights))
+        for a, b in zip(model.weights, source.weights, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+    def test_torchvision_file_and_bad_paths(self):
+        model = tiny_panet_like_fixture(num_classes=4)
+        report = load_weights_by_name(model, WEIGHTS)
+        self.assertEqual(report.skipped, {})
+        with self.assertRaisesRegex(FileNotFoundError, "nowhere.keras: no such"):
+            load_weights_by_name(model, WEIGHTS.with_name("nowhere.keras"))
+        other = Path(self.get_temp_dir()) / "weights.h5"
+        other.write_bytes(b"x")
+        with self.assertRaisesRegex(ValueError, r"not '\.h5'"):
+            load_weights_by_name(model, other)
 
 
 class SetTrainableTest(TestCase):

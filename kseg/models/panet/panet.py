@@ -486,6 +486,26 @@ class PANet(InstanceSegmenter):
         }
 
 
+def weights_by_name(model):
+    """`{name: variable}` of a PANet's weights under names that do not depend
+    on what else the process built: the backbone's as `layer/weight`
+    (`stem_conv/kernel`), the stages' under their default names
+    (`feature_pyramid/...`, `bottom_up_path/...`, `rpn/...`,
+    `roi_heads/...`)."""
+    weights = {}
+    for layer in model.backbone.layers:
+        for variable in layer.weights:
+            weights[f"{layer.name}/{variable.name}"] = variable
+    stages = [("feature_pyramid", model.fpn), ("rpn", model.rpn)]
+    if getattr(model, "bottom_up_path", False):
+        stages.append(("bottom_up_path", model.bottom_up))
+    stages.append(("roi_heads", model.roi_heads))
+    for name, stage in stages:
+        for variable in stage.weights:
+            weights[name + variable.path[len(stage.name) :]] = variable
+    return weights
+
+
 def _imagenet_rgb(backbone):
     return prepend_normalization(
         backbone, _IMAGENET_MEAN, _IMAGENET_STD, name="imagenet_normalization"

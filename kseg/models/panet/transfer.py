@@ -18,8 +18,11 @@ norm stays frozen (torchvision's `FrozenBatchNorm2d`).
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import keras
+
+from kseg.models.panet.panet import weights_by_name
 
 # A PANet level copy and the baseline layer it starts from.
 _LEVEL_COPIES = (
@@ -29,26 +32,6 @@ _LEVEL_COPIES = (
 # Backbone stages from the top, as torchvision counts trainable layers.
 BACKBONE_STAGES = ("res5", "res4", "res3", "res2", "stem")
 TRAINABLE_MODES = ("all", "heads")
-
-
-def weights_by_name(model):
-    """`{name: variable}` of a PANet's weights under names that do not depend
-    on what else the process built: the backbone's as `layer/weight`
-    (`stem_conv/kernel`), the stages' under their default names
-    (`feature_pyramid/...`, `bottom_up_path/...`, `rpn/...`,
-    `roi_heads/...`)."""
-    weights = {}
-    for layer in model.backbone.layers:
-        for variable in layer.weights:
-            weights[f"{layer.name}/{variable.name}"] = variable
-    stages = [("feature_pyramid", model.fpn), ("rpn", model.rpn)]
-    if getattr(model, "bottom_up_path", False):
-        stages.append(("bottom_up_path", model.bottom_up))
-    stages.append(("roi_heads", model.roi_heads))
-    for name, stage in stages:
-        for variable in stage.weights:
-            weights[name + variable.path[len(stage.name) :]] = variable
-    return weights
 
 
 @dataclass
@@ -76,11 +59,16 @@ def load_weights_by_name(model, source):
     Args:
         model: the `PANet` to initialise.
         source: a `PANet` (for example `kseg.models.from_torchvision(...)`
-            or `kseg.models.load_model(run / "model.keras")`).
+            or `kseg.models.load_model(run / "model.keras")`), or a path:
+            a `.keras` file of one (an earlier kseg run, a `kseg convert`
+            output) or torchvision's Mask R-CNN state dict (`.pth`, `.npz`,
+            `.safetensors`; converted at `model`'s image size).
 
     Returns:
         A `TransferReport`.
     """
+    if isinstance(source, (str, Path)):
+        source = _load_source(Path(source), model)
     target = weights_by_name(model)
     available = weights_by_name(source)
     report = TransferReport()
@@ -99,6 +87,27 @@ def load_weights_by_name(model, source):
         variable.assign(keras.ops.convert_to_numpy(value))
         report.loaded.append(name if origin == name else f"{name} (from {origin})")
     return report
+
+
+def _load_source(path, model):
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file to initialise the model from")
+    if path.suffix == ".keras":
+        from kseg.models.saving import load_model
+
+        source = load_model(path)
+    else:
+        from kseg.models.torchvision_weights import SUFFIXES, from_torchvision
+
+        if path.suffix.lower() not in SUFFIXES:
+            raise ValueError(
+                f"{path}: initialise from a .keras model or torchvision's state "
+                f"dict ({', '.join(SUFFIXES)}), not {path.suffix!r}"
+            )
+        source = from_torchvision(path, image_size=model.image_size)
+    if not hasattr(source, "roi_heads"):
+        raise ValueError(f"{path}: not a PANet model ({type(source).__name__})")
+    return source
 
 
 def _level_origin(name, available):
