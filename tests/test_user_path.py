@@ -665,10 +665,20 @@ def test_command_line_basics(tmp_path):
     assert "background" in result.stdout
 
 
-def _readme_python_blocks():
+# Python blocks that read what the README's commands write (a run, exports,
+# images): test_readme_commands_run_as_written runs them after the commands.
+USER_FILES = ("runs/", "saved_models/", "photos/", "scenes/")
+
+
+def _readme_python_blocks(on_user_files=False):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     # The gRPC example needs tensorflow-serving-api and a running server.
-    return [block for block in blocks if "tensorflow_serving" not in block]
+    blocks = [block for block in blocks if "tensorflow_serving" not in block]
+    return [
+        block
+        for block in blocks
+        if any(path in block for path in USER_FILES) == on_user_files
+    ]
 
 
 def test_readme_python_snippets(tmp_path):
@@ -1175,3 +1185,97 @@ def test_instance_path(tmp_path):
         cwd=tmp_path,
     )
     _check_instances(tmp_path / "found-served", photos, size)
+
+
+# === The README's commands, exactly as written ===
+
+# README lines that need what a test cannot make here: a dataset under /data,
+# a second machine, a crashed run to resume, the network, Docker. Each is run
+# elsewhere in this file with its paths replaced (see the table above).
+ELSEWHERE = ("/data/", "--resume", "TF_CONFIG", "docker", "curl")
+
+
+def readme_commands():
+    """Every `kseg ...` line of README.md's bash blocks, in order (comments
+    and line continuations resolved), but those `ELSEWHERE` names."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line.startswith("kseg ") and not any(m in line for m in ELSEWHERE):
+                commands.append(line)
+    return commands
+
+
+def test_readme_commands_run_as_written(tmp_path):
+    """A new user's folder, the README's commands pasted into a shell one
+    after the other, through the installed `kseg` command (tiny recipes of
+    the same names in KSEG_RECIPES keep it to minutes)."""
+    if shutil.which("kseg") is None:
+        pytest.skip("the kseg command is not installed (pip install -e .)")
+    commands = readme_commands()
+    # The README's path: train, held-out images, predict, evaluate, export,
+    # run the exports; both tasks.
+    for expected in (
+        "kseg train",
+        "kseg data images --recipe quickstart --out photos/",
+        "kseg train --recipe panet_quickstart",
+        "kseg evaluate runs/quickstart/latest/model.keras --recipe quickstart",
+    ):
+        assert expected in commands, f"README.md no longer runs {expected!r}"
+    assert any(c.startswith("kseg export") for c in commands)
+    recipes = tiny_recipe_dir(
+        tmp_path / "recipes", f"train.epochs={EPOCHS}", f"train.steps_per_epoch={STEPS}"
+    )
+    from kseg.training.recipe import apply_overrides, dump_recipe, load_recipe
+
+    panet = apply_overrides(
+        load_recipe(REPO / "recipes" / "panet_quickstart.yaml"), TINY_PANET
+    )
+    (recipes / "panet_quickstart.yaml").write_text(dump_recipe(panet))
+    home = tmp_path / "home"
+    home.mkdir()
+    env = _env(KSEG_RECIPES=str(recipes))
+    env.pop("PYTHONPATH")  # the installed command, as a user has it
+    for command in commands:
+        result = subprocess.run(
+            ["bash", "-c", command],
+            cwd=home,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert result.returncode == 0, f"README: {command}\n" + _show(result)
+    # The Python blocks on what the commands wrote (load, predict, draw).
+    blocks = _readme_python_blocks(on_user_files=True)
+    assert len(blocks) >= 3, "README.md lost its Python path on a run"
+    for block in blocks:
+        result = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(block)],
+            cwd=home,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, block + "\n" + _show(result)
+    overlay = _read_rgb(home / "photo_overlay.png")
+    assert overlay.shape[0] == 32 and overlay.shape[1] > 32  # the legend beside
+    # What the commands promise is there.
+    photos = sorted((home / "photos").glob("*.jpg"))
+    assert len(photos) == 4
+    for name in ("quickstart", "panet_quickstart"):
+        latest = home / "runs" / name / "latest"
+        assert (latest / "result.json").is_file(), name
+    assert len(list((home / "predicted").glob("*_overlay.png"))) == len(photos)
+    scenes = sorted((home / "scenes").glob("*.jpg"))
+    assert scenes and (home / "found" / "detections.json").is_file()
+    assert (home / "saved_models" / "quickstart" / "1" / "saved_model.pb").is_file()
+    assert len(list((home / "masks-onnx").glob("*.png"))) == len(photos)
+    assert (home / "found-onnx" / "detections.json").is_file()
+    categories = home / "saved_models" / "panet" / "onnx" / "panet_v1.categories.json"
+    assert [c["name"] for c in json.loads(categories.read_text())][:2] == [
+        "disc",
+        "square",
+    ]

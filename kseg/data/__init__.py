@@ -68,7 +68,7 @@ from kseg.data.palette import (
     colorize,
     voc_colormap,
 )
-from kseg.data.png import decode_index_png, encode_index_png
+from kseg.data.png import decode_index_png, encode_index_png, encode_rgb_png
 from kseg.data.preprocessing import preprocess_images
 from kseg.data.readers import (
     check_split_name,
@@ -139,6 +139,7 @@ __all__ = [
     "decode_segmentation",
     "encode_index_png",
     "encode_mask",
+    "encode_rgb_png",
     "eval_transform",
     "format_class_histogram",
     "format_instance_statistics",

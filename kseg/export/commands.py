@@ -15,8 +15,10 @@ The SavedModel goes
 to OUT/NAME/VERSION/ (VERSION defaults to the next free integer; TF Serving's
 --model_base_path is OUT/NAME), each TFLite file to
 OUT/NAME/tflite/NAME_vVERSION_QUANTIZATION_HxW.tflite, the ONNX file (--onnx:
-uint8 images of any batch and size, like the SavedModel) to
-OUT/NAME/onnx/NAME_vVERSION.onnx. TFLite files have a
+uint8 images of any batch and size for a semantic model, like the SavedModel;
+any batch at its own input size for PANet, with NAME_vVERSION.categories.json
+beside it) to OUT/NAME/onnx/NAME_vVERSION.onnx; `kseg predict` runs every
+file. TFLite files have a
 fixed input size: --input-size, else the model's own fixed size, else the
 training crop (data.crop_size) of the run's recipe.yaml. int8 calibrates on
 training images: the train split of --recipe (read from --data as for
@@ -48,7 +50,7 @@ def register(subparsers):
     """
     parser = subparsers.add_parser(
         "export",
-        help="export a .keras model for TF Serving (SavedModel) and TFLite",
+        help="export a .keras model for TF Serving (SavedModel), TFLite and ONNX",
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -84,7 +86,9 @@ def register(subparsers):
         "--onnx",
         action="store_true",
         help="also write an ONNX file, OUT/NAME/onnx/NAME_vVERSION.onnx: uint8 "
-        "images of any batch and size (needs the onnx extra)",
+        "images of any batch and size (PANet: at its own input size), run by "
+        "`kseg predict` and ONNX Runtime (needs the onnx extra: pip install "
+        "'kseg[onnx]')",
     )
     parser.add_argument(
         "--input-size",

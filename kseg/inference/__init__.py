@@ -22,6 +22,9 @@ _EXPORTS = {
     "colorize": "kseg.inference.visualize",
     "get_palette": "kseg.inference.visualize",
     "overlay": "kseg.inference.visualize",
+    "overlay_with_legend": "kseg.inference.visualize",
+    "draw_instances": "kseg.inference.instance_outputs",
+    "class_names": "kseg.inference.names",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

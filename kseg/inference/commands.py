@@ -173,6 +173,7 @@ def run_predict(args):
     from kseg.data import encode_index_png
     from kseg.data.png import encode_rgb_png
     from kseg.files import describe_os_error
+    from kseg.inference.names import semantic_class_names
     from kseg.inference.predict import predict, predict_tiled
     from kseg.inference.sources import open_model
     from kseg.inference.visualize import overlay_with_legend
@@ -199,7 +200,7 @@ def run_predict(args):
     }
     palette = None
     class_names = (
-        _semantic_class_names(args.model, source.path) if args.overlay else None
+        semantic_class_names(args.model, source.path) if args.overlay else None
     )
     claimed = {}
     failures = 0
@@ -373,25 +374,6 @@ def _run_instances(args, source):
         _error(f"{failures} of {len(args.images)} images failed")
         return 1
     return 0
-
-
-def _semantic_class_names(model_path, source_path):
-    """The class names of a semantic run's recipe (the model is a run
-    directory, or a `.keras` file in one), else `None` (`class <k>`)."""
-    from kseg.inference.instance_outputs import find_recipe_path
-    from kseg.training.recipe import load_recipe
-    from kseg.training.semantic import dataset_info
-
-    recipe_path = find_recipe_path(model_path) or find_recipe_path(source_path)
-    if recipe_path is None:
-        return None
-    try:
-        recipe = load_recipe(recipe_path)
-    except (OSError, ValueError):
-        return None
-    if recipe.task != "semantic":
-        return None
-    return dataset_info(recipe.data).class_names
 
 
 def _recipe_resize(recipe_path):

@@ -158,3 +158,32 @@ def test_predict_instances_runs_what_open_model_returns(tmp_path):
             np.testing.assert_array_equal(result.classes, expected.classes)
             np.testing.assert_allclose(result.boxes, expected.boxes, atol=1e-3)
             np.testing.assert_array_equal(result.masks, expected.masks)
+
+
+def test_class_names_come_with_what_open_model_returns(trained_like, tmp_path):
+    import json
+
+    from kseg import testing
+    from kseg.inference import class_names
+
+    # A semantic run: its recipe's class names, indexed by class.
+    run, model = trained_like
+    expected = ("background", "disc", "square", "triangle", "ring", "plus")
+    assert class_names(open_model(run)) == expected
+    assert class_names(open_model(run / "model.keras")) == expected
+    # A model file without a run: nothing to name its classes by.
+    model.save(tmp_path / "bare.keras")
+    assert class_names(open_model(tmp_path / "bare.keras")) is None
+    # An instance model: class k at k - 1, from its categories file ...
+    detector = testing.fixed_detector(
+        boxes=[[6, 4, 40, 50]],
+        scores=[0.8],
+        classes=[2],
+        masks=np.ones((1, 28, 28), np.float32),
+        count=1,
+    )
+    detector.save(tmp_path / "fixed.keras")
+    assert class_names(open_model(tmp_path / "fixed.keras")) == ("class_1", "class_2")
+    categories = [{"id": 11, "name": "cat"}, {"id": 27, "name": "dog"}]
+    (tmp_path / "fixed.categories.json").write_text(json.dumps(categories))
+    assert class_names(open_model(tmp_path / "fixed.keras")) == ("cat", "dog")
