@@ -106,6 +106,10 @@ def paste_mask_crops(masks, boxes, height, width, threshold=0.5):
     return PastedMasks(masks, boxes, height, width, threshold)
 
 
+# Rows of a mask pasted at a time (`PastedMasks.crop`).
+_PASTE_ROWS = 256
+
+
 class PastedMasks:
     """D masks of an `height × width` image, pasted inside their boxes on
     demand (`paste_mask_crops`): what `paste_masks` returns, without the D
@@ -182,8 +186,17 @@ class PastedMasks:
         return first, left, pasted >= self.threshold
 
     def crop(self, index):
-        """`(top, left, array)`: mask `index` inside its box."""
-        return self.crop_rows(index, 0, self.shape[1])
+        """`(top, left, array)`: mask `index` inside its box, pasted
+        `_PASTE_ROWS` rows at a time (the float64 sums of a whole box
+        would be 8 bytes a pixel, several times over)."""
+        top, bottom, left, right = self.box(index)
+        if self.threshold is not None:
+            result = np.empty((bottom - top, right - left), self.dtype)
+            for first in range(top, bottom, _PASTE_ROWS):
+                _, _, rows = self.crop_rows(index, first, first + _PASTE_ROWS)
+                result[first - top : first - top + len(rows)] = rows
+            return top, left, result
+        return self.crop_rows(index, top, bottom)
 
     def plane(self, index):
         """Mask `index` as a full `(H, W)` array."""

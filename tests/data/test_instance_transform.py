@@ -129,3 +129,14 @@ def test_a_threshold_must_be_positive():
     # Outside its box a mask is 0: a threshold of 0 would fill the image.
     with pytest.raises(ValueError, match="threshold must be positive"):
         paste_masks(np.ones((1, 28, 28)), [[0, 0, 1, 1]], 4, 4, threshold=0)
+
+
+def test_crops_pasted_by_bands_of_rows_are_the_whole_crops(monkeypatch):
+    from kseg.data import instance_transform
+
+    masks, boxes = _random_detections(4, 8, 45, 70)
+    whole = np.asarray(instance_transform.paste_mask_crops(masks, boxes, 45, 70))
+    monkeypatch.setattr(instance_transform, "_PASTE_ROWS", 7)
+    pasted = instance_transform.paste_mask_crops(masks, boxes, 45, 70)
+    assert max(pasted.crop(k)[2].shape[0] for k in range(8)) > 14  # 3+ bands
+    np.testing.assert_array_equal(np.asarray(pasted), whole)
