@@ -16,6 +16,10 @@ torchvision calls round by round. Commands:
 - `{"cmd": "train_setup", "boxes": [[[y1, x1, y2, x2], ..], ..]}` (one list
   per image) then `{"cmd": "train"}`: one timed SGD training step on random
   images with those boxes, filled rectangles as masks and classes 1, 2, ..;
+- `{"cmd": "reference"}`: the inference call's labels and boxes;
+- `{"cmd": "save_state", "path": P}`: writes the model's state dict to the
+  `.npz` file P (torchvision's names, float32) and its image to
+  `P.image.npy` (HWC, 0-255), for kseg's converted row;
 - `{"cmd": "quit"}`.
 """
 
@@ -132,6 +136,29 @@ class Worker:
         if out["masks"].shape[0] != self.detections:
             raise RuntimeError(f"stages gave {out['masks'].shape[0]} detections")
         return {"ms": {k: v * 1e3 for k, v in times.items()}}
+
+    def reference(self):
+        """The inference call's detections: `labels`, `boxes` as
+        `[y1, x1, y2, x2]` (kseg's order)."""
+        with torch.inference_mode():
+            out = self.model([self.image])[0]
+        return {
+            "labels": out["labels"].tolist(),
+            "boxes": out["boxes"][:, [1, 0, 3, 2]].tolist(),
+        }
+
+    def save_state(self, path):
+        import numpy as np
+
+        state = {
+            name: value.detach().numpy().astype("float32")
+            for name, value in self.model.state_dict().items()
+        }
+        np.savez(path, **state)
+        # The worker's image as kseg takes it: HWC, RGB in 0-255.
+        image = (self.image.permute(1, 2, 0) * 255.0).numpy().astype("float32")
+        np.save(f"{path}.image.npy", image)
+        return {"tensors": len(state)}
 
     def train_setup(self, boxes):
         self.train_images = [torch.rand(3, self.size, self.size) for _ in boxes]
