@@ -69,7 +69,7 @@ torchvision 27/9/27/37%.
 
 The converted row (kseg's baseline holding the worker's own weights,
 torchvision's conventions on; graph mode), measured on a loaded machine
-(load 5.9; glibc's column conditions, tcmalloc): baseline 5102 ms (0.48×),
+(load 5.9, tcmalloc): baseline 5102 ms (0.48×),
 converted 5204 ms (0.49×), torchvision 10528 ms; stage shares of the
 converted model 28/11/20/42%. Its detections are torchvision's as a set
 (100/100: class equal, box within 1e-2 px; the faint image's scores nearly
