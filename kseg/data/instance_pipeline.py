@@ -412,7 +412,12 @@ def instance_eval_transform(image, output_size, short_edge=None, max_size=None):
         `(y, x) / scale` in the original image.
     """
     height, width = _output_size(output_size)
-    image = preprocess_images(image)
+    image = tf.convert_to_tensor(image)
+    if image.dtype != tf.uint8:
+        image = preprocess_images(image)
+    # uint8 images are resized as they are (the resize computes in float32,
+    # the same values as on the cast image), so a large photo is never held
+    # as a float32 copy at its full size (4x its bytes).
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = _resize_scale(shape[0], shape[1], short_edge, max_size)
     scale = tf.minimum(

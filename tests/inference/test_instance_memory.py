@@ -81,8 +81,8 @@ def test_kseg_predict_memory_does_not_grow_with_detections_times_pixels():
     # Before: D float32 and D bool full-size planes (paste_masks), a uint8
     # copy of them transposed for the RLE and a float32 copy of the image
     # for the overlay: ~100 bytes a pixel for 16 boxes. Now: the image,
-    # its instance map and overlay, one plane (the RLE), float copies of the
-    # image made while fitting it into the model (TensorFlow).
+    # its instance map and overlay, one plane (the RLE); the image is fitted
+    # into the model as uint8 (no full-size float32 copy).
     count, side = 16, 1536
     result = subprocess.run(
         [sys.executable, "-c", _PREDICT, str(count), str(side)],
@@ -93,7 +93,7 @@ def test_kseg_predict_memory_does_not_grow_with_detections_times_pixels():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     growth = int(result.stdout.split()[-1])
-    # Bytes a pixel: 3 image + 3 overlay + 2 instance map + 1 plane; the
-    # fit's float32 copies (preprocessing, 12 each); slack. Measured: 72
-    # bytes a pixel before, 18 after.
-    assert growth < 40 * side * side, growth / side**2
+    # Bytes a pixel: 3 image + 3 overlay + 2 instance map + 1 plane, and
+    # slack. Measured: 72 bytes a pixel with full-size planes, 18 with a
+    # float32 copy of the image for the fit, 11.6 now.
+    assert growth < 16 * side * side, growth / side**2
