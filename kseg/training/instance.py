@@ -26,6 +26,8 @@ from kseg.data import (
     read_coco,
 )
 from kseg.models import PANet
+from kseg.models.panet.transfer import load_weights_by_name, set_trainable
+from kseg.models.torchvision_weights import SUFFIXES as TORCHVISION_SUFFIXES
 from kseg.training.coco_evaluation import CocoEvaluator, format_coco_table
 from kseg.training.optimizers import build_optimizer
 from kseg.training.recipe import BACKBONE_BUILDERS, RecipeError
@@ -101,6 +103,56 @@ def read_instances(data, split, data_dir=None, seed=0):
             return read_coco(root / "annotations.json", root)
         return read_coco(annotations, root / split)
     return read_cityscapes_instances(root, split)
+
+
+def init_source(value):
+    """The file `model.init_from` names: a `.keras` model, torchvision's state
+    dict, or a kseg run directory's `model.keras`. Raises `FileNotFoundError`
+    or `ValueError` naming the recipe field, the path and what it takes."""
+    takes = (
+        "give a converted model (kseg convert torchvision FILE --out M.keras), "
+        "a kseg run directory or its model.keras, or torchvision's state dict "
+        f"({', '.join(TORCHVISION_SUFFIXES)})"
+    )
+    path = Path(value).expanduser()
+    if path.is_dir():
+        model = path / "model.keras"
+        if not model.is_file():
+            raise FileNotFoundError(
+                f"model.init_from: {path} is a folder without model.keras (a run "
+                "that has not finished?); give a finished kseg run directory or "
+                f"a checkpoint such as {path / 'checkpoints' / 'last.keras'}"
+            )
+        return model
+    if not path.is_file():
+        raise FileNotFoundError(f"model.init_from: {path} does not exist; {takes}")
+    if path.suffix.lower() not in (".keras", *TORCHVISION_SUFFIXES):
+        raise ValueError(
+            f"model.init_from: {path} is not a file kseg initialises from; {takes}"
+        )
+    return path
+
+
+def init_message(source, report, limit=8):
+    """One summary line of `load_weights_by_name`'s `report`, then the layers
+    skipped and left fresh by name (their first `limit` when more)."""
+
+    def layers(names):
+        names = list(dict.fromkeys(n.split(" ")[0].rsplit("/", 1)[0] for n in names))
+        more = len(names) - limit
+        return ", ".join(names[:limit]) + (f", ... ({more} more)" if more > 0 else "")
+
+    lines = [
+        f"model.init_from {source}: loaded {len(report.loaded)} weights, skipped "
+        f"{len(report.skipped)} (another shape), left {len(report.fresh)} fresh"
+    ]
+    if 0 < len(report.skipped) <= limit:
+        lines.extend(f"  skipped {name}: {why}" for name, why in report.skipped.items())
+    elif report.skipped:
+        lines.append(f"  skipped: {layers(report.skipped)}")
+    if report.fresh:
+        lines.append(f"  fresh: {layers(report.fresh)}")
+    return "\n".join(lines)
 
 
 class InstanceEvaluation:
@@ -234,6 +286,11 @@ class InstanceTask(Task):
     monitor = "val_mask_ap"
 
     def prepare(self):
+        init_from = self.recipe.model.init_from
+        # Checked before the data is read and before any run directory.
+        self.init_source = None
+        if init_from is not None and self.initialise:
+            self.init_source = init_source(init_from)
         data, seed = self.recipe.data, self.recipe.train.seed
         self.train_set = read_instances(data, data.train_split, self.data_dir, seed)
         self.val_set = read_instances(data, data.val_split, self.data_dir, seed)
@@ -254,7 +311,7 @@ class InstanceTask(Task):
         backbone = BACKBONE_BUILDERS[recipe.backbone.name](**kwargs)
         if recipe.backbone.weights is not None:
             backbone.load_weights(recipe.backbone.weights)
-        return PANet(
+        model = PANet(
             with_input_normalization(backbone),
             self.train_set.num_classes,
             image_size=size,
@@ -263,6 +320,24 @@ class InstanceTask(Task):
             seed=recipe.train.seed,
             **recipe.model.kwargs,
         )
+        if getattr(self, "init_source", None) is not None:
+            report = load_weights_by_name(model, self.init_source)
+            if not report.loaded:
+                raise ValueError(
+                    f"model.init_from: no weight of {self.init_source} matches "
+                    "the recipe's model by name and shape; build the same "
+                    "architecture (backbone, model.kwargs filters and fc_units)"
+                )
+            print(init_message(self.init_source, report), flush=True)
+        if recipe.model.trainable_layers is not None:
+            stages = set_trainable(model, recipe.model.trainable_layers)
+            print(
+                f"model.trainable_layers {recipe.model.trainable_layers!r}: "
+                f"backbone stages training: {', '.join(stages) or 'none'} "
+                "(batch norm frozen)",
+                flush=True,
+            )
+        return model
 
     def compile(self, model, total_steps):
         train = self.recipe.train

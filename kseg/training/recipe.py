@@ -32,6 +32,7 @@ import yaml
 
 from kseg.backbones import build_resnet
 from kseg.models.panet import LOSS_NAMES
+from kseg.models.panet.transfer import BACKBONE_STAGES, TRAINABLE_MODES
 from kseg.training.recipe_files import (  # noqa: F401 (re-exported)
     CHECKOUT_RECIPES,
     RECIPE_SUFFIX,
@@ -291,6 +292,37 @@ def _check_loss_task(loss, task):
         )
 
 
+def _check_model_start(model, task):
+    """`model.init_from` and `model.trainable_layers` (whether the file
+    exists is checked when a run starts, see `InstanceTask.prepare`)."""
+    for key in ("init_from", "trainable_layers"):
+        if getattr(model, key) is not None and task != "instance":
+            raise RecipeError(
+                f"model.{key}: an instance segmentation setting (PANet, task: "
+                f"instance); remove it (a semantic recipe loads encoder weights "
+                "with backbone.weights)"
+            )
+    if model.init_from is not None and not model.init_from.strip():
+        raise RecipeError(
+            "model.init_from: empty; give a .keras model, a kseg run directory "
+            "or torchvision's state dict (.pth, .npz, .safetensors), or null"
+        )
+    layers = model.trainable_layers
+    if layers is None or layers in TRAINABLE_MODES:
+        return
+    if isinstance(layers, bool) or not isinstance(layers, int):
+        raise RecipeError(
+            f"model.trainable_layers: expected an int 0..{len(BACKBONE_STAGES)}, "
+            f"{' or '.join(map(repr, TRAINABLE_MODES))} or null, got {layers!r}"
+        )
+    if not 0 <= layers <= len(BACKBONE_STAGES):
+        raise RecipeError(
+            f"model.trainable_layers: torchvision's trainable backbone layers "
+            f"run from 0 (backbone frozen) to {len(BACKBONE_STAGES)} (all of "
+            f"{', '.join(BACKBONE_STAGES)}), got {layers}"
+        )
+
+
 def validate_recipe(recipe):
     """Checks the values of a typed recipe; raises `RecipeError` naming the key."""
     if not _RECIPE_NAME.fullmatch(recipe.name) or recipe.name in (".", ".."):
@@ -322,6 +354,7 @@ def validate_recipe(recipe):
             "loss_weights",
         ),
     )
+    _check_model_start(recipe.model, recipe.task)
     _check_choice(recipe.backbone.name, BACKBONE_BUILDERS, "backbone.name")
     _check_kwargs(
         recipe.backbone.kwargs,

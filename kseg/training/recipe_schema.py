@@ -51,10 +51,26 @@ class ModelConfig:
         name: key of `MODELS` (`"pan"`, `"fcn"`, ...).
         kwargs: keyword arguments of the model constructor beyond the backbone
             and `num_classes` (which comes from the dataset).
+        init_from: instance task: the weights the model starts from, copied
+            by layer name and shape (`kseg.models.panet.transfer`): a
+            `.keras` model (a `kseg convert torchvision` output, an earlier
+            run's `model.keras` or checkpoint), an earlier kseg run
+            directory (its `model.keras`), or torchvision's Mask R-CNN state
+            dict (`.pth`, `.pt`, `.npz`, `.safetensors`). The class-specific
+            layers of another class count stay fresh. `None`: random (or
+            `backbone.weights`). A resumed run restores its backup instead.
+        trainable_layers: instance task: what trains. An int 0..5 is
+            torchvision's `trainable_backbone_layers` (that many backbone
+            stages from the top train: res5, res4, res3, res2, stem),
+            `"heads"` freezes the whole backbone (matterport), `"all"` trains
+            it all; with any of them the backbone's batch norm is frozen.
+            `None` (default): everything trains, batch norm included.
     """
 
     name: str = "pan"
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    init_from: str | None = None
+    trainable_layers: Any = None
 
 
 @dataclasses.dataclass

@@ -29,9 +29,13 @@ class Task:
 
     Attributes:
         monitor: the validation log `best.keras` maximises.
+        initialise: whether `build_model` starts from `model.init_from`; the
+            trainer sets it `False` when a resumed run's own weights (its
+            backup, its `model.keras`) replace them.
     """
 
     monitor = None
+    initialise = True
 
     def __init__(self, recipe, data_dir=None):
         self.recipe = recipe

@@ -241,6 +241,11 @@ def _resumed_recipe_path(resume):
     return path, path / RECIPE_FILE
 
 
+def _holds_weights(path):
+    """Whether the run `path` restores its weights: a backup or `model.keras`."""
+    return (path / MODEL_FILE).exists() or RunBackup(path / BACKUP_DIR).exists()
+
+
 def _resumed_run_dir(resume):
     """The run directory to continue, checked and locked."""
     path, _ = _resumed_recipe_path(resume)
@@ -308,6 +313,9 @@ def train(
     lock = None
     try:
         task = task_for(recipe, data_dir)
+        if resume is not None:
+            # A resumed run's own weights win: model.init_from is not read.
+            task.initialise = not _holds_weights(_resumed_recipe_path(resume)[0])
         # Everything that can fail on bad data or settings fails here, before
         # a run directory exists.
         description = task.prepare()
