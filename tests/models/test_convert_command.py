@@ -1,8 +1,11 @@
 """`kseg convert torchvision`: the fixture's torchvision-layout model (see
 `tests/models/test_torchvision_weights.py`) widened to COCO's 91 classes,
-converted through the command line, then `kseg predict` on it."""
+converted through the command line, then `kseg predict` on it and `kseg
+train` fine-tuning it on labelme's COCO example."""
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +114,102 @@ def test_help_names_the_formats(capsys):
         out = capsys.readouterr().out
         assert out.startswith("usage: kseg " + " ".join(command))
         assert ".safetensors" in out and "never overwritten" in out
+
+
+LABELME_COCO = Path(
+    "/usr/share/doc/labelme-examples/examples/instance_segmentation/data_dataset_coco"
+)
+FINETUNE = "maskrcnn_r50-fpn_1xb2-coco-finetune-1024"
+# The fine-tuning recipe at the fixture's architecture and a CPU's size.
+FIXTURE_SIZED = [
+    "backbone.name=resnet",
+    "backbone.kwargs={block_counts: [1, 1, 1, 1], expansion: 1, group_width: 16, "
+    "stem_width: 64}",
+    "model.kwargs.filters=32",
+    "model.kwargs.fc_units=64",
+    "model.kwargs.rpn_pre_nms_top_k_train=100",
+    "model.kwargs.rpn_post_nms_top_k_train=50",
+    "model.kwargs.rpn_pre_nms_top_k_test=100",
+    "model.kwargs.rpn_post_nms_top_k_test=50",
+    "model.kwargs.rpn_batch_size=32",
+    "model.kwargs.roi_batch_size=16",
+    "model.kwargs.max_detections=10",
+    f"data.crop_size=[{SIZE}, {SIZE}]",
+    "data.short_edge_range=null",
+    "data.max_size=null",
+    "data.max_instances=10",
+    "data.mask_size=28",
+    "train.epochs=1",
+    "train.steps_per_epoch=1",
+    "eval.batch_size=3",
+    "eval.short_edge=null",
+]
+
+
+def labelme_coco(folder):
+    """Debian labelme-examples' COCO export (3 photos, 20 VOC classes) in
+    COCO's layout, as both the train and the val split."""
+    if not LABELME_COCO.is_dir():
+        pytest.skip("Debian package labelme-examples is not installed")
+    annotations = json.loads((LABELME_COCO / "annotations.json").read_text())
+    for image in annotations["images"]:
+        image["file_name"] = Path(image["file_name"]).name
+    (folder / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        shutil.copytree(LABELME_COCO / "JPEGImages", folder / split)
+        (folder / "annotations" / f"instances_{split}.json").write_text(
+            json.dumps(annotations)
+        )
+    return folder
+
+
+@pytest.mark.slow
+def test_fine_tune_the_converted_model_on_a_coco_folder(tmp_path, capsys):
+    """kseg convert torchvision, then kseg train with the fine-tuning recipe
+    starting from the converted file: COCO's 90 classes against the
+    folder's 20, so the class-specific layers are skipped and said so."""
+    data = labelme_coco(tmp_path / "coco")
+    status, converted = convert(tmp_path)
+    assert status == 0, capsys.readouterr().err
+    capsys.readouterr()
+    run = tmp_path / "run"
+    args = ["train", "--recipe", FINETUNE, "--data", str(data), "--run-dir", str(run)]
+    args += [f"--set={o}" for o in FIXTURE_SIZED]
+    status = main([*args, f"--set=model.init_from={converted}", "--quiet"])
+    out, err = capsys.readouterr()
+    assert status == 0, err[-3000:]
+    lines = out.splitlines()
+    summary = next(line for line in lines if line.startswith("model.init_from"))
+    assert re.fullmatch(
+        rf"model.init_from {re.escape(str(converted))}: loaded \d+ weights, "
+        r"skipped 6 \(another shape\), left 0 fresh",
+        summary,
+    ), summary
+    skipped = [line.split()[1][:-1] for line in lines if line.startswith("  skipped ")]
+    assert sorted(skipped) == [
+        "roi_heads/box_head/box_deltas/bias",
+        "roi_heads/box_head/box_deltas/kernel",
+        "roi_heads/box_head/class_logits/bias",
+        "roi_heads/box_head/class_logits/kernel",
+        "roi_heads/mask_head/mask_logits/bias",
+        "roi_heads/mask_head/mask_logits/kernel",
+    ]
+    assert "backbone stages training: res5, res4, res3 (batch norm frozen)" in out
+    result = json.loads((run / "result.json").read_text())
+    assert result["steps"] == 1
+    # The fine-tuned model: the folder's classes, the converted backbone's
+    # frozen stem unchanged.
+    model, source = load_model(run / "model.keras"), load_model(converted)
+    assert model.num_classes == 20
+    np.testing.assert_array_equal(
+        model.backbone.get_layer("stem_conv").kernel.numpy(),
+        source.backbone.get_layer("stem_conv").kernel.numpy(),
+    )
+
+    # The recipe's default file, absent here: named before any run exists.
+    args[args.index(str(run))] = str(tmp_path / "other-run")
+    assert main(args) == 1
+    assert "model.init_from: maskrcnn_resnet50_fpn_coco.keras does not exist" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "other-run").exists()

@@ -229,3 +229,17 @@ def test_a_resumed_run_restores_its_backup_not_init_from(tmp_path, capsys):
     assert "model.init_from" not in out
     assert "resuming after epoch 1" in out
     assert result.steps == 2
+
+
+def test_the_fine_tuning_recipe_builds_what_kseg_convert_writes():
+    from kseg.models.panet.panet import TORCHVISION_CONVENTIONS
+    from kseg.models.torchvision_weights import BASELINE
+
+    recipe = load_recipe("maskrcnn_r50-fpn_1xb2-coco-finetune-1024")
+    # The converted model's arguments (build_torchvision_model), so every
+    # weight but the class-specific ones loads and detection is torchvision's.
+    assert recipe.model.kwargs == {**BASELINE, **TORCHVISION_CONVENTIONS}
+    assert recipe.backbone.name == "resnet50" and not recipe.backbone.kwargs
+    assert recipe.model.init_from == "maskrcnn_resnet50_fpn_coco.keras"
+    assert recipe.model.trainable_layers == 3  # torchvision's default
+    assert recipe.data.dataset == "coco" and recipe.train.batch_size == 2
