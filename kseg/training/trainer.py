@@ -32,9 +32,11 @@ run directory is created.
 
 import dataclasses
 import datetime
+import gc
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -522,12 +524,60 @@ def _fit(model, task, strategy, steps, initial_epoch, callbacks, verbose):
                 shuffle=False,
                 verbose=verbose,
             )
-    except tf.errors.OpError as error:
-        message = data_error_message(error)
+    except BaseException as error:
+        message = None
+        if isinstance(error, tf.errors.OpError):
+            message = data_error_message(error)
+        _release_iterators(error)
         if message is None:
             raise
-        raise ValueError(message) from None
-    return history.history
+    else:
+        return history.history
+    # Raised here, the error holds neither the failed fit's frames nor the
+    # OpError (its context).
+    raise ValueError(message)
+
+
+def _release_iterators(error):
+    """Destroys the tf.data iterators of a `model.fit` that `error` stopped,
+    now rather than at the interpreter's shutdown.
+
+    Keras' `fit` frame holds its epoch iterator (and the distributed,
+    multi-device and per-device iterators under it), and the epoch
+    iterator and its suspended epoch generator hold each other. That frame
+    is not in `error`'s traceback (Keras filters its own frames out) but
+    stays reachable from the frames that are, through `f_back`; once the
+    error is gone, only the garbage collector frees them. Left to the
+    collection at `Py_FinalizeEx`, the multi-device iterator's destructor
+    waits for its in-flight `py_function` decodes, which cannot run any
+    more: a program that caught the error hung at exit (about half of the
+    runs), or aborted. Clearing the frames below `_fit` (their locals: a
+    traceback still shows every line) and collecting destroys the
+    iterators while the decodes can still finish.
+    """
+    stop = sys._getframe(1)  # `_fit`'s own frame, still running
+    pending, seen = [error], set()
+    tb = frame = caller = None
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        pending += [error.__cause__, error.__context__]
+        tb = error.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            while frame is not None and frame is not stop and id(frame) not in seen:
+                seen.add(id(frame))
+                caller = frame.f_back
+                try:
+                    frame.clear()
+                except RuntimeError:  # running: `_fit` or above
+                    break
+                frame = caller
+            tb = tb.tb_next
+    del error, pending, tb, frame, caller
+    gc.collect()
 
 
 def evaluate(model, recipe, data_dir=None, split=None, progress=True):
