@@ -150,6 +150,7 @@ def test_an_unexpected_exception_still_shows_its_traceback(tmp_path):
     )
 
 
+@pytest.mark.slow  # a real run; test_a_closed_stdout_is_no_error is the fast one
 def test_training_goes_on_when_the_reader_of_its_output_stops(tmp_path):
     # `kseg train | head -1`: before, the first line after head exited
     # ended training with "Broken pipe", leaving only recipe.yaml.

@@ -203,6 +203,7 @@ class PANetTest(TestCase):
         out = model.predict(x["images"], verbose=0)
         self.assertEqual(out["masks"].dtype, np.float32)
 
+    @pytest.mark.slow  # ~30 s of XLA compilation; the JAX tests compile too
     def test_xla_predict_matches_eager(self):
         model = tiny_panet()
         x, _ = batch()

@@ -70,6 +70,7 @@ def dataset(images, y, batch_size, drop_remainder=False):
     )
 
 
+@pytest.mark.slow  # the tf.data twin below runs in the default suite
 def test_fit_on_arrays_with_a_smaller_last_batch_and_validation():
     model = small_panet()
     images, y = arrays(5)

@@ -140,7 +140,7 @@ def _train_on_a_corrupt_image(tmp_path, runs):
 
 
 def test_a_program_that_catches_a_bad_sample_error_ends(tmp_path):
-    assert _train_on_a_corrupt_image(tmp_path, runs=2) == []
+    assert _train_on_a_corrupt_image(tmp_path, runs=1) == []
 
 
 @pytest.mark.slow
