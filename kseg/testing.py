@@ -587,3 +587,24 @@ def _fixed_detector_class():
 
 
 _FIXED = {}
+
+
+def folder_dataset_with_a_corrupt_image(root):
+    """A `folder` dataset under `root` (`train`: 8, `val`: 4 random 32×32
+    images with 6-class labels) whose training image `train1.png` is cut in
+    half (does not decode); the tests of errors in training use it."""
+    from kseg.data.png import encode_index_png, encode_rgb_png
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("val", 4)):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "labels").mkdir(parents=True)
+        for i in range(count):
+            image = encode_rgb_png(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+            if (split, i) == ("train", 1):
+                image = image[: len(image) // 2]
+            (root / split / "images" / f"{split}{i}.png").write_bytes(image)
+            label = rng.integers(0, 6, (32, 32)).astype(np.uint8)
+            (root / split / "labels" / f"{split}{i}.png").write_bytes(
+                encode_index_png(label)
+            )

@@ -8,10 +8,9 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
-from kseg.data.png import encode_index_png, encode_rgb_png
+from kseg import testing
 
 TINY = [
     "--set=model.kwargs.filters=8",
@@ -39,19 +38,7 @@ def _environment(**extra):
 
 
 def _folder_with_a_corrupt_training_image(root):
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 8), ("val", 4)):
-        (root / split / "images").mkdir(parents=True)
-        (root / split / "labels").mkdir(parents=True)
-        for i in range(count):
-            image = encode_rgb_png(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
-            if (split, i) == ("train", 1):
-                image = image[: len(image) // 2]
-            (root / split / "images" / f"{split}{i}.png").write_bytes(image)
-            label = rng.integers(0, 6, (32, 32)).astype(np.uint8)
-            (root / split / "labels" / f"{split}{i}.png").write_bytes(
-                encode_index_png(label)
-            )
+    testing.folder_dataset_with_a_corrupt_image(root)
     return [
         "--set=data.dataset=folder",
         "--set=data.num_classes=6",

@@ -11,10 +11,9 @@ import sys
 import textwrap
 import time
 
-import numpy as np
 import pytest
 
-from kseg.data.png import encode_index_png, encode_rgb_png
+from kseg import testing
 
 # The program: it prints the error and which tf.data iterators are still
 # alive. The collector is off, so nothing but `train()` itself frees the
@@ -67,22 +66,6 @@ RUN_TIMEOUT = 240
 EXIT_TIMEOUT = 30
 
 
-def _folder_with_a_corrupt_training_image(root):
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 8), ("val", 4)):
-        (root / split / "images").mkdir(parents=True)
-        (root / split / "labels").mkdir(parents=True)
-        for i in range(count):
-            image = encode_rgb_png(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
-            if (split, i) == ("train", 1):
-                image = image[: len(image) // 2]
-            (root / split / "images" / f"{split}{i}.png").write_bytes(image)
-            label = rng.integers(0, 6, (32, 32)).astype(np.uint8)
-            (root / split / "labels" / f"{split}{i}.png").write_bytes(
-                encode_index_png(label)
-            )
-
-
 def _run_until_the_program_ends(tmp_path, index):
     """One run of PROGRAM; returns its output and whether it ended within
     EXIT_TIMEOUT of printing its last line."""
@@ -119,7 +102,7 @@ def _run_until_the_program_ends(tmp_path, index):
 
 
 def _train_on_a_corrupt_image(tmp_path, runs):
-    _folder_with_a_corrupt_training_image(tmp_path / "data")
+    testing.folder_dataset_with_a_corrupt_image(tmp_path / "data")
     hung = []
     for index in range(runs):
         output, ended = _run_until_the_program_ends(tmp_path, index)
