@@ -85,10 +85,17 @@ def paste_masks(masks, boxes, height, width, threshold=0.5):
     return np.asarray(paste_mask_crops(masks, boxes, height, width, threshold))
 
 
-def paste_mask_crops(masks, boxes, height, width, threshold=0.5):
+PASTE_STYLES = ("kseg", "torchvision")
+
+
+def paste_mask_crops(masks, boxes, height, width, threshold=0.5, style="kseg"):
     """`paste_masks` as a `PastedMasks`: each mask pasted inside its box when
     it is read, so memory grows with the boxes, not with D × H × W. The same
-    pixels as `paste_masks` (which is built on it)."""
+    pixels as `paste_masks` (which is built on it). `style="torchvision"`
+    pastes as torchvision's `paste_masks_in_image` does
+    (`torchvision_paste_weights`), for models converted from torchvision."""
+    if style not in PASTE_STYLES:
+        raise ValueError(f"style must be one of {PASTE_STYLES}, got {style!r}")
     masks = np.asarray(masks, dtype=np.float64)
     boxes = np.asarray(boxes, dtype=np.float64)
     if masks.ndim != 3:
@@ -103,7 +110,51 @@ def paste_mask_crops(masks, boxes, height, width, threshold=0.5):
             "threshold must be positive or None (outside its box a mask's "
             f"probability is 0), got {threshold!r}"
         )
-    return PastedMasks(masks, boxes, height, width, threshold)
+    return PastedMasks(masks, boxes, height, width, threshold, style)
+
+
+def _torch_resize_matrix(size_in, size_out):
+    """`(size_out, size_in)` weights of torch's bilinear resize
+    (`align_corners=False`), float32: output pixel `o` samples
+    `max((o + 0.5) · size_in / size_out − 0.5, 0)`."""
+    scale = np.float32(size_in / size_out)
+    source = np.maximum(
+        scale * (np.arange(size_out, dtype="float32") + np.float32(0.5))
+        - np.float32(0.5),
+        np.float32(0.0),
+    )
+    lower = source.astype("int64")
+    upper = np.minimum(lower + 1, size_in - 1)
+    fraction = source - lower.astype("float32")
+    weights = np.zeros((size_out, size_in), "float32")
+    rows = np.arange(size_out)
+    weights[rows, lower] += np.float32(1.0) - fraction
+    weights[rows, upper] += fraction
+    return weights
+
+
+def torchvision_paste_weights(low, high, length, size):
+    """torchvision's `paste_masks_in_image` along one axis, for one box
+    spanning `[low, high]`: `(length, size + 2)` float32 weights taking the
+    mask padded by one zero sample on each side to the image's `length`
+    pixels. The box is widened by `(size + 2) / size` about its centre and
+    truncated to whole pixels (torch's `.to(int64)`), the padded mask
+    resized bilinearly to its `stop − start + 1` pixels; other pixels weigh
+    0. Masks so pasted fade out over the padding, and their boxes move by
+    up to a pixel (SPEC's `paste_weights` resize into the exact box)."""
+    half = np.float32(0.5)
+    scale = np.float32((size + 2) / size)
+    low, high = np.float32(low), np.float32(high)
+    extent = (high - low) * half * scale
+    centre = (high + low) * half
+    start, stop = int(centre - extent), int(centre + extent)
+    pixels = max(stop - start + 1, 1)
+    resized = _torch_resize_matrix(size + 2, pixels)
+    weights = np.zeros((length, size + 2), "float32")
+    first, last = max(start, 0), min(start + pixels, length)
+    if first < last:
+        weights[first:last] = resized[first - start : last - start]
+    return weights
 
 
 # Rows of a mask pasted at a time (`PastedMasks.crop`).
@@ -121,20 +172,29 @@ class PastedMasks:
     its box only, for work whose memory stays with the boxes.
 
     A pixel's probability is computed in float64 from the float32 sampling
-    weights of `paste_weights` (at most two taps along each axis), one
+    weights of `paste_weights` (or `torchvision_paste_weights` for
+    `style="torchvision"`; at most two taps along each axis), one
     pixel at a time, so it does not depend on which rows are pasted
     together (matrix products round differently by shape): a crop, a band
     of rows and the full plane agree exactly.
     """
 
-    def __init__(self, masks, boxes, height, width, threshold=0.5):
+    def __init__(self, masks, boxes, height, width, threshold=0.5, style="kseg"):
         self.masks = np.asarray(masks, np.float64)
+        if style == "torchvision":
+            self.masks = np.pad(self.masks, ((0, 0), (1, 1), (1, 1)))
         self.threshold = threshold
         self.shape = (len(self.masks), int(height), int(width))
         self.dtype = np.dtype(np.float32 if threshold is None else np.bool_)
         self.ndim = 3
         self._spans = []
         for k, mask in enumerate(self.masks):
+            if style == "torchvision":
+                y1, x1, y2, x2 = boxes[k]
+                rows = torchvision_paste_weights(y1, y2, height, mask.shape[0] - 2)
+                cols = torchvision_paste_weights(x1, x2, width, mask.shape[1] - 2)
+                self._add_span(rows, cols)
+                continue
             # One box at a time: nothing here grows with D × H or D × W.
             rows = ops.convert_to_numpy(
                 paste_weights(
@@ -146,13 +206,18 @@ class PastedMasks:
                     boxes[k : k + 1, 1], boxes[k : k + 1, 3], width, mask.shape[1]
                 )
             )[0]
-            top, bottom = _span(rows)
-            left, right = _span(cols)
-            if bottom <= top or right <= left:
-                top = bottom = left = right = 0
-            self._spans.append(
-                (top, left, _taps(rows[top:bottom]), _taps(cols[left:right]))
-            )
+            self._add_span(rows, cols)
+
+    def _add_span(self, rows, cols):
+        """Records a mask's box and sampling taps from its `(H, S)` row and
+        `(W, S)` column weights."""
+        top, bottom = _span(rows)
+        left, right = _span(cols)
+        if bottom <= top or right <= left:
+            top = bottom = left = right = 0
+        self._spans.append(
+            (top, left, _taps(rows[top:bottom]), _taps(cols[left:right]))
+        )
 
     def __len__(self):
         return self.shape[0]

@@ -133,7 +133,9 @@ def _fitted(model, images, short_edge, max_size, batch_size):
     return results
 
 
-def _select(detections, image_shape, score_threshold, max_detections, mask_threshold):
+def _select(
+    detections, image_shape, score_threshold, max_detections, mask_threshold, style
+):
     height, width = image_shape
     scores = np.asarray(detections["scores"], np.float32)
     classes = np.asarray(detections["classes"], np.int32)
@@ -148,7 +150,7 @@ def _select(detections, image_shape, score_threshold, max_detections, mask_thres
         scores=scores[keep],
         classes=classes[keep],
         masks=paste_mask_crops(
-            masks, boxes.reshape(-1, 4), height, width, mask_threshold
+            masks, boxes.reshape(-1, 4), height, width, mask_threshold, style
         ),
     )
 
@@ -191,7 +193,9 @@ def predict_instances(
             model's input without enlarging it. Keras models, `.tflite` and
             `.onnx` files only (a SavedModel holds its own). Default to None.
         mask_threshold: float. Threshold of the pasted mask probabilities.
-            Defaults to 0.5.
+            Defaults to 0.5. A Keras model built with `mask_paste=
+            "torchvision"` (`kseg.models.from_torchvision`) has its masks
+            pasted as torchvision pastes them.
         batch_size: int. Images per model call. Defaults to 4.
 
     Returns:
@@ -211,9 +215,11 @@ def predict_instances(
                 "kseg.models.InstanceSegmenter such as PANet, or its export)"
             )
         raw = _fitted(model, images, short_edge, max_size, batch_size)
+    # A model converted from torchvision pastes its masks as torchvision does.
+    style = getattr(model, "mask_paste", "kseg")
     return [
         _select(detections, image.shape[:2], score_threshold, max_detections,
-                mask_threshold)
+                mask_threshold, style)
         for detections, image in zip(raw, images, strict=True)
     ]  # fmt: skip
 

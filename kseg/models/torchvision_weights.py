@@ -574,26 +574,6 @@ def from_torchvision(source, image_size=(1024, 1024), **kwargs):
 # === torchvision's mask pasting ===
 
 
-def _resize_matrix(size_in, size_out):
-    """`(size_out, size_in)` weights of torch's bilinear resize
-    (`align_corners=False`): output pixel `o` samples
-    `max((o + 0.5) · size_in / size_out − 0.5, 0)`, float32."""
-    scale = np.float32(size_in / size_out)
-    source = np.maximum(
-        scale * (np.arange(size_out, dtype="float32") + np.float32(0.5))
-        - np.float32(0.5),
-        np.float32(0.0),
-    )
-    lower = source.astype("int64")
-    upper = np.minimum(lower + 1, size_in - 1)
-    fraction = source - lower.astype("float32")
-    weights = np.zeros((size_out, size_in), "float32")
-    rows = np.arange(size_out)
-    weights[rows, lower] += np.float32(1.0) - fraction
-    weights[rows, upper] += fraction
-    return weights
-
-
 def paste_masks_torchvision(masks, boxes, height, width):
     """torchvision's `paste_masks_in_image`, in NumPy: each `(M, M)` mask
     padded by one zero pixel, its box widened by `(M + 2) / M` about its
@@ -613,29 +593,9 @@ def paste_masks_torchvision(masks, boxes, height, width):
     Returns:
         `(N, height, width)` float32 probabilities.
     """
+    from kseg.data.instance_transform import PastedMasks  # TensorFlow's tf.data
+
     masks = np.asarray(masks, "float32")
-    boxes = np.asarray(boxes, "float32")
-    size = masks.shape[-1]
-    padded = np.pad(masks, ((0, 0), (1, 1), (1, 1)))
-    scale = np.float32((size + 2) / size)
-    half = np.float32(0.5)
-    out = np.zeros((len(masks), height, width), "float32")
-    for index, (y1, x1, y2, x2) in enumerate(boxes):
-        half_h, half_w = (y2 - y1) * half * scale, (x2 - x1) * half * scale
-        centre_y, centre_x = (y2 + y1) * half, (x2 + x1) * half
-        # Truncated towards zero (torch's .to(int64)).
-        top, bottom = int(centre_y - half_h), int(centre_y + half_h)
-        left, right = int(centre_x - half_w), int(centre_x + half_w)
-        rows, cols = max(bottom - top + 1, 1), max(right - left + 1, 1)
-        resized = (
-            _resize_matrix(size + 2, rows)
-            @ padded[index]
-            @ _resize_matrix(size + 2, cols).T
-        )
-        y0, y1_ = max(top, 0), min(bottom + 1, height)
-        x0, x1_ = max(left, 0), min(right + 1, width)
-        if y0 < y1_ and x0 < x1_:
-            out[index, y0:y1_, x0:x1_] = resized[
-                y0 - top : y1_ - top, x0 - left : x1_ - left
-            ]
-    return out
+    boxes = np.asarray(boxes, "float32").reshape(-1, 4)
+    pasted = PastedMasks(masks, boxes, height, width, None, style="torchvision")
+    return np.asarray(pasted)

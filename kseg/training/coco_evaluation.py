@@ -28,7 +28,7 @@ import math
 import numpy as np
 from keras import ops
 
-from kseg.data.instance_transform import boxes_to_image, paste_masks
+from kseg.data.instance_transform import boxes_to_image, paste_mask_crops
 from kseg.data.instances import mask_api, segmentation_to_rle
 
 SUMMARY_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -40,7 +40,9 @@ def _numpy(value):
     return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
 
 
-def detections_to_coco(outputs, meta, category_ids, mask_threshold=0.5):
+def detections_to_coco(
+    outputs, meta, category_ids, mask_threshold=0.5, mask_paste="kseg"
+):
     """Turns a batch of model outputs into COCO result dicts.
 
     Args:
@@ -54,6 +56,9 @@ def detections_to_coco(outputs, meta, category_ids, mask_threshold=0.5):
         category_ids: the dataset's category id of class k at k − 1.
         mask_threshold: float. Threshold of the pasted probabilities.
             Defaults to 0.5.
+        mask_paste: `"kseg"` (SPEC's `paste_masks`) or `"torchvision"`
+            (torchvision's pasting, for a converted model: the model's
+            `mask_paste`). Defaults to `"kseg"`.
 
     Returns:
         list of dicts `{"image_id", "category_id", "bbox" [x, y, w, h],
@@ -84,8 +89,14 @@ def detections_to_coco(outputs, meta, category_ids, mask_threshold=0.5):
             boxes_to_image(boxes[b, keep], scales[b], height, width)
         )
         if masks is not None:
-            pasted = paste_masks(masks[b, keep], box, height, width, mask_threshold)
-            rles = api.encode(np.asfortranarray(pasted.transpose(1, 2, 0), np.uint8))
+            # One image plane at a time, not detections × height × width.
+            pasted = paste_mask_crops(
+                masks[b, keep], box, height, width, mask_threshold, mask_paste
+            )
+            rles = [
+                api.encode(np.asfortranarray(pasted.plane(i)[..., None], np.uint8))[0]
+                for i in range(len(keep))
+            ]
         for i, k in enumerate(keep):
             y1, x1, y2, x2 = (float(v) for v in box[i])
             result = {
@@ -253,6 +264,8 @@ class CocoEvaluator:
         iou_types: which of `"bbox"` and `"segm"` to evaluate. Defaults to
             both.
         backend: `"faster_coco_eval"` or `"pycocotools"`.
+        mask_paste: how masks are pasted (`detections_to_coco`): the
+            evaluated model's `mask_paste`. Defaults to `"kseg"`.
     """
 
     def __init__(
@@ -262,6 +275,7 @@ class CocoEvaluator:
         class_names=None,
         iou_types=("bbox", "segm"),
         backend="faster_coco_eval",
+        mask_paste="kseg",
     ):
         self.ground_truth = ground_truth
         self.category_ids = tuple(int(c) for c in category_ids)
@@ -271,6 +285,7 @@ class CocoEvaluator:
         self.class_names = tuple(class_names)
         self.iou_types = tuple(iou_types)
         self.backend = backend
+        self.mask_paste = mask_paste
         self.detections = []
 
     def reset(self):
@@ -278,7 +293,11 @@ class CocoEvaluator:
 
     def update(self, outputs, meta):
         """Adds one batch: model outputs (see `detections_to_coco`) and `meta`."""
-        self.detections.extend(detections_to_coco(outputs, meta, self.category_ids))
+        self.detections.extend(
+            detections_to_coco(
+                outputs, meta, self.category_ids, mask_paste=self.mask_paste
+            )
+        )
 
     def result(self):
         """`evaluate_coco`'s dict, with per-class AP keyed by class name."""

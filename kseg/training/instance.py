@@ -208,7 +208,12 @@ def evaluate_instances(model, dataset, recipe, progress=True):
         short_edge=recipe.eval.short_edge,
         max_size=recipe.data.max_size,
     )
-    evaluator = CocoEvaluator(ground_truth, dataset.category_ids, dataset.class_names)
+    evaluator = CocoEvaluator(
+        ground_truth,
+        dataset.category_ids,
+        dataset.class_names,
+        mask_paste=getattr(model, "mask_paste", "kseg"),
+    )
     bar = None
     if progress:
         bar = progress_bar(

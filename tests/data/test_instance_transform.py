@@ -140,3 +140,65 @@ def test_crops_pasted_by_bands_of_rows_are_the_whole_crops(monkeypatch):
     pasted = instance_transform.paste_mask_crops(masks, boxes, 45, 70)
     assert max(pasted.crop(k)[2].shape[0] for k in range(8)) > 14  # 3+ bands
     np.testing.assert_array_equal(np.asarray(pasted), whole)
+
+
+def _torchvision_paste(mask, box, height, width):
+    """torchvision's `paste_masks_in_image` for one mask, pixel by pixel:
+    the mask padded by a zero sample, the box widened by (M + 2) / M about
+    its centre and truncated to whole pixels, the padded mask resized
+    bilinearly (`align_corners=False`) onto those pixels."""
+    size = mask.shape[0]
+    padded = np.pad(mask.astype(np.float64), 1)
+    scale = np.float32((size + 2) / size)
+    y1, x1, y2, x2 = np.float32(box)
+    out = np.zeros((height, width))
+    spans = []
+    for low, high in ((y1, y2), (x1, x2)):
+        half = (high - low) * np.float32(0.5) * scale
+        centre = (high + low) * np.float32(0.5)
+        spans.append((int(centre - half), int(centre + half)))
+    (top, bottom), (left, right) = spans
+
+    def taps(pixel, start, stop):
+        count = max(stop - start + 1, 1)
+        source = max((pixel - start + 0.5) * (size + 2) / count - 0.5, 0.0)
+        lower = int(source)
+        return lower, min(lower + 1, size + 1), source - lower
+
+    for i in range(max(top, 0), min(bottom + 1, height)):
+        r0, r1, fy = taps(i, top, bottom)
+        for j in range(max(left, 0), min(right + 1, width)):
+            c0, c1, fx = taps(j, left, right)
+            out[i, j] = (1 - fy) * ((1 - fx) * padded[r0, c0] + fx * padded[r0, c1]) + (
+                fy * ((1 - fx) * padded[r1, c0] + fx * padded[r1, c1])
+            )
+    return out
+
+
+def test_torchvision_style_pasting_is_torchvisions():
+    from kseg.data.instance_transform import paste_mask_crops
+
+    height, width = 45, 70
+    masks, boxes = _random_detections(3, 8, height, width)
+    boxes[0] = [-6.3, 60.2, 20.7, 79.9]  # beyond the image's top and right
+    expected = np.stack(
+        [
+            _torchvision_paste(m, b, height, width)
+            for m, b in zip(masks, boxes, strict=True)
+        ]
+    )
+    probabilities = paste_mask_crops(
+        masks, boxes, height, width, threshold=None, style="torchvision"
+    )
+    # torch's sampling coordinates are float32 (three roundings of values up
+    # to M + 2 = 30: ≤ 30 · 3 · 2⁻²⁴ ≈ 5.4e-6 of a sample), the reference's
+    # float64; mask values here change by less than 1 a sample.
+    np.testing.assert_allclose(np.asarray(probabilities), expected, atol=1e-5)
+    pasted = paste_mask_crops(masks, boxes, height, width, style="torchvision")
+    np.testing.assert_array_equal(np.asarray(pasted)[expected > 0.5 + 1e-5], True)
+    np.testing.assert_array_equal(np.asarray(pasted)[expected < 0.5 - 1e-5], False)
+    for k in range(8):
+        top, left, crop = pasted.crop(k)
+        assert crop.sum() == np.asarray(pasted)[k].sum()
+    with pytest.raises(ValueError, match="style must be one of"):
+        paste_mask_crops(masks, boxes, height, width, style="detectron")

@@ -111,4 +111,24 @@ def test_converted_coco_model_detects_what_torchvision_detects(tmp_path, capsys)
     x, y, w, h = np.asarray([d["bbox"] for d in detections]).T
     boxes = np.stack([y, x, y + h, x + w], 1)
     scores = np.asarray([d["score"] for d in detections])
-    match_detections(boxes, scores, ids, ref)
+    order = match_detections(boxes, scores, ids, ref)
+    # Masks pasted as torchvision pastes them (the model's mask_paste): a
+    # pixel may differ only where torchvision's probability is 0.5 within
+    # the end-to-end mask tolerance.
+    from pycocotools import mask as mask_api
+
+    from kseg.models.torchvision_weights import paste_masks_torchvision
+
+    pasted = np.stack(
+        [mask_api.decode({"size": d["segmentation"]["size"],
+                          "counts": d["segmentation"]["counts"].encode()})
+         for d in detections]
+    ).astype(bool)  # fmt: skip
+    expected = ref["pasted"][order]
+    differ = pasted != expected
+    probabilities = paste_masks_torchvision(
+        ref["masks"][order], ref["boxes"][order], SIZE, SIZE
+    )
+    assert expected.sum() > 10_000
+    assert differ.sum() <= 1e-4 * expected.size, differ.sum()
+    assert np.all(np.abs(probabilities[differ] - 0.5) < END_TO_END_MASK_TOL)

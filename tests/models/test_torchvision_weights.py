@@ -72,6 +72,30 @@ class FromTorchvisionTest(TestCase):
         np.testing.assert_allclose(out["scores"][0], ref["scores"], atol=SCORE_TOL)
         np.testing.assert_allclose(out["masks"][0], ref["masks"], atol=MASK_TOL)
 
+    def test_predict_pastes_masks_as_torchvision(self):
+        from kseg.inference import predict_instances
+
+        ref = self.reference
+        self.assertEqual(self.model.mask_paste, "torchvision")
+        (result,) = predict_instances(self.model, [ref["image"]], score_threshold=0)
+        np.testing.assert_array_equal(result.classes, ref["labels"])
+        masks = np.asarray(result.masks)
+        self.assertEqual(masks.shape, ref["pasted"].shape)
+        # Pixels may differ only where torchvision's own probability is 0.5
+        # within the masks' tolerance (kseg's probabilities and boxes are
+        # torchvision's up to float32 noise).
+        from kseg.models.torchvision_weights import paste_masks_torchvision
+
+        probabilities = paste_masks_torchvision(ref["masks"], ref["boxes"], SIZE, SIZE)
+        differ = masks != ref["pasted"]
+        self.assertLess(differ.sum(), 20)
+        self.assertTrue(np.all(np.abs(probabilities[differ] - 0.5) < 1e-3))
+        # SPEC's pasting of the same detections is another picture.
+        from kseg.data import paste_masks
+
+        spec = paste_masks(result.masks.masks[:, 1:-1, 1:-1], result.boxes, SIZE, SIZE)
+        self.assertGreater(np.sum(spec != ref["pasted"]), 100)
+
     def test_proposals_equal_torchvision(self):
         ref = self.reference["proposals"]
         valid = np.asarray(self.stages["rpn"]["valid"][0])

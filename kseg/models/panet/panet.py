@@ -22,12 +22,14 @@ from kseg.models.segmenter import InstanceSegmenter
 # torchvision's `maskrcnn_resnet50_fpn` conventions where they differ from
 # SPEC's (`PANet(**TORCHVISION_CONVENTIONS)`): rounded base anchors, the
 # proposal NMS per pyramid level with its 2000 training proposals, unaligned
-# RoIAlign. With them kseg's baseline on torchvision's weights detects what
-# torchvision detects (`kseg.models.from_torchvision`).
+# RoIAlign, and masks pasted as torchvision pastes them. With them kseg's
+# baseline on torchvision's weights detects what torchvision detects
+# (`kseg.models.from_torchvision`).
 TORCHVISION_CONVENTIONS = {
     "round_anchors": True,
     "rpn_per_level_nms": True,
     "aligned_roi_align": False,
+    "mask_paste": "torchvision",
     "rpn_pre_nms_top_k_train": 2000,
     "rpn_post_nms_top_k_train": 2000,
     "rpn_pre_nms_top_k_test": 1000,
@@ -169,6 +171,12 @@ class PANet(InstanceSegmenter):
             (torchvision) instead of over all levels. Defaults to `False`.
         aligned_roi_align: bool. RoIAlign with the half-pixel correction;
             `False` is torchvision's unaligned RoIAlign. Defaults to `True`.
+        mask_paste: `"kseg"` or `"torchvision"`. How `predict_instances`
+            (and `kseg predict`) paste the 28 × 28 masks into the image:
+            SPEC's resize into the box (`kseg.data.paste_masks`) or
+            torchvision's `paste_masks_in_image`
+            (`kseg.data.instance_transform.torchvision_paste_weights`).
+            The model's own outputs are the same. Defaults to `"kseg"`.
         score_threshold: float. Detection score threshold. Defaults to `0.05`.
         detection_nms_threshold: float. Per-class NMS IoU of the detections.
             Defaults to `0.5`.
@@ -225,6 +233,7 @@ class PANet(InstanceSegmenter):
         round_anchors=False,
         rpn_per_level_nms=False,
         aligned_roi_align=True,
+        mask_paste="kseg",
         score_threshold=0.05,
         detection_nms_threshold=0.5,
         loss_weights=None,
@@ -235,6 +244,7 @@ class PANet(InstanceSegmenter):
         num_classes = check_positive_int(num_classes, "num_classes")
         check_choice(fusion, ("max", "sum"), "fusion")
         check_choice(fusion_position, ("after", "before"), "fusion_position")
+        check_choice(mask_paste, ("kseg", "torchvision"), "mask_paste")
         weights = check_loss_weights(loss_weights)
         policy = InstanceSegmenter.resolve_dtype(dtype)
         if image_size is None:
@@ -352,6 +362,7 @@ class PANet(InstanceSegmenter):
         self.round_anchors = bool(round_anchors)
         self.rpn_per_level_nms = bool(rpn_per_level_nms)
         self.aligned_roi_align = bool(aligned_roi_align)
+        self.mask_paste = mask_paste
         self.score_threshold = float(score_threshold)
         self.detection_nms_threshold = float(detection_nms_threshold)
         self.loss_weights = weights
@@ -479,6 +490,7 @@ class PANet(InstanceSegmenter):
             "round_anchors": self.round_anchors,
             "rpn_per_level_nms": self.rpn_per_level_nms,
             "aligned_roi_align": self.aligned_roi_align,
+            "mask_paste": self.mask_paste,
             "score_threshold": self.score_threshold,
             "detection_nms_threshold": self.detection_nms_threshold,
             "loss_weights": self.loss_weights,
