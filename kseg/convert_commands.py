@@ -69,20 +69,15 @@ def register(subparsers):
     torchvision.set_defaults(func=run_convert_torchvision)
 
 
-def categories_path(model_path):
-    """`MODEL.categories.json` beside `MODEL.keras`: the converted model's
-    category ids and names (as an exported `.tflite` file keeps them)."""
-    model_path = Path(model_path)
-    return model_path.with_name(f"{model_path.stem}.categories.json")
-
-
 def run_convert_torchvision(args):
+    from kseg.export.categories import categories_file
+
     out = Path(args.out)
     if out.suffix != ".keras":
         raise ValueError(f"--out {out}: the model file must end in .keras")
     if out.exists():
         raise FileExistsError(f"--out {out} already exists; kseg never overwrites it")
-    sidecar = categories_path(out)
+    sidecar = categories_file(out)
     if sidecar.exists():
         raise FileExistsError(f"{sidecar} already exists; kseg never overwrites it")
     height, width = args.image_size

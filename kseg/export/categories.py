@@ -47,3 +47,22 @@ def categories_json(model, categories):
         raise ValueError(f"categories: {len(ids)} ids for {len(names)} names")
     entries = [{"id": int(c), "name": str(n)} for c, n in zip(ids, names, strict=True)]
     return json.dumps(entries, indent=1) + "\n"
+
+
+def read_categories_file(path):
+    """`(category_ids, class_names)` of a categories file (`categories_file`).
+
+    Raises:
+        ValueError: the file is not a list of `{"id": int, "name": str}`
+            (named, with what is wrong).
+        OSError: it cannot be read.
+    """
+    try:
+        value = json.loads(Path(path).read_text())
+        ids = tuple(int(entry["id"]) for entry in value)
+        names = tuple(str(entry["name"]) for entry in value)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f'{path}: not a categories file (a JSON list of {{"id", "name"}}): {error}'
+        ) from None
+    return ids, names

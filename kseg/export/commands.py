@@ -196,7 +196,7 @@ def run_export(args):
             calibration = _recipe_images(recipe, args.data, args.calibration_images)
             print(f"int8 calibration: the train split of recipe {recipe.name!r}")
 
-    settings = _instance_settings(run_recipe) if instance else {}
+    settings = _instance_settings(run_recipe, model_path) if instance else {}
     path = export_saved_model(
         model, model_dir, version, max_pixels=args.max_pixels, **settings
     )
@@ -222,11 +222,18 @@ def run_export(args):
     return 0
 
 
-def _instance_settings(run_recipe):
+def _instance_settings(run_recipe, model_path):
     """The export settings of an instance model (PANet): the run's
-    evaluation resize and category ids when its recipe is known."""
+    evaluation resize and category ids when its recipe is known, else the
+    categories file beside the model (`kseg convert`'s `NAME.categories.json`)."""
+    from kseg.export.categories import categories_file, read_categories_file
+
     if run_recipe is None:
-        return {}
+        sidecar = categories_file(model_path)
+        if not sidecar.is_file():
+            return {}
+        print(f"categories: {sidecar}")
+        return {"categories": read_categories_file(sidecar)}
     from kseg.training.instance import recipe_categories
     from kseg.training.recipe import load_recipe
 

@@ -23,7 +23,6 @@ directory, or a `.keras` file in one), from an export's categories file
 file's `NAME.categories.json`), else class k is id k named `class_<k>`.
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import numpy as np
 
 from kseg.data.instance_transform import as_pasted_masks
 from kseg.data.instances import mask_api
-from kseg.export.categories import categories_file
+from kseg.export.categories import categories_file, read_categories_file
 from kseg.inference.visualize import draw_labels, text_height
 from kseg.training.instance import recipe_categories
 
@@ -201,13 +200,8 @@ def find_categories(model_path, source_path, num_classes):
             _warn(f"class names: cannot read them from {recipe_path} ({error})")
     elif export_file.is_file():
         try:
-            value = json.loads(export_file.read_text())
-            found = (
-                tuple(int(c["id"]) for c in value),
-                tuple(str(c["name"]) for c in value),
-            )
-            where = str(export_file)
-        except (OSError, ValueError, KeyError, TypeError) as error:
+            found, where = read_categories_file(export_file), str(export_file)
+        except (OSError, ValueError) as error:
             _warn(f"class names: cannot read {export_file} ({error})")
     if found is not None and num_classes is not None and len(found[0]) != num_classes:
         _warn(

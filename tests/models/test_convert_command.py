@@ -105,6 +105,21 @@ def test_predict_on_the_converted_model_reports_coco_ids(tmp_path, capsys):
     assert set(ids) <= set(reference["labels"].tolist())
     assert ids
 
+    # Its export carries COCO's categories (the file beside the model).
+    exports = tmp_path / "saved_models"
+    assert main(["export", str(out), "--name", "coco", "--out", str(exports)]) == 0
+    assert "coco.categories.json" in capsys.readouterr().out
+    saved = json.loads(
+        (exports / "coco" / "1" / "assets.extra" / "categories.json").read_text()
+    )
+    assert saved == json.loads((tmp_path / "coco.categories.json").read_text())
+    results = tmp_path / "served"
+    status = main(["predict", str(exports / "coco" / "1"), str(image), "--out",
+                   str(results)])  # fmt: skip
+    assert status == 0
+    served = json.loads((results / "images.json").read_text())
+    assert served["categories"] == info["categories"]
+
 
 def test_help_names_the_formats(capsys):
     for command in (["convert"], ["convert", "torchvision"]):
