@@ -94,7 +94,16 @@ def _read_torch(path):
             f"{path}: reading a .pth file needs torch (pip install torch), or "
             "save the state dict as .npz or .safetensors of the same names"
         ) from None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        # weights_only: tensors and plain containers, never code to run.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several kinds for a bad file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(
+            f"{path}: not a readable torch state dict ({type(error).__name__}: "
+            f"{reason[:300]}); kseg reads tensors only (torch.load with "
+            "weights_only=True)"
+        ) from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -6,7 +6,9 @@ outputs on one image. No torch here: the state dict is read from `.npz` and
 
 import json
 import struct
+import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -221,16 +223,56 @@ class StateDictFilesTest(TestCase):
             read_state_dict(folder / "bad.safetensors")
 
     def test_pth_without_torch_says_what_to_do(self):
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            pytest.skip("torch is installed here")
         path = Path(self.get_temp_dir()) / "model.pth"
         path.write_bytes(b"x")
-        with self.assertRaisesRegex(ValueError, r"needs torch.*\.npz or \.safetensors"):
-            read_state_dict(path)
+        with mock.patch.dict(sys.modules, {"torch": None}):  # not installed
+            with self.assertRaisesRegex(
+                ValueError, r"needs torch.*\.npz or \.safetensors"
+            ):
+                read_state_dict(path)
+
+
+@pytest.mark.slow
+def test_pth_files_are_read_with_torch(tmp_path):
+    """A `.pth` state dict (torch.save: the file torchvision's URLs hold), a
+    training checkpoint holding it under "model", and files that are not
+    state dicts. Needs the `torch` extra, which CI's slow stage installs
+    before `tests/models` (slow, so it runs there)."""
+    torch = pytest.importorskip("torch")
+    state = _state()
+    tensors = {name: torch.from_numpy(value) for name, value in state.items()}
+    torch.save(tensors, tmp_path / "maskrcnn.pth")
+    torch.save({"model": tensors, "epoch": 3}, tmp_path / "checkpoint.pt")
+    for name in ("maskrcnn.pth", "checkpoint.pt"):
+        read = read_state_dict(tmp_path / name)
+        assert sorted(read) == sorted(state)
+        for key, value in state.items():
+            np.testing.assert_array_equal(read[key], value)
+    model = from_torchvision(tmp_path / "maskrcnn.pth", image_size=(SIZE, SIZE))
+    reference = np.load(OUTPUTS)
+    scores = model(reference["image"][None].astype("float32"))["scores"]
+    np.testing.assert_allclose(
+        np.asarray(scores)[0], reference["scores"], atol=SCORE_TOL
+    )
+
+    # A pickle that would run code: refused, and nothing runs.
+    marker = tmp_path / "ran"
+
+    class Hostile:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"weight": Hostile()}, tmp_path / "hostile.pth")
+    with pytest.raises(ValueError, match=r"hostile\.pth: not a readable torch state"):
+        read_state_dict(tmp_path / "hostile.pth")
+    assert not marker.exists()
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes((tmp_path / "maskrcnn.pth").read_bytes()[:5000])
+    with pytest.raises(ValueError, match=r"truncated\.pth: not a readable torch"):
+        read_state_dict(truncated)
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    with pytest.raises(ValueError, match=r"holds a Tensor, not a state dict"):
+        read_state_dict(tmp_path / "tensor.pth")
 
 
 def test_coco_categories():
