@@ -387,3 +387,92 @@ def test_pooled_grids_match_reference_at_the_level_strides(adaptive):
         for grid, level, stride in wanted:
             want = np_roi_align(level, box, 7, stride)
             np.testing.assert_allclose(grid, want, rtol=1e-4, atol=1e-4)
+
+
+def test_mask_buckets():
+    assert roi_heads.mask_buckets(128) == [8, 16, 32, 64, 128]
+    assert roi_heads.mask_buckets(100) == [8, 16, 32, 64, 100]
+    assert roi_heads.mask_buckets(8) == [8]
+    assert roi_heads.mask_buckets(5) == [5]
+
+
+@pytest.mark.parametrize(
+    "foreground, rows, normalization",
+    [
+        ((3, 2), 8, None),
+        ((8, 3), 8, None),
+        ((3, 12), 16, None),
+        ((16, 9), 16, None),
+        ((20, 5), 32, None),
+        ((32, 2), 32, None),
+        # Batch norm in the mask head: always every candidate row.
+        ((3, 2), 32, "batch"),
+    ],
+)
+def test_the_mask_head_trains_on_the_smallest_bucket_of_foreground_rois(
+    foreground, rows, normalization
+):
+    """The mask loss on the smallest static row count holding every image's
+    foreground RoIs equals the loss on all the candidate rows (32 here:
+    64 RoIs an image, half foreground at most), and the mask head ran on
+    that count only."""
+    rng = np.random.default_rng(7)
+    heads = roi_heads.RoIHeads(
+        3,
+        filters=8,
+        fc_units=16,
+        batch_size_per_image=64,
+        positive_fraction=0.5,
+        normalization=normalization,
+    )
+    levels = [
+        rng.normal(size=(2, 64 // s, 64 // s, 8)).astype("float32")
+        for s in (4, 8, 16, 32)
+    ]
+    gt_boxes = np.array([[[4, 4, 30, 28], [20, 30, 60, 62]]] * 2, "float32")
+    gt_classes = np.array([[1, 3], [2, 1]], "int32")
+    gt_masks = (rng.uniform(size=(2, 2, 28, 28)) < 0.5).astype("uint8")
+    gt_valid = np.ones((2, 2), bool)
+    # Per image: its foreground count minus the two ground-truth boxes as
+    # jittered copies of them (IoU > 0.7), the rest far from both; 30
+    # proposals + 2 boxes < 64, so every RoI is sampled, in a fixed order.
+    proposals = np.zeros((2, 30, 4), "float32")
+    for b, count in enumerate(foreground):
+        for p in range(30):
+            if p < count - 2:
+                box = gt_boxes[b, p % 2] + rng.uniform(-1, 1, 4)
+            else:
+                box = np.array([40, 0, 44, 4]) + rng.uniform(0, 2, 4)
+            proposals[b, p] = box
+    valid = np.ones((2, 30), bool)
+    heads([levels, proposals, valid, np.zeros((2, 64, 64, 3), "float32")])
+    seen = []
+    run_mask_head = heads.mask_head.call
+
+    def mask_head(inputs, *args, **kwargs):
+        first = inputs[0] if isinstance(inputs, (list, tuple)) else inputs
+        seen.append(first.shape[0])
+        return run_mask_head(inputs, *args, **kwargs)
+
+    heads.mask_head.call = mask_head
+    losses = heads.losses_for(
+        levels, proposals, valid, gt_boxes, gt_classes, gt_masks, gt_valid,
+        training=True,
+    )  # fmt: skip
+    assert seen == [2 * rows]
+    samples = roi_heads.sample_rois(
+        proposals, valid, gt_boxes, gt_classes, gt_valid, heads.seed_generator,
+        64, 0.5, 0.5,
+    )  # fmt: skip
+    np.testing.assert_array_equal(
+        _np(ops_sum(samples["foreground"])), np.asarray(foreground)
+    )
+    every_row = heads._mask_loss(
+        levels, samples["rois"], samples, gt_boxes, gt_masks, 32, True
+    )
+    assert float(_np(losses["mask"])) > 0.1
+    np.testing.assert_allclose(_np(losses["mask"]), _np(every_row), rtol=RTOL)
+
+
+def ops_sum(mask):
+    return keras.ops.sum(keras.ops.cast(mask, "int32"), axis=1)

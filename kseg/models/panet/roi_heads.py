@@ -177,6 +177,30 @@ def mask_loss(mask_logits, classes, foreground, targets):
     return ops.sum(bce * weight) / pixels
 
 
+# The smallest static count of foreground RoIs the mask head trains on.
+SMALLEST_MASK_BUCKET = 8
+
+
+def mask_buckets(limit):
+    """The static row counts the mask head may train on, for at most `limit`
+    foreground RoIs per image: 8, 16, 32, … below `limit`, then `limit`.
+    A training step takes the smallest that holds every image's foreground
+    RoIs, so the mask head's cost follows the real foreground count (a few
+    RoIs per image early in training, torchvision's "positives only")
+    while every shape stays static."""
+    buckets, rows = [], SMALLEST_MASK_BUCKET
+    while rows < limit:
+        buckets.append(rows)
+        rows *= 2
+    return [*buckets, limit]
+
+
+def _cond_branch(predicate, small, large):
+    """`() -> ops.cond(predicate, small, large)`: one of two branches of the
+    mask loss, the other never run."""
+    return lambda: ops.cond(predicate, small, large)
+
+
 @keras.saving.register_keras_serializable(package="kseg")
 class RoIHeads(KsegLayer):
     """The RoI heads stage: box pooling and `BoxHead`, `DetectionLayer`,
@@ -408,7 +432,9 @@ class RoIHeads(KsegLayer):
         """`{"box_class", "box_regression", "mask"}` on RoIs sampled from the
         proposals and the ground truth (`(B, M, ...)`, `gt_valid` marks the
         real rows). `training=True` pools with `PyramidRoIAlign`'s matrix
-        form, whose gradient is cheap."""
+        form, whose gradient is cheap. The mask head trains on the smallest
+        of `mask_buckets` that holds every image's foreground RoIs (one
+        `ops.cond` per bucket: the other branches never run)."""
         levels = list(levels)
         samples = sample_rois(
             proposals,
@@ -432,27 +458,46 @@ class RoIHeads(KsegLayer):
             samples,
             self.num_classes,
         )
-        # Foreground RoIs come first: the mask head sees only those rows.
-        fg_count = min(count, int(self.batch_size_per_image * self.positive_fraction))
-        fg_rois = rois[:, :fg_count]
-        fg_matched = samples["matched"][:, :fg_count]
+        # Foreground RoIs come first: the mask head sees only those rows, as
+        # few as the batch's largest foreground count allows (a static
+        # bucket, `mask_buckets`): the same loss as on every candidate row.
+        fg_limit = min(count, int(self.batch_size_per_image * self.positive_fraction))
+        needed = ops.max(ops.sum(ops.cast(samples["foreground"], "int32"), axis=1))
+
+        def mask_branch(rows):
+            return lambda: self._mask_loss(
+                levels, rois, samples, gt_boxes, gt_masks, rows, training
+            )
+
+        # Batch norm in the mask head (synchronized_bn) keeps one row count:
+        # its statistics and their all-reduce across replicas must not sit
+        # in branches that replicas may choose differently.
+        buckets = [fg_limit] if self.normalization else mask_buckets(fg_limit)
+        mask = mask_branch(buckets[-1])
+        for rows in reversed(buckets[:-1]):
+            mask = _cond_branch(needed <= rows, mask_branch(rows), mask)
+        mask = mask()
+        return {"box_class": box_class, "box_regression": box_regression, "mask": mask}
+
+    def _mask_loss(self, levels, rois, samples, gt_boxes, gt_masks, rows, training):
+        """The mask loss on the first `rows` sampled RoIs (every foreground
+        RoI among them)."""
+        fg_rois = rois[:, :rows]
         mask_logits = self.mask_head(
             self.mask_pool([levels, fg_rois], training=training), training=training
         )
         size = self.mask_size
-        mask_logits = ops.reshape(
-            mask_logits, (-1, fg_count, size, size, self.num_classes)
-        )
+        mask_logits = ops.reshape(mask_logits, (-1, rows, size, size, self.num_classes))
         targets = mask_targets(
-            fg_rois, fg_matched, gt_boxes, gt_masks, self.mask_target_align
-        )
-        mask = mask_loss(
+            fg_rois, samples["matched"][:, :rows], gt_boxes, gt_masks,
+            self.mask_target_align,
+        )  # fmt: skip
+        return mask_loss(
             mask_logits,
-            samples["classes"][:, :fg_count],
-            samples["foreground"][:, :fg_count],
+            samples["classes"][:, :rows],
+            samples["foreground"][:, :rows],
             targets,
         )
-        return {"box_class": box_class, "box_regression": box_regression, "mask": mask}
 
     def compute_output_spec(self, inputs, training=None):
         d, size = self.max_detections, self.mask_size
