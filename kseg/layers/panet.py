@@ -465,8 +465,9 @@ class RoIAlign(KsegLayer):
         the same count for every image) from one `(B, H, W, C)` map, as two
         batched matrix products: a bin averages a separable grid of bilinear
         samples, so box r pools `rows_r · F · cols_rᵀ` (`axis_matrix`). Dense
-        products instead of gathers: a cheap gradient (no scatter-adds into
-        the map), the cost `R·oh·H·W·C` whatever the sample count."""
+        products instead of gathers: the cost `R·oh·H·W·C` whatever the
+        sample count, less than the gathers' on small maps
+        (`PyramidRoIAlign._gathers` chooses)."""
         height, width, channels = features.shape[1:4]
         oh, ow = self.output_size
         batch, rois = ops.shape(boxes)[0], boxes.shape[1]

@@ -20,7 +20,7 @@ from kseg.layers.heads import BoxHead, FullyConnectedFusionMaskHead, MaskHead
 from kseg.layers.nms import BatchedNMS
 from kseg.layers.panet import RoIAlign
 from kseg.layers.roi_align import PyramidLevelSelect, PyramidRoIAlign
-from kseg.testing import TestCase
+from kseg.testing import TestCase, input_gradients
 
 
 def _np(x):
@@ -570,12 +570,15 @@ class PyramidLevelTest(TestCase):
         boxes[0, 0] = [10, 10, 10, 10]
         flat, index = boxes.reshape(-1, 4), np.repeat(np.arange(3), 7)
         strides = (4, 8, 16, 32)
-        # Training: the matrix products; inference: the gathers (without
-        # adaptive pooling, from each box's own level only).
+        # The form `_gathers` picks (gathers from the 128×128 level, products
+        # from the others; without adaptive pooling a gather from each box's
+        # own level), and each form forced on every level.
         cases = [(2, 7, True), (2, 14, False), (0, 7, True), (0, 7, False)]
-        for (sr, size, adaptive), training in itertools.product(cases, (True, False)):
+        for (sr, size, adaptive), form in itertools.product(cases, (None, True, False)):
             layer = PyramidRoIAlign(size, sr, strides, adaptive=adaptive)
-            got = layer([feats, boxes], training=training)
+            if form is not None and sr > 0:
+                layer._gathers = lambda height=None, width=None, form=form: form
+            got = layer([feats, boxes])
             want = RoIAlign(size, sampling_ratio=sr, strides=strides)(
                 [feats, flat, index]
             )
@@ -583,6 +586,39 @@ class PyramidLevelTest(TestCase):
                 got, want = [got], [PyramidLevelSelect()([want, flat])]
             for g, w_ in zip(got, want, strict=True):
                 np.testing.assert_allclose(_np(g), _np(w_), atol=1e-5)
+
+    def test_both_forms_give_the_same_gradients(self):
+        # Training pools in the same forms as inference: the gathers' gradient
+        # (scatter-adds into the sampled pixels) must be the products'.
+        rng = np.random.default_rng(5)
+        feats = [
+            rng.normal(size=(2, 128 // 2**i, 128 // 2**i, 3)).astype("float32")
+            for i in range(4)
+        ]
+        y1, x1 = rng.uniform(-40, 500, (2, 2, 6))
+        h, w = rng.uniform(1, 300, (2, 2, 6))
+        boxes = np.stack([y1, x1, y1 + h, x1 + w], -1).astype("float32")
+        for adaptive in (True, False):
+            weights = [
+                rng.normal(size=(12, 7, 7, 3)).astype("float32")
+                for _ in range(4 if adaptive else 1)
+            ]
+            gradients = []
+            for gathers in (True, False):
+                layer = PyramidRoIAlign(7, 2, (4, 8, 16, 32), adaptive=adaptive)
+                layer._gathers = lambda height=None, width=None, g=gathers: g
+
+                def weighted_sum(*levels, layer=layer, weights=weights):
+                    out = layer([list(levels), boxes])
+                    out = out if isinstance(out, list) else [out]
+                    return sum(
+                        keras.ops.sum(o * w) for o, w in zip(out, weights, strict=True)
+                    )
+
+                gradients.append(input_gradients(weighted_sum, *feats))
+            assert np.abs(gradients[0][0]).max() > 0.1
+            for a, b in zip(*gradients, strict=True):
+                np.testing.assert_allclose(a, b, atol=1e-5)
 
     def test_pyramid_roi_align_flattens_image_major(self):
         feats = [np.arange(2.0)[:, None, None, None] * np.ones((2, 8, 8, 1))]

@@ -439,7 +439,6 @@ class PANet(InstanceSegmenter):
                 gt_classes,
                 gt_masks,
                 gt_valid,
-                # The matrix form of RoIAlign, whose gradient is cheap.
                 training=bool(training),
             ),
         }

@@ -431,8 +431,7 @@ class RoIHeads(KsegLayer):
     ):
         """`{"box_class", "box_regression", "mask"}` on RoIs sampled from the
         proposals and the ground truth (`(B, M, ...)`, `gt_valid` marks the
-        real rows). `training=True` pools with `PyramidRoIAlign`'s matrix
-        form, whose gradient is cheap. The mask head trains on the smallest
+        real rows). The mask head trains on the smallest
         of `mask_buckets` that holds every image's foreground RoIs (one
         `ops.cond` per bucket: the other branches never run)."""
         levels = list(levels)
