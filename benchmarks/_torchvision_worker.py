@@ -16,6 +16,12 @@ torchvision calls round by round. Commands:
 - `{"cmd": "train_setup", "boxes": [[[y1, x1, y2, x2], ..], ..]}` (one list
   per image) then `{"cmd": "train"}`: one timed SGD training step on random
   images with those boxes, filled rectangles as masks and classes 1, 2, ..;
+- `{"cmd": "train_stages", "upto": K}` (after `train_setup`): forward and
+  backward of the training step's first K stages (`TRAIN_STAGES`: backbone
+  + FPN, RPN with its targets and losses, RoI sampling and box pooling, box
+  head and losses, mask targets, mask pooling, head and loss), the loss a
+  sum of what they computed, no optimizer step; replies `{"ms"}`. Timings of
+  K and K − 1 differ by stage K's forward and backward;
 - `{"cmd": "reference"}`: the inference call's labels and boxes;
 - `{"cmd": "save_state", "path": P}`: writes the model's state dict to the
   `.npz` file P (torchvision's names, float32) and its image to
@@ -30,7 +36,15 @@ import time
 import torch
 import torchvision
 from torchvision.models.detection import maskrcnn_resnet50_fpn
-from torchvision.models.detection.roi_heads import maskrcnn_inference
+from torchvision.models.detection.roi_heads import (
+    fastrcnn_loss,
+    maskrcnn_inference,
+    maskrcnn_loss,
+    project_masks_on_boxes,
+)
+
+# Side of the mask logits and targets (maskrcnn_loss's discretization size).
+MASK_SIZE = 28
 
 
 def _targets(boxes, size):
@@ -165,6 +179,59 @@ class Worker:
         self.train_targets = _targets(boxes, self.size)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-4)
         return {}
+
+    def train_stages(self, upto):
+        """The training step's first `upto` stages, forward and backward
+        (torchvision's `GeneralizedRCNN.forward` and `RoIHeads.forward` in
+        training, cut after stage `upto`)."""
+        model, heads = self.model, self.model.roi_heads
+        model.train()
+        start = time.perf_counter()
+        images, targets = model.transform(self.train_images, self.train_targets)
+        features = model.backbone(images.tensors)
+        loss = sum(f.mean() for f in features.values())
+        if upto >= 2:
+            proposals, rpn_losses = model.rpn(images, features, targets)
+            loss = loss * 0.0 + sum(rpn_losses.values())
+        if upto >= 3:
+            proposals, matched, labels, box_targets = heads.select_training_samples(
+                proposals, targets
+            )
+            pooled = heads.box_roi_pool(features, proposals, images.image_sizes)
+            loss = loss + pooled.mean()
+        if upto >= 4:
+            class_logits, box_regression = heads.box_predictor(heads.box_head(pooled))
+            loss = loss + sum(
+                fastrcnn_loss(class_logits, box_regression, labels, box_targets)
+            )
+        if upto >= 5:
+            positive = [torch.where(image_labels > 0)[0] for image_labels in labels]
+            mask_proposals = [p[k] for p, k in zip(proposals, positive, strict=True)]
+            mask_matched = [m[k] for m, k in zip(matched, positive, strict=True)]
+            # maskrcnn_loss computes them again in stage 6 (its own cost).
+            with torch.no_grad():
+                for target, p, m in zip(
+                    targets, mask_proposals, mask_matched, strict=True
+                ):
+                    project_masks_on_boxes(target["masks"], p, m, MASK_SIZE)
+        if upto >= 6:
+            mask_logits = heads.mask_predictor(
+                heads.mask_head(
+                    heads.mask_roi_pool(features, mask_proposals, images.image_sizes)
+                )
+            )
+            loss = loss + maskrcnn_loss(
+                mask_logits,
+                mask_proposals,
+                [t["masks"] for t in targets],
+                [t["labels"] for t in targets],
+                mask_matched,
+            )
+        self.optimizer.zero_grad()
+        loss.backward()
+        ms = (time.perf_counter() - start) * 1e3
+        model.eval()
+        return {"ms": ms}
 
     def train(self):
         self.model.train()

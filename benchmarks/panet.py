@@ -132,7 +132,7 @@ BASELINE = dict(
     fully_connected_fusion=False,
     heavier_head=False,
 )
-TARGETS = {"baseline": 0.6, "panet": 0.8, "train": 0.8}
+TARGETS = {"baseline": 0.8, "panet": 1.3}
 VENV_HELP = (
     "torchvision's side needs its own virtual environment:\n"
     "    python -m venv /work/tv-venv\n"
@@ -540,10 +540,13 @@ def main(argv=None):
                 }
             )
 
-        if not args.no_train:
-            table += train_rows(args, peer)
         loads.append(load_average())
         print_table(table, loads, args.threads, args.size, compile_times)
+        if not args.no_train:
+            train_loads = [load_average()]
+            train_table = train_rows(args, peer)
+            train_loads.append(load_average())
+            print_train_table(train_table, train_loads)
     finally:
         if peer:
             peer.close()
@@ -588,48 +591,225 @@ def converted_row(peer, size):
     )
 
 
+TRAIN_STAGES = (
+    "backbone+FPN",
+    "RPN targets+loss",
+    "RoI sampling+box pool",
+    "box head+loss",
+    "mask targets",
+    "mask pool+head+loss",
+    "optimizer",
+)
+TRAIN_TARGETS = {"baseline": 0.9, "panet": 1.4}
+
+
+class KsegTrainStages:
+    """A kseg model's training step cut after each of its first six stages
+    (`TRAIN_STAGES`), forward and backward (`tf.GradientTape`, graph mode)
+    without the optimizer; the cut loss is the stages' own losses, or a
+    mean of what a stage without one computed. Timings of cut K and K − 1
+    differ by stage K's work; the optimizer's is the full step less cut 6.
+    The same cuts as the torchvision worker's `train_stages`."""
+
+    def __init__(self, model, x, y):
+        self.model = model
+        images = x["images"]
+        variables = model.trainable_variables
+        self.cuts = []
+        for upto in range(1, 7):
+
+            @tf.function
+            def cut(upto=upto):
+                with tf.GradientTape() as tape:
+                    loss = self.loss(images, y, upto)
+                gradients = tape.gradient(loss, variables)
+                return tf.add_n([tf.reduce_sum(g) for g in gradients if g is not None])
+
+            cut()
+            self.cuts.append(cut)
+
+    def loss(self, images, y, upto):
+        from keras import ops
+
+        from kseg.models.panet.roi_heads import box_losses, sample_rois
+
+        model, heads = self.model, self.model.roi_heads
+        gt_boxes, gt_classes, gt_masks, gt_valid = model._ground_truth(y)
+        features = model.backbone(images, training=True)
+        pyramid = model.fpn(
+            [features[name] for name in ("res2", "res3", "res4", "res5")],
+            training=True,
+        )
+        levels = pyramid[:4]
+        if model.bottom_up_path:
+            levels = model.bottom_up(levels, training=True)
+        loss = sum(ops.mean(level) for level in [*pyramid, *levels])
+        if upto == 1:
+            return loss
+        rpn = model.rpn([pyramid, images], training=True)
+        rpn_losses = model.rpn.losses_for(rpn, gt_boxes, gt_valid)
+        loss = loss * 0.0 + rpn_losses["rpn_objectness"] + rpn_losses["rpn_box"]
+        if upto == 2:
+            return loss
+        samples = sample_rois(
+            rpn["proposals"], rpn["valid"], gt_boxes, gt_classes, gt_valid,
+            heads.seed_generator, heads.batch_size_per_image,
+            heads.positive_fraction, heads.foreground_iou,
+        )  # fmt: skip
+        rois = samples["rois"]
+        count = rois.shape[1]
+        pooled = heads.box_pool([levels, rois], training=True)
+        grids = pooled if isinstance(pooled, list) else [pooled]
+        if upto == 3:
+            return loss + sum(ops.mean(grid) for grid in grids)
+        class_logits, box_deltas = heads.box_head(pooled, training=True)
+        loss = loss + sum(
+            box_losses(
+                ops.reshape(class_logits, (-1, count, heads.num_classes + 1)),
+                ops.reshape(box_deltas, (-1, count, 4 * heads.num_classes)),
+                samples,
+                heads.num_classes,
+            )
+        )
+        if upto == 4:
+            return loss
+        limit = min(count, int(heads.batch_size_per_image * heads.positive_fraction))
+        if upto == 5:
+            return (
+                loss
+                + heads.foreground_rows(
+                    samples,
+                    limit,
+                    lambda take: ops.mean(
+                        heads.mask_rows(samples, gt_boxes, gt_masks, limit, take)[
+                            "targets"
+                        ]
+                    ),
+                )
+                * 0.0
+            )
+        return loss + heads.foreground_rows(
+            samples,
+            limit,
+            lambda take: heads._mask_loss(
+                levels, samples, gt_boxes, gt_masks, limit, take, True
+            ),
+        )
+
+    def __call__(self):
+        """ms of each cut, in order."""
+        times = []
+        for cut in self.cuts:
+            start = time.perf_counter()
+            cut().numpy()
+            times.append((time.perf_counter() - start) * 1e3)
+        return times
+
+
+def _stage_split(cut_times, step_times):
+    """Per stage, ms: differences of the cuts' fastest runs (the least
+    disturbed by other processes), the optimizer the fastest full step less
+    the last cut; negative differences (noise) shown as 0."""
+    cuts = [min(t[i] for t in cut_times) for i in range(len(cut_times[0]))]
+    cuts.append(min(step_times))
+    split, previous = [], 0.0
+    for value in cuts:
+        split.append(max(value - previous, 0.0))
+        previous = value
+    return split
+
+
 def train_rows(args, peer):
-    """The PANet training step (batch 2) and torchvision's, alternating."""
-    progress("training steps: building and tracing kseg's")
+    """Training steps at batch 2: kseg's Mask R-CNN baseline and PANet, and
+    torchvision's Mask R-CNN, alternating, each with its stage split."""
     x, y, boxes = synthetic_instances(2, args.size)
-    model = build_panet_resnet50_fpn(NUM_CLASSES, image_size=(args.size, args.size))
-    model.compile(optimizer=keras.optimizers.SGD(1e-4))
-    model.train_on_batch(x, y)
+    models = {}
+    for key, label, switches in (
+        ("baseline", "kseg Mask R-CNN baseline training step (batch 2)", BASELINE),
+        ("panet", "kseg PANet training step (batch 2)", {}),
+    ):
+        progress(f"training steps: building and tracing {label}")
+        model = build_panet_resnet50_fpn(
+            NUM_CLASSES, image_size=(args.size, args.size), **switches
+        )
+        model.compile(optimizer=keras.optimizers.SGD(1e-4))
+        start = time.perf_counter()
+        model.train_on_batch(x, y)
+        first = time.perf_counter() - start
+        models[key] = (label, model, KsegTrainStages(model, x, y), first)
     if peer:
         peer("train_setup", boxes=boxes.tolist())
         peer("train")
-    kseg_ms, peer_ms = [], []
-    for _ in range(args.train_runs):
-        start = time.perf_counter()
-        model.train_on_batch(x, y)
-        kseg_ms.append((time.perf_counter() - start) * 1e3)
-        if peer:
-            peer_ms.append(peer("train")["ms"])
-    peer_median = _median(peer_ms) if peer else None
-    rows = [
-        {
-            "label": "kseg PANet training step (batch 2)",
-            "mode": "graph",
-            "params": model.count_params(),
-            "ms": _median(kseg_ms),
-            "shares": ["–"] * len(STAGES),
-            "ref": peer_median,
-            "target": TARGETS["train"],
-        }
-    ]
+        for upto in range(1, 7):
+            peer("train_stages", upto=upto)
+    steps = {key: [] for key in [*models, "torchvision"]}
+    cuts = {key: [] for key in [*models, "torchvision"]}
+    for run in range(args.train_runs):
+        progress(f"training round {run + 1} of {args.train_runs}")
+        for key, (_, model, stages, _) in models.items():
+            start = time.perf_counter()
+            model.train_on_batch(x, y)
+            steps[key].append((time.perf_counter() - start) * 1e3)
+            if peer:
+                steps["torchvision"].append(peer("train")["ms"])
+            cuts[key].append(stages())
+            if peer and key == "panet":
+                cuts["torchvision"].append(
+                    [peer("train_stages", upto=k)["ms"] for k in range(1, 7)]
+                )
+    peer_ms = _median(steps["torchvision"]) if peer else None
+    rows = []
+    for key, (label, model, _, first) in models.items():
+        rows.append(
+            {
+                "label": label,
+                "params": model.count_params(),
+                "ms": _median(steps[key]),
+                "ref": peer_ms,
+                "target": TRAIN_TARGETS[key],
+                "split": _stage_split(cuts[key], steps[key]),
+                "first": first,
+            }
+        )
     if peer:
         rows.append(
             {
                 "label": "torchvision Mask R-CNN training step (batch 2)",
-                "mode": "eager",
                 "params": peer.params,
-                "ms": peer_median,
-                "shares": ["–"] * len(STAGES),
+                "ms": peer_ms,
                 "ref": None,
                 "target": None,
+                "split": _stage_split(cuts["torchvision"], steps["torchvision"]),
+                "first": None,
             }
         )
     return rows
+
+
+def print_train_table(rows, loads):
+    print()
+    print(
+        "Training step, batch 2 (graph mode; SGD), ms: median step, then each "
+        "stage's forward and backward from the fastest of the cut steps "
+        f"(KsegTrainStages, the worker's train_stages); load before {loads[0]}, "
+        f"after {loads[1]}"
+    )
+    print()
+    header = " | ".join(TRAIN_STAGES)
+    print(f"| model | parameters | median ms | vs torchvision | target | {header} |")
+    print("|" + "---|" * (5 + len(TRAIN_STAGES)))
+    for row in rows:
+        split = " | ".join(f"{ms:.0f}" for ms in row["split"])
+        print(
+            f"| {row['label']} | {row['params'] / 1e6:.1f} M | {row['ms']:.0f} | "
+            f"{_ratio(row)} | {_target(row)} | {split} |"
+        )
+    print()
+    for row in rows:
+        if row["first"] is not None:
+            print(
+                f"first step (tracing included) of {row['label']}: {row['first']:.1f} s"
+            )
 
 
 if __name__ == "__main__":

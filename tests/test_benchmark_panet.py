@@ -42,3 +42,25 @@ def test_kseg_rows_at_128():
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         shares = [float(cell.rstrip("%")) for cell in cells[4:8]]
         assert abs(sum(shares) - 100) <= 2, row
+
+
+@pytest.mark.slow
+def test_training_rows_and_stage_split_at_128():
+    result = run(
+        *("--size", "128", "--runs", "1", "--stage-runs", "1", "--warmup", "0"),
+        *("--no-torch", "--no-xla", "--train-runs", "1"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [
+        line
+        for line in result.stdout.splitlines()
+        if line.startswith("| kseg") and "training step" in line
+    ]
+    assert len(rows) == 2, result.stdout
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        step, split = float(cells[2]), [float(cell) for cell in cells[5:12]]
+        # Seven stages, none negative; the backbone's forward and backward
+        # always cost something.
+        assert min(split) >= 0 and split[0] > 0, row
+        assert 0 < step, row

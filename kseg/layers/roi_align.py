@@ -108,10 +108,13 @@ class PyramidRoIAlign(KsegLayer):
 
     Input shape:
         `[features, boxes]`: a list of `(batch, H_l, W_l, C)` maps and
-        `(batch, R, 4)` boxes `[y1, x1, y2, x2]` in image pixels.
+        `(batch, R, 4)` boxes `[y1, x1, y2, x2]` in image pixels; or
+        `[features, boxes, images]`: `(N, 4)` boxes and `(N,)` the image of
+        each (any count per image; pooled by gathers).
 
     Output shape:
-        A list of `(batch·R, s, s, C)` grids (adaptive) or one grid.
+        A list of `(batch·R, s, s, C)` (or `(N, s, s, C)`) grids (adaptive)
+        or one grid.
     """
 
     def __init__(
@@ -181,12 +184,10 @@ class PyramidRoIAlign(KsegLayer):
             width,
         )
 
-    def _gather_own_levels(self, features, boxes):
+    def _gather_own_levels(self, features, flat, image):
         """One gather from each box's own FPN level, all levels flattened
-        into one table."""
-        batch, rois = ops.shape(boxes)[0], boxes.shape[1]
-        flat = ops.reshape(boxes, (-1, 4))
-        image = ops.repeat(ops.arange(batch, dtype="int32"), rois)
+        into one table: `(N, 4)` boxes, `(N,)` their images."""
+        batch = ops.shape(features[0])[0]
         sizes = [tuple(f.shape[1:3]) for f in features]
         tables = [ops.reshape(f, (-1, f.shape[-1])) for f in features]
         min_level = self.level_select.min_level
@@ -210,11 +211,33 @@ class PyramidRoIAlign(KsegLayer):
             per_box([w for _, w in sizes], "int32")[:, None],
         )
 
+    def _gather_flat(self, features, boxes, image):
+        """Grids of `(N, 4)` boxes of images `image` `(N,)`: gathers (no
+        per-image row count for the products)."""
+        if not self.adaptive:
+            return self._gather_own_levels(features, boxes, image)
+        grids = []
+        for feature, stride in zip(features, self.strides, strict=True):
+            height, width = feature.shape[1:3]
+            grids.append(
+                self.roi_align.gather(
+                    ops.reshape(feature, (-1, feature.shape[-1])),
+                    boxes,
+                    image * (height * width),
+                    float(stride),
+                    height,
+                    width,
+                )
+            )
+        return grids
+
     def call(self, inputs, training=None):
-        features, boxes = inputs
+        features, boxes = inputs[:2]
         boxes = ops.cast(boxes, "float32")
         dtype = self.roi_align.compute_dtype
         features = [ops.cast(f, dtype) for f in features]
+        if len(inputs) == 3:
+            return self._gather_flat(features, boxes, ops.cast(inputs[2], "int32"))
         static = boxes.shape[1] is not None and all(
             None not in tuple(f.shape[1:4]) for f in features
         )
@@ -224,7 +247,9 @@ class PyramidRoIAlign(KsegLayer):
             index = ops.repeat(ops.arange(ops.shape(boxes)[0], dtype="int32"), rois)
             grids = self.roi_align([features, ops.reshape(boxes, (-1, 4)), index])
         elif not self.adaptive and self._gathers():
-            return self._gather_own_levels(features, boxes)
+            batch, rois = ops.shape(boxes)[0], boxes.shape[1]
+            image = ops.repeat(ops.arange(batch, dtype="int32"), rois)
+            return self._gather_own_levels(features, ops.reshape(boxes, (-1, 4)), image)
         else:
             grids = [
                 self._pool_level(f, boxes, s)
@@ -235,8 +260,11 @@ class PyramidRoIAlign(KsegLayer):
         return self.level_select([grids, ops.reshape(boxes, (-1, 4))])
 
     def compute_output_spec(self, inputs, training=None):
-        features, boxes = inputs
-        rois = None if boxes.shape[0] is None else boxes.shape[0] * boxes.shape[1]
+        features, boxes = inputs[:2]
+        if len(inputs) == 3:
+            rois = boxes.shape[0]
+        else:
+            rois = None if boxes.shape[0] is None else boxes.shape[0] * boxes.shape[1]
         shape = (rois, self.output_size, self.output_size, features[0].shape[-1])
         dtype = self.compute_dtype
         if self.adaptive:

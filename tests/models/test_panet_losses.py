@@ -400,22 +400,24 @@ def test_mask_buckets():
     "foreground, rows, normalization",
     [
         ((3, 2), 8, None),
-        ((8, 3), 8, None),
+        ((5, 3), 8, None),
+        ((8, 3), 16, None),
         ((3, 12), 16, None),
-        ((16, 9), 16, None),
-        ((20, 5), 32, None),
-        ((32, 2), 32, None),
+        ((16, 9), 32, None),
+        ((30, 2), 32, None),
+        # More than one image's candidate rows: all of them, both images.
+        ((32, 2), 64, None),
         # Batch norm in the mask head: always every candidate row.
-        ((3, 2), 32, "batch"),
+        ((3, 2), 64, "batch"),
     ],
 )
 def test_the_mask_head_trains_on_the_smallest_bucket_of_foreground_rois(
     foreground, rows, normalization
 ):
-    """The mask loss on the smallest static row count holding every image's
-    foreground RoIs equals the loss on all the candidate rows (32 here:
-    64 RoIs an image, half foreground at most), and the mask head ran on
-    that count only."""
+    """The mask loss on the batch's foreground RoIs, gathered across its
+    images into the smallest static row count that holds them, equals the
+    loss on all the candidate rows (32 an image here: 64 RoIs an image, half
+    foreground at most), and the mask head ran on that count only."""
     rng = np.random.default_rng(7)
     heads = roi_heads.RoIHeads(
         3,
@@ -459,7 +461,7 @@ def test_the_mask_head_trains_on_the_smallest_bucket_of_foreground_rois(
         levels, proposals, valid, gt_boxes, gt_classes, gt_masks, gt_valid,
         training=True,
     )  # fmt: skip
-    assert seen == [2 * rows]
+    assert seen == [rows]
     samples = roi_heads.sample_rois(
         proposals, valid, gt_boxes, gt_classes, gt_valid, heads.seed_generator,
         64, 0.5, 0.5,
@@ -467,9 +469,21 @@ def test_the_mask_head_trains_on_the_smallest_bucket_of_foreground_rois(
     np.testing.assert_array_equal(
         _np(ops_sum(samples["foreground"])), np.asarray(foreground)
     )
-    every_row = heads._mask_loss(
-        levels, samples["rois"], samples, gt_boxes, gt_masks, 32, True
-    )
+    every_row = heads._mask_loss(levels, samples, gt_boxes, gt_masks, 32, None, True)
+    # Every row, per image as a (B, 32) batch: the batched pooling and targets.
+    heads.mask_head.call = run_mask_head
+    rois = samples["rois"][:, :32]
+    logits = heads.mask_head(heads.mask_pool([levels, rois]), training=True)
+    per_image = roi_heads.mask_loss(
+        keras.ops.reshape(logits, (2, 32, 28, 28, 3)),
+        samples["classes"][:, :32],
+        samples["foreground"][:, :32],
+        roi_heads.mask_targets(
+            rois, samples["matched"][:, :32], gt_boxes, gt_masks,
+            heads.mask_target_align,
+        ),
+    )  # fmt: skip
+    np.testing.assert_allclose(_np(every_row), _np(per_image), rtol=RTOL)
     assert float(_np(losses["mask"])) > 0.1
     np.testing.assert_allclose(_np(losses["mask"]), _np(every_row), rtol=RTOL)
 

@@ -113,22 +113,35 @@ def mask_targets(rois, matched, gt_boxes, gt_masks, roi_align):
         `(B, F, s, s)` float32 in {0, 1}.
     """
     batch, num_gt, size = ops.shape(gt_masks)[0], gt_masks.shape[1], gt_masks.shape[2]
-    crops = ops.pad(ops.cast(gt_masks, "float32"), [[0, 0], [0, 0], [1, 1], [1, 1]])
-    crops = ops.reshape(crops, (-1, size + 2, size + 2, 1))
-    boxes = ops.take_along_axis(gt_boxes, matched[..., None], axis=1)
-    scale_y = size / ops.maximum(boxes[..., 2] - boxes[..., 0], 1e-6)
-    scale_x = size / ops.maximum(boxes[..., 3] - boxes[..., 1], 1e-6)
-    scale = ops.stack([scale_y, scale_x, scale_y, scale_x], axis=-1)
-    origin = ops.stack([boxes[..., 0], boxes[..., 1], boxes[..., 0], boxes[..., 1]], -1)
-    local = (ops.cast(rois, "float32") - origin) * scale + 1.0
-    count = rois.shape[1]
     index = ops.reshape(
         ops.arange(batch, dtype="int32")[:, None] * num_gt + matched, (-1,)
     )
-    pooled = roi_align([crops, ops.reshape(local, (-1, 4)), index])
+    pooled = flat_mask_targets(
+        ops.reshape(rois, (-1, 4)),
+        index,
+        ops.reshape(gt_boxes, (-1, 4)),
+        ops.reshape(gt_masks, (-1, size, size)),
+        roi_align,
+    )
     out = roi_align.output_size[0]
-    pooled = ops.reshape(pooled, (-1, count, out, out))
-    return ops.cast(pooled >= 0.5, "float32")
+    return ops.reshape(pooled, (-1, rois.shape[1], out, out))
+
+
+def flat_mask_targets(rois, index, gt_boxes, gt_masks, roi_align):
+    """`mask_targets` of `(N, 4)` RoIs matched to rows `index` `(N,)` of all
+    the batch's `(G, 4)` ground-truth boxes and `(G, S, S)` crops:
+    `(N, s, s)` float32 in {0, 1}."""
+    size = gt_masks.shape[1]
+    crops = ops.pad(ops.cast(gt_masks, "float32"), [[0, 0], [1, 1], [1, 1]])
+    crops = ops.reshape(crops, (-1, size + 2, size + 2, 1))
+    boxes = ops.take(gt_boxes, index, axis=0)
+    scale_y = size / ops.maximum(boxes[:, 2] - boxes[:, 0], 1e-6)
+    scale_x = size / ops.maximum(boxes[:, 3] - boxes[:, 1], 1e-6)
+    scale = ops.stack([scale_y, scale_x, scale_y, scale_x], axis=-1)
+    origin = ops.stack([boxes[:, 0], boxes[:, 1], boxes[:, 0], boxes[:, 1]], -1)
+    local = (ops.cast(rois, "float32") - origin) * scale + 1.0
+    pooled = roi_align([crops, local, index])
+    return ops.cast(pooled[..., 0] >= 0.5, "float32")
 
 
 def box_losses(class_logits, box_deltas, samples, num_classes):
@@ -182,12 +195,13 @@ SMALLEST_MASK_BUCKET = 8
 
 
 def mask_buckets(limit):
-    """The static row counts the mask head may train on, for at most `limit`
-    foreground RoIs per image: 8, 16, 32, … below `limit`, then `limit`.
-    A training step takes the smallest that holds every image's foreground
-    RoIs, so the mask head's cost follows the real foreground count (a few
-    RoIs per image early in training, torchvision's "positives only")
-    while every shape stays static."""
+    """The static row counts the mask head may train on when each image
+    has at most `limit` foreground RoIs: 8, 16, 32, … below `limit`, then
+    `limit`. A training step gathers the batch's foreground RoIs into the
+    smallest that holds them all (more than `limit`: every image's `limit`
+    candidate rows), so the mask head's cost follows the real foreground
+    count (a few RoIs an image early in training: torchvision's "positives
+    only") while every shape stays static."""
     buckets, rows = [], SMALLEST_MASK_BUCKET
     while rows < limit:
         buckets.append(rows)
@@ -431,9 +445,8 @@ class RoIHeads(KsegLayer):
     ):
         """`{"box_class", "box_regression", "mask"}` on RoIs sampled from the
         proposals and the ground truth (`(B, M, ...)`, `gt_valid` marks the
-        real rows). The mask head trains on the smallest
-        of `mask_buckets` that holds every image's foreground RoIs (one
-        `ops.cond` per bucket: the other branches never run)."""
+        real rows). The mask head trains on the batch's foreground RoIs
+        only (`foreground_rows`)."""
         levels = list(levels)
         samples = sample_rois(
             proposals,
@@ -457,45 +470,84 @@ class RoIHeads(KsegLayer):
             samples,
             self.num_classes,
         )
-        # Foreground RoIs come first: the mask head sees only those rows, as
-        # few as the batch's largest foreground count allows (a static
-        # bucket, `mask_buckets`): the same loss as on every candidate row.
         fg_limit = min(count, int(self.batch_size_per_image * self.positive_fraction))
-        needed = ops.max(ops.sum(ops.cast(samples["foreground"], "int32"), axis=1))
-
-        def mask_branch(rows):
-            return lambda: self._mask_loss(
-                levels, rois, samples, gt_boxes, gt_masks, rows, training
-            )
-
-        # Batch norm in the mask head (synchronized_bn) keeps one row count:
-        # its statistics and their all-reduce across replicas must not sit
-        # in branches that replicas may choose differently.
-        buckets = [fg_limit] if self.normalization else mask_buckets(fg_limit)
-        mask = mask_branch(buckets[-1])
-        for rows in reversed(buckets[:-1]):
-            mask = _cond_branch(needed <= rows, mask_branch(rows), mask)
-        mask = mask()
+        mask = self.foreground_rows(
+            samples,
+            fg_limit,
+            lambda take: self._mask_loss(
+                levels, samples, gt_boxes, gt_masks, fg_limit, take, training
+            ),
+        )
         return {"box_class": box_class, "box_regression": box_regression, "mask": mask}
 
-    def _mask_loss(self, levels, rois, samples, gt_boxes, gt_masks, rows, training):
-        """The mask loss on the first `rows` sampled RoIs (every foreground
-        RoI among them)."""
-        fg_rois = rois[:, :rows]
+    def foreground_rows(self, samples, limit, fn):
+        """`fn(take)` for the batch's foreground RoIs: `take` indexes the
+        `B · limit` candidate rows (each image's first `limit` sampled RoIs,
+        foreground first; image-major), foreground rows first, as many as
+        the smallest `mask_buckets(limit)` count holding them all (one
+        `ops.cond` per bucket, the other branches never run), or None for
+        every candidate row. The mask head then costs what the real
+        foreground count costs, with static shapes. Batch norm in the mask
+        head (synchronized_bn) always takes every row: its statistics and
+        their all-reduce across replicas must not sit in branches that
+        replicas may choose differently."""
+        foreground = ops.reshape(samples["foreground"][:, :limit], (-1,))
+        needed = ops.sum(ops.cast(foreground, "int32"))
+        rows = ops.cast(ops.shape(foreground)[0], "float32")
+        position = ops.cast(ops.arange(ops.shape(foreground)[0]), "float32")
+        key = ops.cast(foreground, "float32") * 2.0 - position / rows
+
+        def branch(bucket):
+            return lambda: fn(None if bucket is None else ops.top_k(key, bucket)[1])
+
+        result = branch(None)
+        if not self.normalization:
+            for bucket in reversed(mask_buckets(limit)):
+                result = _cond_branch(needed <= bucket, branch(bucket), result)
+        return result()
+
+    def mask_rows(self, samples, gt_boxes, gt_masks, limit, take):
+        """The mask head's training rows `take` (`foreground_rows`):
+        `{"rois" (N, 4), "image" (N,), "classes", "foreground" (N,),
+        "targets" (N, s, s)}`."""
+
+        def rows(x):
+            x = ops.reshape(x[:, :limit], (-1, *x.shape[2:]))
+            return x if take is None else ops.take(x, take, axis=0)
+
+        index = ops.arange(ops.shape(samples["rois"])[0] * limit, dtype="int32")
+        image = rows(ops.reshape(index, (-1, limit))) // limit
+        rois = rows(samples["rois"])
+        targets = flat_mask_targets(
+            rois,
+            image * gt_boxes.shape[1] + rows(samples["matched"]),
+            ops.reshape(gt_boxes, (-1, 4)),
+            ops.reshape(gt_masks, (-1, *gt_masks.shape[2:])),
+            self.mask_target_align,
+        )
+        return {
+            "rois": rois,
+            "image": image,
+            "classes": rows(samples["classes"]),
+            "foreground": rows(samples["foreground"]),
+            "targets": targets,
+        }
+
+    def _mask_loss(self, levels, samples, gt_boxes, gt_masks, limit, take, training):
+        """The mask loss on rows `take` of the candidate rows (see
+        `foreground_rows`), which must hold every foreground RoI."""
+        rows = self.mask_rows(samples, gt_boxes, gt_masks, limit, take)
         mask_logits = self.mask_head(
-            self.mask_pool([levels, fg_rois], training=training), training=training
+            self.mask_pool([levels, rows["rois"], rows["image"]], training=training),
+            training=training,
         )
         size = self.mask_size
-        mask_logits = ops.reshape(mask_logits, (-1, rows, size, size, self.num_classes))
-        targets = mask_targets(
-            fg_rois, samples["matched"][:, :rows], gt_boxes, gt_masks,
-            self.mask_target_align,
-        )  # fmt: skip
+        mask_logits = ops.reshape(mask_logits, (1, -1, size, size, self.num_classes))
         return mask_loss(
             mask_logits,
-            samples["classes"][:, :rows],
-            samples["foreground"][:, :rows],
-            targets,
+            rows["classes"][None],
+            rows["foreground"][None],
+            rows["targets"][None],
         )
 
     def compute_output_spec(self, inputs, training=None):
