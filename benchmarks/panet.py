@@ -36,54 +36,68 @@ work split into four separately timed calls on stored intermediate inputs
 head + pasting), as a share of their sum. Parameters count every weight,
 batch-norm statistics included, on both sides.
 
-The training row: one training step at batch 2 (`model.train_on_batch`,
-SGD, graph mode) on synthetic images with three ground-truth rectangles each,
-against torchvision's `model.train()` forward + backward + SGD step on the
-same boxes (its `rpn_post_nms_top_n_train` set to kseg's 1000 proposals).
+Training rows: one training step at batch 2 (`model.train_on_batch`, SGD,
+graph mode) on synthetic images with three ground-truth rectangles each, of
+kseg's Mask R-CNN baseline and PANet, against torchvision's `model.train()`
+forward + backward + SGD step on the same boxes (its
+`rpn_post_nms_top_n_train` set to kseg's 1000 proposals). Each is split into
+`TRAIN_STAGES` by timing the step cut after each stage, forward and backward
+(`KsegTrainStages`; the worker's `train_stages`): differences of the fastest
+cut runs; the optimizer's share is the full step less the last cut, so
+noise can show it as 0.
 
-Targets (issue 11): baseline ≤ 0.6× torchvision's latency, PANet ≤ 0.8×, the
-PANet training step ≤ 0.8× torchvision's.
+Targets (issue 21): inference Mask R-CNN ≤ 0.8× torchvision's, PANet ≤ 1.3×;
+training Mask R-CNN ≤ 0.9×, PANet ≤ 1.4× torchvision's Mask R-CNN.
 
 Both sides run on the same allocator: the script restarts itself with
 kseg's (`--allocator kseg`, the default: tcmalloc when installed, as every
 `kseg` command) and the torchvision worker inherits it; `--allocator
 process` keeps this Python's own malloc.
 
-Measured (2-core AMD EPYC; torch 2.14.1, torchvision 0.29.1, TensorFlow
-2.21; `--runs 5 --stage-runs 2 --train-runs 2`), median ms and ratio to
-torchvision:
+Measured (2-core AMD EPYC, load 1.6–1.9; torch 2.14.1, torchvision 0.29.1,
+TensorFlow 2.21, tcmalloc; `--runs 3 --stage-runs 2 --train-runs 3`),
+median ms and ratio to torchvision:
 
-    allocator             tcmalloc          glibc malloc     glibc malloc
-    load (1 min)          1.4-1.7           ~3               ~5
-    baseline, graph       2009  0.97×       2908  1.25×      6760  0.45×
-    baseline, XLA         1868  0.90×       2349  1.01×      6562  0.44×
-    PANet, graph          3717  1.80×       4901  2.11×     15215  1.02×
-    PANet, XLA            3446  1.67×       5844  2.52×     14304  0.96×
-    torchvision           2066              2318            14954
-    PANet train step     28480  4.09×      56169  2.44×     59488  2.24×
-    torchvision train     6971             23033            26602
+    baseline, graph       2577  0.94×    (target 0.8×: not met)
+    baseline, XLA         2143  0.79×    (met)
+    PANet, graph          4891  1.79×
+    PANet, XLA            4418  1.62×    (target 1.3×: not met)
+    converted, graph      2327  0.85×
+    torchvision           2728
+    baseline train step   9360  1.07×    (target 0.9×: not met)
+    PANet train step     11879  1.36×    (target 1.4×: met)
+    torchvision train     8710
 
-Stage shares at tcmalloc (backbone+FPN / RPN+proposals / box head+NMS /
-mask head+paste): baseline graph 27/11/19/43%, PANet graph 18/5/33/44%,
-torchvision 27/9/27/37%.
+Training stage split, ms (backbone+FPN / RPN targets+loss / RoI sampling +
+box pool / box head+loss / mask targets / mask pool+head+loss / optimizer):
 
-The converted row (kseg's baseline holding the worker's own weights,
-torchvision's conventions on; graph mode), measured on a loaded machine
-(load 5.9, tcmalloc): baseline 5102 ms (0.48×),
-converted 5204 ms (0.49×), torchvision 10528 ms; stage shares of the
-converted model 28/11/20/42%. Its detections are torchvision's as a set
-(100/100: class equal, box within 1e-2 px; the faint image's scores nearly
-tie, so their order is not compared here: the slow parity test compares it).
+    kseg baseline    4413 / 1653 /  235 /  924 / 159 / 655 / 801
+    kseg PANet       5212 / 1206 / 1376 / 3016 / 830 / 937 /   0
+    torchvision      3653 / 1164 / 1665 /  491 / 497 / 370 /   0
+
+Before issue 21 the baseline step took 20.0 s and PANet's 28.5 s here: the
+mask head trained on 128 RoIs an image (now the batch's foreground RoIs,
+`RoIHeads.foreground_rows`; 9.7 s → under 1 s), and RoIAlign pooled every
+RoI from every level with dense matrix products in training (now the
+gathers where they cost less, as at inference; 2.7 s → 0.2 s). What limits
+the baseline now is the network itself: backbone + FPN forward and backward
+(+760 ms against torch's kernels; Keras 3's batch norm is unfused, 0.6 s of
+the backbone's 2.9 s, and TensorFlow's fused kernel was no faster here) and
+the RPN stage (+490 ms), against which kseg's RoI pooling saves 1.4 s.
+XLA does not pay for training on a CPU (31.7 s a step, 244 s to compile).
+PANet's extra head work is its design: four fc1 layers (one per level) in
+the box head, the bottom-up path's convolutions.
+
+Inference, stage shares at tcmalloc (backbone+FPN / RPN+proposals / box
+head+NMS / mask head+paste): baseline graph 28/10/21/41%, PANet graph
+16/5/36/43%, torchvision 26/8/27/38%. The converted row (kseg's baseline
+holding the worker's own weights, torchvision's conventions on) checks its
+detections against torchvision's as a set (class equal, box within 1e-2 px;
+the faint image's scores nearly tie, so one of 100 may differ here: the slow
+parity test compares them on a real-contrast image).
 
 torch's threads degrade far more than TensorFlow's on an oversubscribed CPU,
 so the ratios depend on the machine's load: compare runs at similar load.
-No target is met on the quiet runs: the baseline is at parity with
-torchvision; PANet's adaptive pooling (four box-head fc1 and mask-head conv1
-layers) and fully-connected fusion cost about twice torchvision's head FLOPs
-(108.9 M parameters against 44.5 M); kseg's training step runs its RoIAlign
-as dense matrix products over every pyramid level (fixed shapes, cheap
-gradient; at 512² the 128×128 level dominates) and its mask head on a fixed
-128 RoIs per image, where torchvision's takes only the positive ones.
 
 The peer's environment (once, outside the repository):
 
