@@ -578,33 +578,3 @@ def from_torchvision(source, image_size=(1024, 1024), **kwargs):
     model = build_torchvision_model(architecture, image_size, **kwargs)
     load_torchvision_weights(model, state, where)
     return model
-
-
-# === torchvision's mask pasting ===
-
-
-def paste_masks_torchvision(masks, boxes, height, width):
-    """torchvision's `paste_masks_in_image`, in NumPy: each `(M, M)` mask
-    padded by one zero pixel, its box widened by `(M + 2) / M` about its
-    centre and truncated to whole pixels, the padded mask resized bilinearly
-    to the box's `x2 − x1 + 1` by `y2 − y1 + 1` pixels and written there.
-
-    It differs from kseg's pasting (`kseg.data.paste_masks`: SPEC's resize
-    into the exact box, edge values held to the box's border): masks fade
-    out over the padding pixel, and boxes move by up to a pixel. With it,
-    a converted model's pasted masks are torchvision's.
-
-    Args:
-        masks: `(N, M, M)` probabilities.
-        boxes: `(N, 4)` boxes `[y1, x1, y2, x2]` in image pixels.
-        height, width: ints. The image size.
-
-    Returns:
-        `(N, height, width)` float32 probabilities.
-    """
-    from kseg.data.instance_transform import PastedMasks  # TensorFlow's tf.data
-
-    masks = np.asarray(masks, "float32")
-    boxes = np.asarray(boxes, "float32").reshape(-1, 4)
-    pasted = PastedMasks(masks, boxes, height, width, None, style="torchvision")
-    return np.asarray(pasted)

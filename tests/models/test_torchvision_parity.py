@@ -117,7 +117,7 @@ def test_converted_coco_model_detects_what_torchvision_detects(tmp_path, capsys)
     # the end-to-end mask tolerance.
     from pycocotools import mask as mask_api
 
-    from kseg.models.torchvision_weights import paste_masks_torchvision
+    from kseg.data.instance_transform import paste_masks_torchvision
 
     pasted = np.stack(
         [mask_api.decode({"size": d["segmentation"]["size"],

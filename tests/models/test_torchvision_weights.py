@@ -86,7 +86,7 @@ class FromTorchvisionTest(TestCase):
         # Pixels may differ only where torchvision's own probability is 0.5
         # within the masks' tolerance (kseg's probabilities and boxes are
         # torchvision's up to float32 noise).
-        from kseg.models.torchvision_weights import paste_masks_torchvision
+        from kseg.data.instance_transform import paste_masks_torchvision
 
         probabilities = paste_masks_torchvision(ref["masks"], ref["boxes"], SIZE, SIZE)
         differ = masks != ref["pasted"]
@@ -284,7 +284,7 @@ def test_coco_categories():
 
 
 def test_paste_masks_torchvision_equals_torchvision():
-    from kseg.models.torchvision_weights import paste_masks_torchvision
+    from kseg.data.instance_transform import paste_masks_torchvision
 
     ref = np.load(OUTPUTS)
     pasted = paste_masks_torchvision(ref["masks"], ref["boxes"], SIZE, SIZE)
